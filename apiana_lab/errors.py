@@ -1,0 +1,71 @@
+"""Every error apiana_lab raises on purpose, each saying what to do next."""
+
+from __future__ import annotations
+
+
+class ApianaError(Exception):
+    """Base class: catch this to handle any apiana_lab error."""
+
+
+class ExportError(ApianaError):
+    """An export file, folder or zip cannot be read at all."""
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None):
+        self.path = path
+        self.offset = offset
+        where = f"{path}" if path else ""
+        if offset is not None:
+            where += f" at byte {offset}"
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ConversationError(ApianaError):
+    """One conversation is malformed; the reader skips it and counts the reason."""
+
+    def __init__(self, reason: str, detail: str, *, conversation_id: str | None = None, index: int | None = None):
+        self.reason = reason
+        self.detail = detail
+        self.conversation_id = conversation_id
+        self.index = index
+        who = f"conversation {conversation_id!r}" if conversation_id else f"conversation #{index}"
+        super().__init__(f"{who} skipped ({reason}): {detail}")
+
+
+class ConfigError(ApianaError):
+    """A bad option, argument, model path or prompt file."""
+
+
+class MissingDependencyError(ApianaError):
+    """An optional library is not installed; the message names the install command."""
+
+    def __init__(self, package: str, extra: str):
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"{package} is not installed. Install it with: pip install 'apiana-lab[{extra}]' "
+            f"(or run `make install` in a checkout)."
+        )
+
+
+class ProviderError(ApianaError):
+    """A provider call failed. `transient` says whether retrying may help."""
+
+    transient = False
+
+
+class TransientProviderError(ProviderError):
+    """Timeouts, dropped connections, engine hiccups: worth retrying with backoff."""
+
+    transient = True
+
+
+class PermanentProviderError(ProviderError):
+    """Retrying cannot help: a prompt longer than the context, invalid input."""
+
+
+class ProviderOutOfMemoryError(ProviderError):
+    """The batch did not fit in memory; the caller should retry with a smaller batch."""
+
+    def __init__(self, message: str = "out of memory", *, batch_size: int | None = None):
+        self.batch_size = batch_size
+        super().__init__(message if batch_size is None else f"{message} (batch size {batch_size})")

@@ -1,0 +1,307 @@
+"""Find the conversations in an export (file, folder or zip) and yield them one at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import zipfile
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Callable, Iterator
+
+from apiana_lab.errors import ConversationError, ExportError
+from apiana_lab.export import chatgpt, claude
+from apiana_lab.export.jsonstream import open_json
+from apiana_lab.export.types import Conversation, ReadReport
+
+logger = logging.getLogger(__name__)
+
+CHATGPT = "chatgpt"
+CHATGPT_SHARDED = "chatgpt-sharded"
+CLAUDE = "claude"
+
+_EXPECTED = (
+    "expected a ChatGPT or Claude export: the .zip as downloaded, the folder it unpacks to, "
+    "or its conversations.json (or conversations-000.json, ... shards)"
+)
+_SHARD = re.compile(r"conversations-\d+\.json", re.IGNORECASE)
+_PLAIN = "conversations.json"
+_MANIFEST = "export_manifest.json"
+_MANIFEST_LIST_KEYS = ("files", "shards", "conversations", "conversation_files", "parts", "entries")
+_MANIFEST_NAME_KEYS = ("name", "path", "file", "filename", "file_name")
+_PARSERS: dict[str, Callable[[Any, int, str], Conversation]] = {
+    CHATGPT: chatgpt.parse_conversation,
+    CHATGPT_SHARDED: chatgpt.parse_conversation,
+    CLAUDE: claude.parse_conversation,
+}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the conversation files of one export are."""
+
+    path: Path
+    is_zip: bool
+    members: tuple[str, ...]  # zip member names, or file paths
+    sharded: bool
+
+    def display(self, member: str) -> str:
+        return f"{self.path}!{member}" if self.is_zip else member
+
+
+def read_export(path: str | os.PathLike, *, report: ReadReport | None = None) -> Iterator[Conversation]:
+    """Yield conversations one at a time from any supported export.
+
+    The path is checked at once (ExportError if it holds no export); the files are read lazily.
+    `report`, when given, is filled in while iterating: format, count and skipped conversations.
+    """
+    report = report if report is not None else ReadReport()
+    report.path = report.path or str(path)
+    layout = _locate(Path(path).expanduser())
+    return _read(layout, report)
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """"chatgpt", "chatgpt-sharded" or "claude", from the layout and the first conversation."""
+    layout = _locate(Path(path).expanduser())
+    if layout.sharded:
+        return CHATGPT_SHARDED
+    with _opened(layout) as open_member:
+        member = layout.members[0]
+        with _guard(layout, member), open_member(member) as stream:
+            kind, values = open_json(stream, layout.display(member))
+            for value in values:
+                if kind == "value":
+                    return _classify(value) or _single_format(value, layout.display(member))
+                found = _classify(value)
+                if found:
+                    return found
+    return CHATGPT
+
+
+class ChatGPTExportReader:
+    """Iterable over the conversations of one export; `report` says what was read and skipped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.report = ReadReport(path=str(path))
+
+    def __iter__(self) -> Iterator[Conversation]:
+        # A fresh report per pass, so iterating twice does not double the counts.
+        self.report = ReadReport(path=str(self.path))
+        return read_export(self.path, report=self.report)
+
+
+def _classify(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return None
+    if "mapping" in value:
+        return CHATGPT
+    if "chat_messages" in value or "current_leaf_message_uuid" in value:
+        return CLAUDE
+    if "uuid" in value and "name" in value:
+        return CLAUDE
+    return None
+
+
+def _single_format(value: Any, name: str) -> str:
+    """Format of a file whose top level is not a list; ExportError when it is not a conversation."""
+    if isinstance(value, dict) and isinstance(value.get("conversations"), list):
+        return next(filter(None, map(_classify, value["conversations"])), CHATGPT)
+    if isinstance(value, dict):
+        keys = ", ".join(list(value)[:8]) or "none"
+        raise ExportError(
+            f"the top-level object is not a conversation (keys: {keys}); {_EXPECTED}", path=name
+        )
+    found = "null" if value is None else type(value).__name__
+    raise ExportError(f"the top level is a JSON {found}, not a list of conversations; {_EXPECTED}", path=name)
+
+
+def _read(layout: _Layout, report: ReadReport) -> Iterator[Conversation]:
+    fmt = CHATGPT_SHARDED if layout.sharded else None
+    report.format = fmt or ""
+    index = 0
+    with _opened(layout) as open_member:
+        for member in layout.members:
+            name = layout.display(member)
+            with _guard(layout, member), open_member(member) as stream:
+                kind, values = open_json(stream, name)
+                if kind == "value":
+                    value = next(values)
+                    found = _classify(value)
+                    if found is None:
+                        inner = _single_format(value, name)
+                        fmt = fmt or inner
+                        values = iter(value["conversations"])
+                    else:
+                        fmt = fmt or found
+                        values = iter([value])
+                for value in values:
+                    if fmt is None:
+                        # The first recognisable conversation decides the format of a plain list.
+                        fmt = _classify(value) or (CHATGPT if isinstance(value, dict) else None)
+                    report.format = fmt or CHATGPT
+                    try:
+                        conversation = _PARSERS[fmt or CHATGPT](value, index, fmt or CHATGPT)
+                    except ConversationError as e:
+                        _skip(report, e)
+                    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
+                        # Wrong types deep inside one conversation must not stop the read.
+                        conv_id = (value.get("id") or value.get("uuid")) if isinstance(value, dict) else None
+                        _skip(report, ConversationError("bad_type", f"{type(e).__name__}: {e}",
+                                                        conversation_id=str(conv_id) if conv_id else None,
+                                                        index=index))
+                    else:
+                        report.conversations += 1
+                        yield conversation
+                    index += 1
+    report.format = report.format or fmt or CHATGPT
+    if index == 0:
+        logger.warning("%s holds no conversations", layout.path)
+    logger.info("read %d conversations from %s (%d skipped)", report.conversations, layout.path, len(report.skipped))
+
+
+def _skip(report: ReadReport, error: ConversationError) -> None:
+    # Empty conversations are common (a chat opened and never used): worth counting, not a warning.
+    logger.log(logging.INFO if error.reason == "no_messages" else logging.WARNING, "%s", error)
+    report.skipped.append(
+        {"index": error.index, "id": error.conversation_id, "reason": error.reason, "detail": error.detail}
+    )
+
+
+@contextmanager
+def _opened(layout: _Layout) -> Iterator[Callable[[str], BinaryIO]]:
+    """A function that opens one member as a binary stream, valid inside the block."""
+    if not layout.is_zip:
+        yield lambda member: open(member, "rb")
+        return
+    with _guard(layout, None), zipfile.ZipFile(layout.path) as archive:
+        yield archive.open
+
+
+@contextmanager
+def _guard(layout: _Layout, member: str | None) -> Iterator[None]:
+    """Turn I/O and zip failures into an ExportError that names the file."""
+    where = layout.display(member) if member else str(layout.path)
+    try:
+        yield
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ExportError(f"the zip archive is damaged ({e}); download the export again", path=where) from None
+    except PermissionError:
+        raise ExportError("permission denied: make the file readable and try again", path=where) from None
+    except OSError as e:
+        raise ExportError(f"cannot read the file ({e.strerror or e})", path=where) from None
+
+
+def _locate(path: Path) -> _Layout:
+    """Find the conversation files of an export, or raise an ExportError that says what was expected."""
+    if not path.exists():
+        raise ExportError(f"no such file or folder; {_EXPECTED}", path=str(path))
+    if path.is_dir():
+        return _locate_in_folder(path)
+    if not os.access(path, os.R_OK):
+        raise ExportError("permission denied: make the file readable and try again", path=str(path))
+    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+        return _locate_in_zip(path)
+    sharded = bool(_SHARD.fullmatch(path.name))
+    return _Layout(path=path, is_zip=False, members=(str(path),), sharded=sharded)
+
+
+def _locate_in_folder(folder: Path) -> _Layout:
+    names: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except PermissionError:
+        raise ExportError("permission denied: make the folder readable and try again", path=str(folder)) from None
+    # Two levels deep: the unpacked folder, or the folder that holds it.
+    for entry in entries:
+        if entry.is_file():
+            names.append(entry.name)
+        elif entry.is_dir() and not entry.name.startswith((".", "__MACOSX")):
+            try:
+                names.extend(f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path) if sub.is_file())
+            except OSError as e:
+                logger.debug("not looking inside %s: %s", entry.path, e)
+
+    def read(name: str) -> bytes:
+        return (folder / name).read_bytes()
+
+    members, sharded = _pick(names, read, str(folder))
+    return _Layout(path=folder, is_zip=False, members=tuple(str(folder / m) for m in members), sharded=sharded)
+
+
+def _locate_in_zip(path: Path) -> _Layout:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if not n.endswith("/") and not n.startswith("__MACOSX/")]
+            members, sharded = _pick(names, archive.read, str(path))
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ExportError(f"not a readable zip archive ({e}); download the export again", path=str(path)) from None
+    return _Layout(path=path, is_zip=True, members=tuple(members), sharded=sharded)
+
+
+def _depth_key(name: str) -> tuple[int, str]:
+    return name.count("/"), name
+
+
+def _shard_key(name: str) -> tuple[int, str]:
+    digits = re.findall(r"\d+", PurePosixPath(name).name)
+    return (int(digits[-1]) if digits else -1), name
+
+
+def _pick(names: list[str], read: Callable[[str], bytes], where: str) -> tuple[list[str], bool]:
+    """The conversation files among `names` (posix paths relative to the export), and whether sharded."""
+    by_base: dict[str, list[str]] = {}
+    for name in names:
+        by_base.setdefault(PurePosixPath(name).name.lower(), []).append(name)
+    manifests = sorted(by_base.get(_MANIFEST, []), key=_depth_key)
+    shards = [n for n in names if _SHARD.fullmatch(PurePosixPath(n).name)]
+    if manifests:
+        listed = _manifest_files(read(manifests[0]), manifests[0], set(names), where)
+        if listed:
+            return listed, True
+    if shards:
+        folder = PurePosixPath(manifests[0]).parent if manifests else PurePosixPath(min(shards, key=_depth_key)).parent
+        return sorted((n for n in shards if PurePosixPath(n).parent == folder), key=_shard_key), True
+    plain = by_base.get(_PLAIN)
+    if plain:
+        return [min(plain, key=_depth_key)], False
+    raise ExportError(f"no conversations.json or conversations-000.json inside; {_EXPECTED}", path=where)
+
+
+def _manifest_files(raw: bytes, manifest: str, names: set[str], where: str) -> list[str]:
+    """Conversation files listed by an export manifest, resolved against the export; [] when it lists none."""
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as e:
+        logger.warning("%s: unreadable %s (%s); looking for shards by name", where, manifest, e)
+        return []
+    entries = data if isinstance(data, list) else None
+    if isinstance(data, dict):
+        lists = [data[k] for k in _MANIFEST_LIST_KEYS if isinstance(data.get(k), list)]
+        lists += [v for v in data.values() if isinstance(v, list)]
+        entries = lists[0] if lists else None
+    listed = []
+    for item in entries or []:
+        if isinstance(item, dict):
+            item = next((item[k] for k in _MANIFEST_NAME_KEYS if isinstance(item.get(k), str)), None)
+        if isinstance(item, str) and PurePosixPath(item).name.lower().startswith("conversations") \
+                and item.lower().endswith(".json"):
+            listed.append(item)
+    base = PurePosixPath(manifest).parent
+    resolved = []
+    for item in listed:
+        clean = str(PurePosixPath(item.replace("\\", "/").lstrip("/")))
+        candidates = [str(base / clean), clean, str(base / PurePosixPath(clean).name)]
+        found = next((c.removeprefix("./") for c in candidates if c.removeprefix("./") in names), None)
+        if found is None:
+            raise ExportError(
+                f"{manifest} lists {item!r}, which is missing: the export is incomplete, download it again",
+                path=where,
+            )
+        resolved.append(found)
+    return resolved

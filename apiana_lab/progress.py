@@ -1,0 +1,68 @@
+"""One progress protocol for long runs: the terminal bar reads it now, the notebook widget later."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot of a summarization run, sent after every finished batch."""
+
+    done: int  # chunks finished (summarized, reused or failed)
+    total: int
+    failed: int
+    reused: int
+    prompt_tokens: int
+    completion_tokens: int
+    elapsed: float  # seconds since summarization started
+    batch_size: int  # current, after any out-of-memory shrinking
+    retries: int
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def completion_tokens_per_s(self) -> float:
+        return self.completion_tokens / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left, from the rate of chunks computed so far (reused ones are free)."""
+        computed = self.done - self.reused
+        if computed <= 0 or self.elapsed <= 0:
+            return None
+        return (self.total - self.done) * self.elapsed / computed
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class TerminalProgress:
+    """A tqdm bar on stderr: chunks done/total, tokens/s, ETA, batch size, retries, failures."""
+
+    def __init__(self, desc: str = "summarizing", file=None, disable: bool = False):
+        self.desc = desc
+        self.file = file or sys.stderr
+        self.disable = disable
+        self.bar = None
+
+    def __call__(self, p: Progress) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=p.total, desc=self.desc, unit="chunk", file=self.file, disable=self.disable, dynamic_ncols=True)
+        self.bar.n = p.done
+        self.bar.set_postfix_str(
+            f"{p.completion_tokens_per_s:.1f} out tok/s, {p.prompt_tokens_per_s:.0f} in tok/s, "
+            f"batch {p.batch_size}, retries {p.retries}, failed {p.failed}",
+            refresh=False,
+        )
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,133 @@
+"""The one small interface every backend implements."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar, Sequence, Union
+
+from ..errors import ConfigError
+
+# A prompt is plain text (sent as one user message) or a chat: [{"role", "content"}, ...].
+Prompt = Union[str, Sequence[dict]]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationOptions:
+    """Typed, bounded generation options; a misspelt option is an error, not a no-op."""
+
+    max_tokens: int = 300
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be a positive integer, not {self.max_tokens!r}")
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            raise ConfigError(f"temperature must be between 0 and 2, not {self.temperature!r}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "GenerationOptions":
+        """Build from keyword arguments, naming the closest valid option for a typo."""
+        known = [f.name for f in fields(cls)]
+        for name in kwargs:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"Unknown generation option {name!r}.{hint} Valid options: {', '.join(known)}.")
+        return cls(**kwargs)
+
+    def replace(self, **changes) -> "GenerationOptions":
+        return GenerationOptions.from_kwargs(**{**asdict(self), **changes})
+
+    def digest(self) -> str:
+        """Stable hash, part of the key under which summaries are stored."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class Completion:
+    """What a provider gives back for one prompt."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of text or a stop string) or "length" (max_tokens reached)
+    meta: dict = field(default_factory=dict)
+
+
+def as_messages(prompt: Prompt) -> list[dict]:
+    """Every prompt as a chat, so each backend applies the model's own chat template."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    messages = list(prompt)
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ConfigError(f"A chat prompt is a list of {{'role', 'content'}} dicts; got {m!r}")
+    return messages
+
+
+class LLMProvider(ABC):
+    """A language model backend.
+
+    Backends implement `complete` (one prompt, rich result) and, when they batch
+    natively, `complete_batch` with `supports_batch = True`. The design's string API,
+    `invoke` and `batch_invoke`, is built on top.
+    """
+
+    name: ClassVar[str] = "base"
+    supports_batch: ClassVar[bool] = False
+
+    def __init__(self, model: str = "", options: GenerationOptions | None = None):
+        self.model = model
+        self.options = options or GenerationOptions()
+
+    @abstractmethod
+    def complete(self, prompt: Prompt, options: GenerationOptions | None = None) -> Completion:
+        """Generate for one prompt."""
+
+    def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None) -> list[Completion]:
+        """Generate for many prompts, results in input order; by default one after another."""
+        return [self.complete(p, options) for p in prompts]
+
+    def invoke(self, prompt: Prompt) -> str:
+        """The generated text for one prompt."""
+        return self.complete(prompt).text
+
+    def batch_invoke(self, prompts: Sequence[Prompt]) -> list[str]:
+        """The generated texts for many prompts, in input order."""
+        return [c.text for c in self.complete_batch(prompts)]
+
+    def count_tokens(self, prompt: Prompt) -> int | None:
+        """Prompt length in tokens after the chat template, when the backend can tell cheaply."""
+        return None
+
+    @property
+    def max_context(self) -> int | None:
+        """Longest prompt plus completion the backend accepts, when known."""
+        return None
+
+    @property
+    def replicas(self) -> int:
+        """How many independent copies of the model serve requests (one per GPU)."""
+        return 1
+
+    def close(self) -> None:
+        """Release the model and its memory."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

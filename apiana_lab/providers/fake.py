@@ -1,0 +1,105 @@
+"""A deterministic provider for testing the orchestration only: ordering, retries, OOM, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from typing import Callable, Sequence
+
+from ..errors import PermanentProviderError, ProviderError, ProviderOutOfMemoryError, TransientProviderError
+from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_messages
+
+FAILURES = {
+    "transient": TransientProviderError,
+    "permanent": PermanentProviderError,
+    "oom": ProviderOutOfMemoryError,
+}
+
+
+class FakeProvider(LLMProvider):
+    """Answers with a digest of the prompt. Never a stand-in for a real backend.
+
+    Args:
+        latency: seconds each call sleeps (per call, not per prompt).
+        batch: whether it claims native batching.
+        oom_above: a batch larger than this raises an out-of-memory error.
+        fail: a function from the prompt's last message to a failure kind
+            ("transient", "permanent", "oom") or None; applied on every call.
+    """
+
+    name = "fake"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        options: GenerationOptions | None = None,
+        *,
+        latency: float = 0.0,
+        batch: bool = True,
+        oom_above: int | None = None,
+        fail: Callable[[str], str | None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        super().__init__(model or "fake-model", options)
+        self.latency = latency
+        self.oom_above = oom_above
+        self.fail = fail
+        self.sleep = sleep
+        self.history: list[dict] = []  # one entry per call: prompts, start, end, thread
+        self._scripted: list[str] = []
+        self._lock = threading.Lock()
+        # Instance attribute shadows the class default so one class serves both shapes.
+        self.supports_batch = batch
+
+    def enqueue_failure(self, kind: str, times: int = 1) -> None:
+        """Make the next `times` calls fail with `kind`, whatever their prompts."""
+        if kind not in FAILURES:
+            raise ValueError(f"kind must be one of {sorted(FAILURES)}")
+        with self._lock:
+            self._scripted.extend([kind] * times)
+
+    def complete(self, prompt: Prompt, options: GenerationOptions | None = None) -> Completion:
+        return self._call([prompt], options)[0]
+
+    def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None) -> list[Completion]:
+        if not self.supports_batch:
+            return [self.complete(p, options) for p in prompts]
+        return self._call(list(prompts), options)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        return sum(len(m["content"].split()) for m in as_messages(prompt))
+
+    def _call(self, prompts: list[Prompt], options: GenerationOptions | None) -> list[Completion]:
+        options = options or self.options
+        started = time.perf_counter()
+        texts = [as_messages(p)[-1]["content"] for p in prompts]
+        record = {"prompts": texts, "start": started, "end": None, "thread": threading.get_ident(), "error": None}
+        with self._lock:
+            self.history.append(record)
+            scripted = self._scripted.pop(0) if self._scripted else None
+        if self.latency:
+            self.sleep(self.latency)
+        kind = scripted
+        if kind is None and self.oom_above is not None and len(prompts) > self.oom_above:
+            kind = "oom"
+        if kind is None and self.fail is not None:
+            kind = next((k for k in map(self.fail, texts) if k), None)
+        record["end"] = time.perf_counter()
+        if kind:
+            record["error"] = kind
+            raise _failure(kind, len(prompts))
+        out = []
+        for p, text in zip(prompts, texts):
+            digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+            words = text.split()[: max(1, min(options.max_tokens, 8)) - 1]
+            reply = f"summary-{digest}: " + " ".join(words)
+            n = len(reply.split())
+            out.append(Completion(reply, self.count_tokens(p), n, "length" if n >= options.max_tokens else "stop"))
+        return out
+
+
+def _failure(kind: str, batch_size: int) -> ProviderError:
+    if kind == "oom":
+        return ProviderOutOfMemoryError("fake out of memory", batch_size=batch_size)
+    return FAILURES[kind](f"fake {kind} failure")

