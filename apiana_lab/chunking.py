@@ -120,8 +120,9 @@ class Chunker:
             return []
         rendered = [r for r in (render_entry(e, self.options) for e in conversation.entries) if r is not None]
         encodings = self.tokenizer.encode_batch(rendered, add_special_tokens=False)
-        # "\n\n" between messages costs about one token each; counted so chunks never overflow.
-        counts = [len(enc.ids) + 1 for enc in encodings]
+        # The "\n\n" joining messages costs up to two tokens (it can split around emoji or
+        # trailing spaces); counting two keeps every chunk within its size when re-encoded.
+        counts = [len(enc.ids) + 2 for enc in encodings]
         groups = self._group(counts)
         chunks: list[Chunk] = []
         for first, last, split in groups:
@@ -168,16 +169,15 @@ class Chunker:
         return groups
 
     def _split(self, text: str, encoding) -> Iterator[tuple[str, int]]:
-        # Keep a margin for the "(continued)" label the later pieces carry.
-        step = self.options.chunk_size - 16
+        label = "(continued) "
+        # Margin: cutting between two tokens can re-encode as one more token at each edge.
+        step = self.options.chunk_size - len(self.tokenizer.encode(label, add_special_tokens=False).ids) - 4
         offsets = encoding.offsets
         for k in range(0, len(offsets), step):
             lo = offsets[k][0]
             hi = offsets[min(k + step, len(offsets)) - 1][1]
-            piece = text[lo:hi]
-            if k:
-                piece = "(continued) " + piece
-            yield piece, min(step, len(offsets) - k) + (4 if k else 0)
+            piece = (label if k else "") + text[lo:hi]
+            yield piece, len(self.tokenizer.encode(piece, add_special_tokens=False).ids)
 
     def _emit(self, chunks, conversation, first, last, texts, tokens, continued):
         text = "\n\n".join(texts)

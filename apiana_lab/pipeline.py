@@ -150,6 +150,7 @@ def chatgpt_parallel_processing_pipeline(
     progress: ProgressCallback | None = None,
     report: ReadReport | None = None,
     provider_kwargs: dict | None = None,
+    run_id: int | None = None,
     **options,
 ) -> Pipeline:
     """reader -> chunker -> checkpoint -> summarizer -> ChatFragmentWriter, ready to `run(path)`."""
@@ -157,7 +158,7 @@ def chatgpt_parallel_processing_pipeline(
     summarizer = build_summarizer(provider, sequential, max_workers, batch_size, max_length, **options)
     chunker = ConversationChunkerComponent(chunk_method=chunk_method, chunk_size=chunk_size)
     checkpoint = Checkpoint(store, summarizer.key, fresh)
-    writer = ChatFragmentWriter(store, summarizer.key, backend=provider.name)
+    writer = ChatFragmentWriter(store, summarizer.key, backend=provider.name, run_id=run_id)
     steps = [
         functools.partial(read_export, report=report if report is not None else ReadReport()),
         ConversationRecorder(store),
@@ -214,7 +215,7 @@ def run_export(
             config.backend, config.max_workers, config.batch_size, config.model,
             store=store, provider=provider, chunk_size=config.chunk_size, chunk_method=config.chunk_method,
             max_length=config.max_length, sequential=config.sequential, fresh=config.fresh, limit=config.limit,
-            progress=relay, report=report, **options,
+            progress=relay, report=report, run_id=run_id, **options,
         )
         checkpoint, summarizer = pipeline.checkpoint, pipeline.summarizer
         # Run the steps up to the checkpoint first, to learn how much is reused before summarizing.

@@ -119,7 +119,9 @@ class SummarizerTransform:
         """All records, in input order."""
         return [record for _, record in self.run(chunks)]
 
-    __call__ = run
+    def __call__(self, chunks: Iterable[Chunk], progress: ProgressCallback | None = None) -> Iterator[tuple[Chunk, SummaryRecord]]:
+        """Same as run(); a method, so that a subclass's run() is the one called."""
+        return self.run(chunks, progress)
 
 
 class ParallelSummarizerTransform(SummarizerTransform):
@@ -168,6 +170,19 @@ class ParallelSummarizerTransform(SummarizerTransform):
 
     def run(self, chunks: Iterable[Chunk], progress: ProgressCallback | None = None) -> Iterator[tuple[Chunk, SummaryRecord]]:
         """Summarize everything, yielding (chunk, record) pairs as batches complete."""
+        for _, chunk, record in self._results(chunks, progress):
+            yield chunk, record
+
+    def transform(self, chunks: Iterable[Chunk]) -> list[SummaryRecord]:
+        """All records, in input order (run() yields them in completion order)."""
+        chunks = list(chunks)
+        records: list[SummaryRecord | None] = [None] * len(chunks)
+        for i, _, record in self._results(chunks, None):
+            records[i] = record
+        return records
+
+    def _results(self, chunks: Iterable[Chunk], progress: ProgressCallback | None) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
+        """(input index, chunk, record) triples as batches complete."""
         chunks = list(chunks)
         self.stats = RunStats()
         if not chunks:
@@ -189,6 +204,8 @@ class ParallelSummarizerTransform(SummarizerTransform):
                 yield item
         finally:
             state.stop.set()
+            with state.cond:
+                state.cond.notify_all()
             for th in threads:
                 th.join(timeout=60)
             self.stats.seconds = time.perf_counter() - state.start
@@ -204,6 +221,8 @@ class _State:
         self.prompts = [t.prompt(c) for c in chunks]
         self.out: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.in_flight = 0
         self.stop = threading.Event()
         self.batching = t.provider.supports_batch
         self.batch_size = t.batch_size if self.batching else 1
@@ -228,11 +247,21 @@ class _State:
         return n if n is not None else self.chunks[i].token_count
 
     def take(self) -> list[int]:
-        with self.lock:
-            if self.isolated:
-                return [self.isolated.popleft()]
-            n = min(self.batch_size, len(self.pending))
-            return [self.pending.popleft() for _ in range(n)]
+        """The next batch; waits while other batches are in flight, since an OOM may requeue them."""
+        with self.cond:
+            while not self.stop.is_set():
+                if self.isolated:
+                    batch = [self.isolated.popleft()]
+                elif self.pending:
+                    batch = [self.pending.popleft() for _ in range(min(self.batch_size, len(self.pending)))]
+                elif self.in_flight == 0:
+                    return []
+                else:
+                    self.cond.wait(timeout=0.5)
+                    continue
+                self.in_flight += 1
+                return batch
+            return []
 
     def work(self, worker: int) -> None:
         try:
@@ -240,9 +269,17 @@ class _State:
                 batch = self.take()
                 if not batch:
                     return
-                self._run_batch(batch, worker)
+                try:
+                    self._run_batch(batch, worker)
+                finally:
+                    with self.cond:
+                        self.in_flight -= 1
+                        self.cond.notify_all()
         except BaseException as e:  # a bug in orchestration must surface, not hang the run
             self.out.put(e)
+            with self.cond:
+                self.stop.set()
+                self.cond.notify_all()
 
     def _run_batch(self, batch: list[int], worker: int) -> None:
         t, stats = self.t, self.t.stats
@@ -251,7 +288,10 @@ class _State:
             t0 = time.perf_counter()
             try:
                 prompts = [self.prompts[i] for i in batch]
-                if self.batching:
+                if self.batching and t.provider.replicas > 1:
+                    # One worker per replica: each worker's batches stay on its own GPU.
+                    results = t.provider.complete_batch(prompts, t.options, replica=worker % t.provider.replicas)
+                elif self.batching:
                     results = t.provider.complete_batch(prompts, t.options)
                 else:
                     results = [t.provider.complete(prompts[0], t.options)]
@@ -279,11 +319,11 @@ class _State:
                     self._fail(batch, "permanent", str(error))
                 return
             attempt += 1
-            with self.lock:
-                stats.retries += 1
             if attempt > t.max_retries:
                 self._fail(batch, "transient", f"{error} (gave up after {t.max_retries} retries)")
                 return
+            with self.lock:
+                stats.retries += 1
             delay = t.backoff(attempt)
             logger.warning("transient error on a batch of %d (%s); retry %d/%d in %.2f s", len(batch), error, attempt, t.max_retries, delay)
             t.sleep(delay)
@@ -296,7 +336,7 @@ class _State:
                 stats.prompt_tokens += c.prompt_tokens
                 stats.completion_tokens += c.completion_tokens
                 rec = SummaryRecord(self.chunks[i].id, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, attempts=attempt + 1)
-                self.out.put((self.chunks[i], rec))
+                self.out.put((i, self.chunks[i], rec))
             self.done += len(batch)
             self.streak += 1
             if self.batching and self.streak >= self.t.grow_after and self.batch_size < self.t.batch_size:
@@ -309,7 +349,7 @@ class _State:
                 self._fail(batch, "oom", f"out of memory even at batch size 1: {error}", locked=True)
                 return
             self.streak = 0
-            self._change(max(1, min(self.batch_size, len(batch)) // 2), f"out of memory at batch size {len(batch)}")
+            self._change(max(1, min(self.batch_size, len(batch) // 2)), f"out of memory at batch size {len(batch)}")
             # The same chunks go back to the front, so the next (smaller) batch retries them.
             self.pending.extendleft(reversed(batch))
 
@@ -329,7 +369,7 @@ class _State:
             stats.failed += 1
             stats.failures_by_reason[reason] = stats.failures_by_reason.get(reason, 0) + 1
             logger.warning("chunk %s failed (%s): %s", self.chunks[i].id, reason, message)
-            self.out.put((self.chunks[i], SummaryRecord(self.chunks[i].id, error=message, reason=reason)))
+            self.out.put((i, self.chunks[i], SummaryRecord(self.chunks[i].id, error=message, reason=reason)))
         self.done += len(batch)
         self._report()
 

@@ -56,6 +56,7 @@ class SynthStats:
 
     @property
     def mb_per_s(self) -> float:
+        """Write throughput in decimal megabytes per second."""
         return self.bytes / MB / self.seconds if self.seconds > 0 else float("inf")
 
 
@@ -217,8 +218,25 @@ _TOPICS = (
                    "everything runs one at a time anyway", "memory keeps growing"),
          fixes=("make sure nothing inside the coroutine calls time.sleep", "cancel pending tasks before closing the loop",
                 "cap the number of in-flight requests at around 20", "close the session in a finally block"),
-         code=("import asyncio\nimport aiohttp\n\nasync def fetch(session, url, sem):\n    async with sem:\n        async with session.get(url, timeout=10) as resp:\n            return await resp.text()\n\nasync def main(urls):\n    sem = asyncio.Semaphore(20)\n    async with aiohttp.ClientSession() as session:\n        return await asyncio.gather(*(fetch(session, u, sem) for u in urls))\n",
-               "async def worker(queue):\n    while True:\n        item = await queue.get()\n        try:\n            await process(item)\n        finally:\n            queue.task_done()\n"),
+         code=(("import asyncio\n"
+                "import aiohttp\n"
+                "\n"
+                "async def fetch(session, url, sem):\n"
+                "    async with sem:\n"
+                "        async with session.get(url, timeout=10) as resp:\n"
+                "            return await resp.text()\n"
+                "\n"
+                "async def main(urls):\n"
+                "    sem = asyncio.Semaphore(20)\n"
+                "    async with aiohttp.ClientSession() as session:\n"
+                "        return await asyncio.gather(*(fetch(session, u, sem) for u in urls))\n"),
+               ("async def worker(queue):\n"
+                "    while True:\n"
+                "        item = await queue.get()\n"
+                "        try:\n"
+                "            await process(item)\n"
+                "        finally:\n"
+                "            queue.task_done()\n")),
          lang="python"),
     dict(titles=("Two Weeks in Japan Itinerary", "Lisbon Weekend Plan", "Budget Trip to Portugal"),
          things=("the rail pass", "the itinerary", "the hotel near the station", "day trips", "the local buses",
@@ -256,7 +274,25 @@ _TOPICS = (
                    "requests fail for a few seconds during each deploy", "the node runs out of memory"),
          fixes=("raise the memory limit and watch actual usage for a day", "fix the probe path so it matches the health endpoint",
                 "set maxUnavailable to 0 in the rolling update strategy", "give the app a longer initialDelaySeconds"),
-         code=("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: api\nspec:\n  replicas: 3\n  strategy:\n    rollingUpdate:\n      maxUnavailable: 0\n  template:\n    spec:\n      containers:\n        - name: api\n          image: registry.example.com/api:1.4.2\n          resources:\n            requests: {memory: 256Mi, cpu: 100m}\n            limits: {memory: 512Mi}\n          readinessProbe:\n            httpGet: {path: /healthz, port: 8080}\n",),
+         code=(("apiVersion: apps/v1\n"
+                "kind: Deployment\n"
+                "metadata:\n"
+                "  name: api\n"
+                "spec:\n"
+                "  replicas: 3\n"
+                "  strategy:\n"
+                "    rollingUpdate:\n"
+                "      maxUnavailable: 0\n"
+                "  template:\n"
+                "    spec:\n"
+                "      containers:\n"
+                "        - name: api\n"
+                "          image: registry.example.com/api:1.4.2\n"
+                "          resources:\n"
+                "            requests: {memory: 256Mi, cpu: 100m}\n"
+                "            limits: {memory: 512Mi}\n"
+                "          readinessProbe:\n"
+                "            httpGet: {path: /healthz, port: 8080}\n"),),
          lang="yaml"),
     dict(titles=("Monthly Budget Spreadsheet", "Paying Off Credit Card Debt", "Emergency Fund Planning"),
          things=("the emergency fund", "fixed costs", "the 50/30/20 rule", "the credit card balance",
@@ -318,7 +354,13 @@ _TOPICS = (
                    "the results have duplicates after the join", "the query gets slower every week"),
          fixes=("put the most selective column first in the index", "filter before joining instead of after",
                 "run ANALYZE after large imports", "replace OFFSET pagination with keyset pagination"),
-         code=("SELECT customer_id,\n       date_trunc('month', ordered_at) AS month,\n       sum(total) AS revenue,\n       rank() OVER (PARTITION BY date_trunc('month', ordered_at) ORDER BY sum(total) DESC) AS rnk\nFROM orders\nWHERE ordered_at >= now() - interval '1 year'\nGROUP BY 1, 2;\n",
+         code=(("SELECT customer_id,\n"
+                "       date_trunc('month', ordered_at) AS month,\n"
+                "       sum(total) AS revenue,\n"
+                "       rank() OVER (PARTITION BY date_trunc('month', ordered_at) ORDER BY sum(total) DESC) AS rnk\n"
+                "FROM orders\n"
+                "WHERE ordered_at >= now() - interval '1 year'\n"
+                "GROUP BY 1, 2;\n"),
                "CREATE INDEX CONCURRENTLY idx_orders_customer_date\n    ON orders (customer_id, ordered_at DESC);\n"),
          lang="sql"),
     dict(titles=("Espresso Dialing In", "Sour Espresso Shots", "Choosing a Coffee Grinder"),
@@ -344,7 +386,17 @@ _TOPICS = (
                    "the state is stale inside the callback", "the context causes the whole tree to re-render"),
          fixes=("derive the value during render instead of storing it in state", "use the functional form of setState",
                 "split the context into smaller providers", "wrap the callback in useCallback"),
-         code=("function useUser(id) {\n  const [user, setUser] = useState(null);\n  useEffect(() => {\n    let cancelled = false;\n    fetch(`/api/users/${id}`)\n      .then((r) => r.json())\n      .then((data) => { if (!cancelled) setUser(data); });\n    return () => { cancelled = true; };\n  }, [id]);\n  return user;\n}\n",),
+         code=(("function useUser(id) {\n"
+                "  const [user, setUser] = useState(null);\n"
+                "  useEffect(() => {\n"
+                "    let cancelled = false;\n"
+                "    fetch(`/api/users/${id}`)\n"
+                "      .then((r) => r.json())\n"
+                "      .then((data) => { if (!cancelled) setUser(data); });\n"
+                "    return () => { cancelled = true; };\n"
+                "  }, [id]);\n"
+                "  return user;\n"
+                "}\n"),),
          lang="jsx"),
     dict(titles=("Fantasy Novel Worldbuilding", "Chapter One Feedback", "Magic System Ideas"),
          things=("the magic system", "the opening chapter", "the villain's motivation", "the pacing", "the point of view",
@@ -414,7 +466,10 @@ _TOPICS = (
                    "the program panics on bad input", "cloning feels like cheating"),
          fixes=("limit the scope of the first borrow", "store indices instead of references",
                 "define your own error enum and implement From", "accept &str and return String"),
-         code=("fn parse_line(line: &str) -> Result<(String, u32), ParseError> {\n    let (name, count) = line.split_once(',').ok_or(ParseError::MissingComma)?;\n    Ok((name.trim().to_string(), count.trim().parse()?))\n}\n",),
+         code=(("fn parse_line(line: &str) -> Result<(String, u32), ParseError> {\n"
+                "    let (name, count) = line.split_once(',').ok_or(ParseError::MissingComma)?;\n"
+                "    Ok((name.trim().to_string(), count.trim().parse()?))\n"
+                "}\n"),),
          lang="rust"),
     dict(titles=("Best Man Speech Ideas", "Wedding Toast Draft", "Retirement Speech for My Dad"),
          things=("the opening line", "the story", "the toast", "the length", "inside jokes", "the ending",
@@ -473,7 +528,12 @@ _TOPICS = (
                    "someone force-pushed over my changes", "the history is full of merge commits"),
          fixes=("cherry-pick the commit onto the right branch and reset the other one", "rebase more often so conflicts stay small",
                 "never force-push to shared branches", "use --force-with-lease instead of --force"),
-         code=("git switch feature/login\ngit fetch origin\ngit rebase origin/main\n# fix conflicts, then\ngit add -A && git rebase --continue\ngit push --force-with-lease\n",),
+         code=(("git switch feature/login\n"
+                "git fetch origin\n"
+                "git rebase origin/main\n"
+                "# fix conflicts, then\n"
+                "git add -A && git rebase --continue\n"
+                "git push --force-with-lease\n"),),
          lang="bash"),
     dict(titles=("Weekly Meal Prep Ideas", "High Protein Vegetarian Meals", "Cooking for One"),
          things=("the grocery list", "batch cooking", "protein", "the freezer", "sauces", "grain bowls",
@@ -640,19 +700,38 @@ _FOREIGN = (
 )
 
 _PY_CODE = (
-    "import pandas as pd\n\ndf = pd.read_csv('/mnt/data/sales.csv', parse_dates=['date'])\ndf.groupby(df['date'].dt.to_period('M'))['revenue'].sum().tail(12)",
-    "import matplotlib.pyplot as plt\n\nfig, ax = plt.subplots(figsize=(8, 4))\nax.plot(df['date'], df['revenue'].rolling(7).mean())\nax.set_title('7-day average revenue')\nplt.show()",
+    ("import pandas as pd\n"
+     "\n"
+     "df = pd.read_csv('/mnt/data/sales.csv', parse_dates=['date'])\n"
+     "df.groupby(df['date'].dt.to_period('M'))['revenue'].sum().tail(12)"),
+    ("import matplotlib.pyplot as plt\n"
+     "\n"
+     "fig, ax = plt.subplots(figsize=(8, 4))\n"
+     "ax.plot(df['date'], df['revenue'].rolling(7).mean())\n"
+     "ax.set_title('7-day average revenue')\n"
+     "plt.show()"),
     "import numpy as np\n\nA = np.array([[2, 1], [1, 3]])\nvals, vecs = np.linalg.eig(A)\nvals, vecs",
     "monthly = 2450 * 0.2\nmonths = 6000 / monthly\nround(months, 1)",
     "df = pd.read_excel('/mnt/data/budget.xlsx')\ndf.info()\ndf.head()",
     "from datetime import date\n(date(2026, 10, 12) - date.today()).days // 7",
 )
 _PY_OUTPUT = (
-    "date\n2025-06    18234.50\n2025-07    19877.10\n2025-08    17650.25\n2025-09    21003.90\nFreq: M, Name: revenue, dtype: float64",
+    ("date\n"
+     "2025-06    18234.50\n"
+     "2025-07    19877.10\n"
+     "2025-08    17650.25\n"
+     "2025-09    21003.90\n"
+     "Freq: M, Name: revenue, dtype: float64"),
     "<<ImageDisplayed>>",
     "(array([1.38196601, 3.61803399]),\n array([[-0.85065081, -0.52573111],\n        [ 0.52573111, -0.85065081]]))",
     "12.2",
-    "<class 'pandas.core.frame.DataFrame'>\nRangeIndex: 48 entries, 0 to 47\nData columns (total 4 columns):\n #   Column    Non-Null Count  Dtype\n---  ------    --------------  -----\n 0   category  48 non-null     object\n 1   amount    46 non-null     float64",
+    ("<class 'pandas.core.frame.DataFrame'>\n"
+     "RangeIndex: 48 entries, 0 to 47\n"
+     "Data columns (total 4 columns):\n"
+     " #   Column    Non-Null Count  Dtype\n"
+     "---  ------    --------------  -----\n"
+     " 0   category  48 non-null     object\n"
+     " 1   amount    46 non-null     float64"),
     "31",
 )
 _SITES = (
@@ -666,6 +745,13 @@ _ABOUT_USER = (
     "I run a small bakery and I'm not very technical. Please explain things simply.",
     "PhD student in biology. I mostly use R and a bit of Python. 🧬",
 )
+_PROFILE_PREAMBLE = (
+    "The user provided the following information about themselves. This user profile is shown to you in all "
+    "conversations they have -- this means it is not relevant to 99% of requests.\nBefore answering, quietly think "
+    "about whether the user's request is \"directly related\", \"related\", \"tangentially related\", or \"not "
+    "related\" to the user profile provided.\nUser profile:\n"
+)
+_INSTRUCTIONS_PREAMBLE = "The user provided the additional info about how they would like you to respond:\n"
 _ABOUT_MODEL = (
     "Be direct. Skip the disclaimers. Use bullet points when it helps.",
     "Answer in British English. Keep responses short unless I ask for detail.",
@@ -798,6 +884,8 @@ def _browser_cite(rng: random.Random) -> str:
 # ChatGPT conversations: a mapping tree of nodes.
 
 
+_MODELS = (("text-davinci-002-render-sha", "gpt-4"), ("gpt-4o", "gpt-4", "gpt-4o-mini", "o1-preview"),
+           ("gpt-4o", "o3", "gpt-5", "gpt-5-thinking", "gpt-4-1"))  # by era
 # Rare features are also forced at fixed conversation slots, so any export of a few MB shows each one.
 _RARE_EVERY = 64
 _FORCED_LANGUAGES = {3: 1, 11: 5, 43: 2}  # slot -> index in _FOREIGN: Japanese, Russian, Chinese
@@ -950,14 +1038,8 @@ class _ChatGPTBuilder:
                                         "user_context_message_data": data})
         else:
             content = {"content_type": "user_editable_context",
-                       "user_profile": f"The user provided the following information about themselves. "
-                                       f"This user profile is shown to you in all conversations they have -- this means "
-                                       f"it is not relevant to 99% of requests.\nBefore answering, quietly think about "
-                                       f"whether the user's request is \"directly related\", \"related\", \"tangentially "
-                                       f"related\", or \"not related\" to the user profile provided.\nUser profile:\n```"
-                                       f"{about_user}```",
-                       "user_instructions": f"The user provided the additional info about how they would like you "
-                                            f"to respond:\n```{about_model}```"}
+                       "user_profile": _PROFILE_PREAMBLE + f"```{about_user}```",
+                       "user_instructions": _INSTRUCTIONS_PREAMBLE + f"```{about_model}```"}
             m = self._message("user", content, t=None,
                               metadata={"is_visually_hidden_from_conversation": True, "user_context_message_data": data,
                                         "is_user_system_message": True})
@@ -989,16 +1071,18 @@ class _ChatGPTBuilder:
 
     def turn_python(self, tip: str) -> str:
         rng = self.rng
-        u = self.user(tip, rng.choice(("Can you analyze the attached file?", "Can you calculate that for me?",
-                                       "Plot this please.", "Run the numbers on this.")) + " " + self.pool.context(rng, self.topic))
+        ask = rng.choice(("Can you analyze the attached file?", "Can you calculate that for me?",
+                          "Plot this please.", "Run the numbers on this."))
+        u = self.user(tip, ask + " " + self.pool.context(rng, self.topic))
         i = rng.randrange(len(_PY_CODE))
         code = _PY_CODE[i]
         c = self.tool_call(u, "python", {"content_type": "code", "language": "unknown",
                                          "response_format_name": None, "text": code}, len(code))
         t = self.t
         if rng.random() < 0.15:
-            out = self.tool_output(c, "python", {"content_type": "system_error", "name": "tool_error",
-                                                 "text": "Encountered exception: <class 'TimeoutError'>. Code execution state was reset."}, 120)
+            error = "Encountered exception: <class 'TimeoutError'>. Code execution state was reset."
+            out = self.tool_output(c, "python", {"content_type": "system_error", "name": "tool_error", "text": error},
+                                   len(error))
         else:
             result = {"status": "success", "run_id": self._uuid(), "start_time": t, "update_time": t + 1.2,
                       "code": code, "end_time": t + 1.2, "final_expression_output": _PY_OUTPUT[i],
@@ -1010,7 +1094,7 @@ class _ChatGPTBuilder:
         return self.assistant(out, self.pool.reply(self.rng, self.topic, self.verbosity), main=True)
 
     def _search_query(self) -> str:
-        return self.rng.choice(self.topic["goals"]) if self.rng.random() < 0.5 else self.rng.choice(self.topic["things"])
+        return self.rng.choice(self.topic["goals"] if self.rng.random() < 0.5 else self.topic["things"])
 
     def turn_browser(self, tip: str) -> str:
         rng = self.rng
@@ -1031,9 +1115,10 @@ class _ChatGPTBuilder:
                                            "response_format_name": None, "text": "mclick([0, 2])"}, 14)
         name, domain = sites[0]
         quote = self.pool.reply(rng, self.topic, 1.0)
-        q = self.tool_output(c2, "browser", {"content_type": "tether_quote", "url": f"https://{domain}/articles/{rng.randint(1000, 99999)}",
-                                             "domain": domain, "text": quote, "title": f"{query} - {name}",
-                                             "tether_id": None}, len(quote) + 100)
+        url = f"https://{domain}/articles/{rng.randint(1000, 99999)}"
+        q = self.tool_output(c2, "browser", {"content_type": "tether_quote", "url": url, "domain": domain,
+                                             "text": quote, "title": f"{query} - {name}", "tether_id": None},
+                             len(quote) + 100)
         return self.assistant(q, self.pool.reply(rng, self.topic, self.verbosity, cite=_browser_cite), main=True)
 
     def turn_webrun(self, tip: str) -> str:
@@ -1084,7 +1169,8 @@ class _ChatGPTBuilder:
                     f"messages with the unique identifier textdoc_id: '{self._uuid().replace('-', '')[:24]}'"
         else:
             recipient = "canmore.update_textdoc"
-            body = json.dumps({"updates": [{"pattern": ".*", "multiple": False, "replacement": doc}]}, ensure_ascii=False)
+            body = json.dumps({"updates": [{"pattern": ".*", "multiple": False, "replacement": doc}]},
+                              ensure_ascii=False)
             reply = f"Successfully updated text document with textdoc_id '{self._uuid().replace('-', '')[:24]}'"
         c = self.tool_call(u, recipient, {"content_type": "code", "language": "json",
                                           "response_format_name": None, "text": body}, len(body))
@@ -1130,8 +1216,7 @@ class _ChatGPTBuilder:
         else:
             self.topic = self.pool.topic(rng)
         self.title = rng.choice(_TITLES_MISC) if rng.random() < 0.04 else rng.choice(self.topic["titles"])
-        self.model = rng.choice((("text-davinci-002-render-sha", "gpt-4"), ("gpt-4o", "gpt-4", "gpt-4o-mini", "o1-preview"),
-                                 ("gpt-4o", "o3", "gpt-5", "gpt-5-thinking", "gpt-4-1"))[self.era])
+        self.model = rng.choice(_MODELS[self.era])
         self.request_id = self._request_id()
         self.authors = {}
         self._metadata_templates()
@@ -1289,9 +1374,10 @@ class _ClaudeBuilder:
             doc = "\n\n".join(rng.choices(self.topic["paragraphs"], k=rng.randint(1, 4)))
             attachments.append({"file_name": "notes.txt", "file_size": len(doc.encode()), "file_type": "txt",
                                 "extracted_content": doc})
-        self.messages.append({"uuid": uid, "text": text, "content": blocks, "sender": sender, "index": len(self.messages),
-                              "created_at": created, "updated_at": _iso(self.t), "truncated": False, "attachments": attachments,
-                              "files": [], "parent_message_uuid": parent})
+        self.messages.append({"uuid": uid, "text": text, "content": blocks, "sender": sender,
+                              "index": len(self.messages), "created_at": created, "updated_at": _iso(self.t),
+                              "truncated": False, "attachments": attachments, "files": [],
+                              "parent_message_uuid": parent})
         self.est += 330 + 230 * len(blocks) + len(text) + sum(len(b.get("text", "")) + len(b.get("thinking", ""))
                                                                for b in blocks)
         return uid

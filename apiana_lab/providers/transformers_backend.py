@@ -107,7 +107,8 @@ class TransformersProvider(LLMProvider):
     def complete(self, prompt: Prompt, options: GenerationOptions | None = None) -> Completion:
         return self.complete_batch([prompt], options)[0]
 
-    def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None) -> list[Completion]:
+    def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None, replica: int | None = None) -> list[Completion]:
+        """Generate for many prompts; split across replicas, or all on `replica` when given."""
         options = options or self.options
         encoded = [self._encode(p) for p in prompts]
         if self._context:
@@ -119,8 +120,11 @@ class TransformersProvider(LLMProvider):
                     )
         # Longest first, so padding is small within a batch and an OOM shows up at once.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        shares = [order[r :: len(self.models)] for r in range(len(self.models))]
-        shares = [(r, s) for r, s in enumerate(shares) if s]
+        if replica is not None:
+            shares = [(replica % len(self.models), order)]
+        else:
+            shares = [(r, order[r :: len(self.models)]) for r in range(len(self.models))]
+            shares = [(r, idx) for r, idx in shares if idx]
         results: dict[int, Completion] = {}
         if len(shares) == 1:
             r, idx = shares[0]

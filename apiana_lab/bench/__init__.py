@@ -1,0 +1,1 @@
+"""Benchmark scripts: `python -m apiana_lab.bench.read` and `python -m apiana_lab.bench.summarize`."""
