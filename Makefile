@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench clean-venv
+.PHONY: install demo test bench bench-read bench-summarize clean-venv
 
 install: $(STAMP)
 
@@ -36,8 +36,12 @@ demo: install
 test: install
 	$(PY) -m pytest -q -ra tests
 
-bench: install
+bench: bench-read bench-summarize
+
+bench-read: install
 	$(PY) -m apiana_lab.bench.read --size-mb 200
+
+bench-summarize: install
 	$(PY) -m apiana_lab.bench.summarize
 
 clean-venv:

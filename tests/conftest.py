@@ -1,4 +1,4 @@
-"""Shared, expensive things: the tokenizer and the real engines, each built once per session."""
+"""Shared fixtures. Real engines are module-scoped in test_vllm.py / test_transformers.py, one alive at a time."""
 
 import os
 
@@ -22,26 +22,6 @@ def tokenizer(model_dir):
     from apiana_lab.chunking import load_tokenizer
 
     return load_tokenizer(model_dir)
-
-
-@pytest.fixture(scope="session")
-def vllm_provider(model_dir):
-    """The real vLLM engine (CPU here) on the bundled model, started once (~30 s)."""
-    from apiana_lab.providers.vllm_backend import VLLMProvider
-
-    provider = VLLMProvider(str(model_dir), max_model_len=4096)
-    yield provider
-    provider.close()
-
-
-@pytest.fixture(scope="session")
-def transformers_provider(model_dir):
-    """Real transformers on the bundled model, float32 on CPU, loaded once."""
-    from apiana_lab.providers.transformers_backend import TransformersProvider
-
-    provider = TransformersProvider(str(model_dir), device="cpu", dtype="float32")
-    yield provider
-    provider.close()
 
 
 def write_dialogue_export(path, conversations=12, messages=12, seed=0):

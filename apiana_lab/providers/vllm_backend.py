@@ -6,6 +6,10 @@ import gc
 import logging
 import os
 import re
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from typing import Sequence
 
 try:
@@ -67,27 +71,37 @@ class VLLMProvider(LLMProvider):
             **engine_kwargs,
         )
         self.adjustments: list[str] = []
+        # vllm.LLM is not thread-safe: two threads in chat() steal each other's outputs and
+        # hang. Workers take turns; the engine's continuous batching is the parallelism.
+        self._lock = threading.Lock()
         self.llm = self._start()
         self._tokenizer = self.llm.get_tokenizer()
 
     def _start(self):
+        # The engine core runs in a child process: when it refuses the configuration, the
+        # parent only hears "initialization failed". The reason is on the child's stderr,
+        # so read it there while still passing every line through to the user.
+        with _stderr_tee() as seen:
+            try:
+                return vllm.LLM(**self.engine_args)
+            except (ValueError, RuntimeError) as e:
+                error = e
+                time.sleep(0.5)  # let the child's last lines reach the tee
+        match = _KV_TOO_SMALL.search(str(error)) or _KV_TOO_SMALL.search(seen.text)
+        if not match:
+            raise ConfigError(f"vLLM could not start with {self.engine_args}: {error}") from error
+        fitted = int(match.group(2))
+        note = (
+            f"KV cache cannot hold max_model_len={match.group(1)}; retried with max_model_len={fitted}, "
+            f"the longest the engine says fits. Raise gpu_memory_utilization (or VLLM_CPU_KVCACHE_SPACE on CPU) for more."
+        )
+        logger.warning(note)
+        self.adjustments.append(note)
+        self.engine_args["max_model_len"] = fitted
         try:
             return vllm.LLM(**self.engine_args)
-        except ValueError as e:
-            match = _KV_TOO_SMALL.search(str(e))
-            if not match:
-                raise ConfigError(f"vLLM refused the configuration: {e}") from e
-            fitted = int(match.group(2))
-            note = (
-                f"KV cache cannot hold max_model_len={match.group(1)}; retried with max_model_len={fitted}, "
-                f"the longest the engine says fits. Raise gpu_memory_utilization (or VLLM_CPU_KVCACHE_SPACE on CPU) for more."
-            )
-            logger.warning(note)
-            self.adjustments.append(note)
-            self.engine_args["max_model_len"] = fitted
-            return vllm.LLM(**self.engine_args)
-        except OSError as e:
-            raise ConfigError(hub_error_hint(self.engine_args["model"])) from e
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"vLLM could not start even with max_model_len={fitted}: {e}") from e
 
     @property
     def max_context(self) -> int:
@@ -121,7 +135,8 @@ class VLLMProvider(LLMProvider):
             stop=list(options.stop) or None,
         )
         try:
-            outputs = self.llm.chat([as_messages(p) for p in prompts], params, use_tqdm=False)
+            with self._lock:
+                outputs = self.llm.chat([as_messages(p) for p in prompts], params, use_tqdm=False)
         except MemoryError as e:
             raise ProviderOutOfMemoryError(str(e), batch_size=len(prompts)) from e
         except RuntimeError as e:
@@ -156,3 +171,44 @@ class VLLMProvider(LLMProvider):
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+class _Seen:
+    text = ""
+
+
+@contextmanager
+def _stderr_tee():
+    """Copy what this process and its children write to fd 2 into `seen.text`, passing it through.
+
+    The copying thread outlives the block (the engine's children keep the pipe open) and
+    keeps forwarding; it stops recording once the block ends.
+    """
+    try:
+        sys.stderr.flush()
+        original = os.dup(2)
+        read_end, write_end = os.pipe()
+    except OSError:  # no usable fd 2 (some notebook front ends): start without the tee
+        yield _Seen()
+        return
+    seen, recording = _Seen(), threading.Event()
+    recording.set()
+    chunks: list[bytes] = []
+
+    def pump():
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while data := pipe.read(65536):
+                os.write(original, data)
+                if recording.is_set():
+                    chunks.append(data)
+
+    threading.Thread(target=pump, name="vllm-stderr", daemon=True).start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield seen
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)
+        seen.text = b"".join(chunks).decode("utf-8", "replace")
+        recording.clear()
