@@ -60,6 +60,8 @@ def test_max_tokens_and_finish_reason(provider):
     done = provider.complete("What is the capital of France? Answer in one short sentence.", GenerationOptions(max_tokens=200))
     assert done.finish_reason == "stop" and done.completion_tokens < 200
     assert "Paris" in done.text
+    forced = provider.complete("What is the capital of France? Answer in one short sentence.", GenerationOptions(max_tokens=done.completion_tokens + 8, ignore_eos=True))
+    assert forced.completion_tokens == done.completion_tokens + 8 and forced.finish_reason == "length"
 
 
 def test_chat_template_is_applied(provider, tokenizer):

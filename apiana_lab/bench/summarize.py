@@ -19,7 +19,6 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from .common import machine, markdown_table, write_results
@@ -104,37 +103,6 @@ def workload_chunks(n: int, seed: int = 1) -> tuple[list, list]:
     return real, short
 
 
-@contextmanager
-def forced_length(provider, max_tokens: int):
-    """Make every completion exactly max_tokens long, for this block only.
-
-    GenerationOptions has no ignore_eos/min_tokens yet, so this reaches into each engine:
-    vLLM's SamplingParams.ignore_eos, transformers' generation_config.min_new_tokens.
-    """
-    if provider.name == "vllm":
-        chat = provider.llm.chat
-
-        def chat_ignoring_eos(messages, params, **kwargs):
-            params.ignore_eos = True  # read later, when the engine adds the EOS id to the stop ids
-            return chat(messages, params, **kwargs)
-
-        provider.llm.chat = chat_ignoring_eos
-        try:
-            yield
-        finally:
-            del provider.llm.chat
-    else:
-        configs = [m.generation_config for m in provider.models]
-        saved = [c.min_new_tokens for c in configs]
-        for c in configs:
-            c.min_new_tokens = max_tokens
-        try:
-            yield
-        finally:
-            for c, value in zip(configs, saved):
-                c.min_new_tokens = value
-
-
 def measure(config: str, workload: str, transform, chunks: list) -> dict:
     """Run one transform over the chunks and return its figures."""
     if getattr(transform.provider, "name", "") == "vllm":
@@ -213,10 +181,8 @@ def run_engine(engine: str, workloads: dict, n: int, rows: list, facts: dict) ->
         for name, (chunks, max_tokens, prompts, force) in workloads.items():
             for config, transform in transforms(provider, n, max_tokens, prompts, engine):
                 if force:
-                    with forced_length(provider, max_tokens):
-                        rows.append(measure(config, name, transform, chunks))
-                else:
-                    rows.append(measure(config, name, transform, chunks))
+                    transform.options = transform.options.replace(ignore_eos=True)
+                rows.append(measure(config, name, transform, chunks))
         if engine == "vllm":
             # Prefill alone: the same (a) prompts with one new token.
             chunks, _, prompts, _ = workloads["a"]
@@ -347,8 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {"benchmark": "summarize", "machine": machine(),
                "settings": {"chunks": n, "max_tokens_a": max_a, "max_tokens_b": max_b, "quick": args.quick,
-                            "forced_length": "vLLM SamplingParams.ignore_eos / transformers generation_config.min_new_tokens, "
-                                             "set by the benchmark (GenerationOptions has no such option)"}}
+                            "forced_length": "GenerationOptions(ignore_eos=True): vLLM SamplingParams.ignore_eos, "
+                                             "transformers min_new_tokens"}}
     print(f"measuring matmul rates ({matmul_n}x{matmul_n})", file=sys.stderr, flush=True)
     limits_before = cpu_limits(matmul_n)
 

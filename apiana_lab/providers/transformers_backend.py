@@ -154,6 +154,8 @@ class TransformersProvider(LLMProvider):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if options.stop:
             kwargs.update(stop_strings=list(options.stop), tokenizer=self.tokenizer)
+        if options.ignore_eos:
+            kwargs.update(min_new_tokens=options.max_tokens)
         try:
             with self._locks[replica], torch.inference_mode():
                 out = model.generate(**padded, **kwargs)
@@ -167,7 +169,7 @@ class TransformersProvider(LLMProvider):
     def _finish(self, ids: list[int], prompt_tokens: int, options: GenerationOptions) -> Completion:
         eos = self.tokenizer.eos_token_id
         finish = "length"
-        if eos in ids:
+        if eos in ids and not options.ignore_eos:
             ids = ids[: ids.index(eos) + 1]
             finish = "stop"
         text = self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -133,6 +133,7 @@ class VLLMProvider(LLMProvider):
             top_p=options.top_p,
             seed=options.seed,
             stop=list(options.stop) or None,
+            ignore_eos=options.ignore_eos,
         )
         try:
             with self._lock:
