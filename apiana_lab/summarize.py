@@ -93,6 +93,8 @@ class SummarizerTransform:
         chunks = list(chunks)
         self.stats = stats = RunStats()
         start = time.perf_counter()
+        if progress:
+            progress(Progress(0, len(chunks), 0, 0, 0, 0, 0.0, 1, 0))
         for i, chunk in enumerate(chunks):
             t0 = time.perf_counter()
             try:
@@ -188,6 +190,7 @@ class ParallelSummarizerTransform(SummarizerTransform):
         if not chunks:
             return
         state = _State(self, chunks, progress)
+        state._report()  # the bar appears, with its total, before the first batch is back
         workers = self.max_workers
         if getattr(self.provider, "replicas", 1) > 1:
             workers = self.provider.replicas
