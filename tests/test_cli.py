@@ -76,3 +76,18 @@ def test_export_v2_end_to_end_on_the_sample(backend, tmp_path):
     db = sqlite3.connect(out / "apiana.sqlite")
     assert db.execute("SELECT COUNT(*) FROM summaries").fetchone()[0] == 3
     assert db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize("switch", [("--sequential",), ()])
+def test_ab_switch_runs_the_sequential_summarizer_on_the_same_chunks(switch, tmp_path):
+    env = {} if switch else {"APIANA_PARALLEL": "0"}
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    p = run("chatgpt-export-v2", "-i", SAMPLE, "-o", seq, "--backend", "fake", "--no-progress", *switch, **env)
+    assert p.returncode == 0, p.stderr
+    assert "[fake, sequential]" in p.stdout
+    q = run("chatgpt-export-v2", "-i", SAMPLE, "-o", par, "--backend", "fake", "--no-progress")
+    assert q.returncode == 0 and "parallel, batch 16" in q.stdout
+    a, b = (json.loads((d / "run.json").read_text()) for d in (seq, par))
+    assert (a["sequential"], a["parallel"], b["parallel"]) == (True, False, True)
+    rows = lambda d: [json.loads(line) for line in (d / "summaries.jsonl").read_text().splitlines()]
+    assert [(r["chunk_id"], r["summary"]) for r in rows(seq)] == [(r["chunk_id"], r["summary"]) for r in rows(par)]
