@@ -158,8 +158,11 @@ def transforms(provider, n: int, max_tokens: int, prompts: dict, engine: str) ->
     return [("vllm parallel", ParallelSummarizerTransform(provider, max_workers=1, batch_size=n, max_length=max_tokens, **prompts))]
 
 
-def run_engine(engine: str, workloads: dict, n: int, rows: list, facts: dict) -> None:
-    """Load one engine, run every configuration of it on both workloads, then free it."""
+def run_engine(engine: str, workloads: dict, n: int, rows: list, facts: dict, checkpoint=lambda: None) -> None:
+    """Load one engine, run every configuration of it on both workloads, then free it.
+
+    `checkpoint` is called after each measurement, so a run cut short still leaves its figures.
+    """
     from apiana_lab.providers import GenerationOptions, get_provider
 
     start = time.perf_counter()
@@ -183,11 +186,13 @@ def run_engine(engine: str, workloads: dict, n: int, rows: list, facts: dict) ->
                 if force:
                     transform.options = transform.options.replace(ignore_eos=True)
                 rows.append(measure(config, name, transform, chunks))
+                checkpoint()
         if engine == "vllm":
             # Prefill alone: the same (a) prompts with one new token.
             chunks, _, prompts, _ = workloads["a"]
             _, transform = transforms(provider, n, 1, prompts, engine)[0]
             rows.append(measure("vllm prefill (max_tokens=1)", "a", transform, chunks))
+            checkpoint()
     finally:
         provider.close()
         del provider
@@ -240,7 +245,7 @@ def add_ratios(rows: list[dict]) -> dict:
 def prefill_figures(rows: list[dict], facts: dict, limits: dict) -> dict:
     """Prefill FLOP/s of vLLM on the (a) prompts, against the measured matmul rates."""
     row = next((r for r in rows if r["config"].startswith("vllm prefill")), None)
-    if row is None or "n_params" not in facts:
+    if row is None or "n_params" not in facts or not limits:
         return {}
     n_params, tokens, seconds = facts["n_params"], row["prompt_tokens"], row["wall_s"]
     non_embedding = n_params - facts["embedding_params"]
@@ -265,7 +270,7 @@ def prefill_figures(rows: list[dict], facts: dict, limits: dict) -> dict:
 
 def render_markdown(results: dict) -> str:
     """The figures as a short markdown report."""
-    s = results["settings"]
+    s, engines = results["settings"], results["engines"]
     columns = [
         ("config", "configuration"), ("chunks", "chunks"), ("wall_s", "wall s"), ("prompt_tokens", "prompt tokens"),
         ("completion_tokens", "completion tokens"), ("completion_tokens_per_s", "completion tok/s"),
@@ -273,12 +278,14 @@ def render_markdown(results: dict) -> str:
         ("load_1m", "load 1m"),
     ]
     parts = [f"# Summarization throughput, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
-             f"Bundled SmolLM2-135M-Instruct; transformers {results['engines']['transformers'].get('dtype')}, "
-             f"vLLM {results['engines']['vllm'].get('dtype')}. Ratios are measured in this one run.\n"]
+             f"Bundled SmolLM2-135M-Instruct; transformers {engines['transformers'].get('dtype')}, "
+             f"vLLM {engines['vllm'].get('dtype')}. Ratios are measured in this one run.\n"]
+    if not results["complete"]:
+        parts.append("**Partial results: the run has not finished (or was cut short).**\n")
     for key, title in (("a", f"(a) real-length chunks, max_tokens {s['max_tokens_a']}, natural lengths"),
                        ("b", f"(b) short prompts, {s['max_tokens_b']} new tokens forced ({s['forced_length']})")):
         parts.append(f"## {title}\n\n" + markdown_table([r for r in results["rows"] if r["workload"] == key], columns) + "\n")
-    p, lim = results["prefill"], results["cpu_matmul_gflops"]
+    p, lim = results.get("prefill"), results.get("cpu_matmul_gflops")
     if p:
         parts.append(
             f"## Prefill against the CPU's limit\n\nvLLM prefill of the (a) prompts: {p['prompt_tokens']:,} tokens in "
@@ -287,14 +294,28 @@ def render_markdown(results: dict) -> str:
             f"Matmul rates measured in this run (GFLOP/s): {lim}.\n"
             f"Prefill reaches {p['fraction_of_bf16_matmul_2NT']:.0%} (2·N·T) / {p['fraction_of_bf16_matmul_strict']:.0%} "
             f"(strict) of the best bf16 matmul rate.\n")
-    o = results["orchestration"]
-    parts.append("## Orchestration alone (FakeProvider, latency 0)\n\n" + "\n".join(
-        f"- {r['chunks']:,} chunks, batch {r['batch_size']}, {r['max_workers']} workers: {r['chunks_per_s']:,} chunks/s "
-        f"({r['wall_s']} s; provider {r['provider_seconds']} s)" for r in o) + "\n")
+    if results.get("orchestration"):
+        parts.append("## Orchestration alone (FakeProvider, latency 0)\n\n" + "\n".join(
+            f"- {r['chunks']:,} chunks, batch {r['batch_size']}, {r['max_workers']} workers: {r['chunks_per_s']:,} chunks/s "
+            f"({r['wall_s']} s; provider {r['provider_seconds']} s)" for r in results["orchestration"]) + "\n")
     parts.append("## Targets\n\n" + "\n".join(
-        f"- {k}: {v['measured']} (target {'≥' if 'target_min' in v else '≤'} {v.get('target_min', v.get('target_max'))}) "
-        f"{'met' if v['met'] else 'NOT met'}" for k, v in results["targets"].items()) + "\n")
+        f"- {k}: {v['measured']} (target ≥ {v['target_min']}) {'met' if v['met'] else 'NOT met'}"
+        for k, v in results["targets"].items()) + "\n")
     return "\n".join(parts)
+
+
+def save(results: dict, stem: str) -> str:
+    """Work out ratios, targets and prefill figures from what is measured so far, and write both files."""
+    results["targets"] = add_ratios(results["rows"])
+    if results.get("orchestration"):
+        best = max(o["chunks_per_s"] for o in results["orchestration"])
+        results["targets"]["orchestration chunks/s"] = {
+            "target_min": TARGET_ORCHESTRATION_CHUNKS_PER_S, "measured": best, "met": best >= TARGET_ORCHESTRATION_CHUNKS_PER_S,
+        }
+    results["prefill"] = prefill_figures(results["rows"], results["engines"]["transformers"], results.get("cpu_matmul_gflops"))
+    markdown = render_markdown(results)
+    write_results("bench-summarize", stem, results, markdown)
+    return markdown
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -311,12 +332,15 @@ def main(argv: list[str] | None = None) -> dict:
     orchestration_chunks = 2000 if args.quick else 20000
     matmul_n = 1024 if args.quick else 2048
 
-    results = {"benchmark": "summarize", "machine": machine(),
+    stem = "summarize-quick" if args.quick else "summarize"
+    results = {"benchmark": "summarize", "complete": False, "machine": machine(),
                "settings": {"chunks": n, "max_tokens_a": max_a, "max_tokens_b": max_b, "quick": args.quick,
                             "forced_length": "GenerationOptions(ignore_eos=True): vLLM SamplingParams.ignore_eos, "
-                                             "transformers min_new_tokens"}}
+                                             "transformers min_new_tokens"},
+               "engines": {"transformers": {}, "vllm": {}}, "rows": []}
     print(f"measuring matmul rates ({matmul_n}x{matmul_n})", file=sys.stderr, flush=True)
     limits_before = cpu_limits(matmul_n)
+    results["cpu_matmul_gflops"] = limits_before
 
     real, short = workload_chunks(n)
     workloads = {
@@ -328,35 +352,23 @@ def main(argv: list[str] | None = None) -> dict:
         "b": [min(c.token_count for c in short), max(c.token_count for c in short)],
     }
 
-    rows: list[dict] = []
-    engines = {"transformers": {}, "vllm": {}}
-    for engine in ("transformers", "vllm"):
-        print(f"{engine}: loading", file=sys.stderr, flush=True)
-        run_engine(engine, workloads, n, rows, engines[engine])
-
     print("orchestration alone", file=sys.stderr, flush=True)
     results["orchestration"] = [
         orchestration(orchestration_chunks, short, batch_size=16, max_workers=2),  # the class defaults
         orchestration(orchestration_chunks, short, batch_size=256, max_workers=1),
     ]
+    for engine in ("transformers", "vllm"):
+        print(f"{engine}: loading", file=sys.stderr, flush=True)
+        run_engine(engine, workloads, n, results["rows"], results["engines"][engine], checkpoint=lambda: save(results, stem))
+
     limits_after = cpu_limits(matmul_n)
     # The machine is shared: take the better of two measurements as the CPU's rate.
-    limits = {k: max(v, limits_after[k]) for k, v in limits_before.items()}
-    results["cpu_matmul_gflops"] = limits
+    results["cpu_matmul_gflops"] = {k: max(v, limits_after[k]) for k, v in limits_before.items()}
     results["cpu_matmul_gflops_runs"] = [limits_before, limits_after]
-    results["engines"] = engines
-    results["rows"] = rows
-    results["targets"] = add_ratios(rows)
-    best = max(o["chunks_per_s"] for o in results["orchestration"])
-    results["targets"]["orchestration chunks/s"] = {
-        "target_min": TARGET_ORCHESTRATION_CHUNKS_PER_S, "measured": best, "met": best >= TARGET_ORCHESTRATION_CHUNKS_PER_S,
-    }
-    results["prefill"] = prefill_figures(rows, {**engines["transformers"]}, limits)
-
-    markdown = render_markdown(results)
-    json_path, _ = write_results("bench-summarize", "summarize-quick" if args.quick else "summarize", results, markdown)
+    results["complete"] = True
+    markdown = save(results, stem)
     print(markdown)
-    print(f"wrote {json_path}", file=sys.stderr)
+    print(f"wrote results/bench-summarize/{stem}.json", file=sys.stderr)
     return results
 
 
