@@ -196,7 +196,8 @@ def run_export(
     if config.seed is not None:
         options["seed"] = config.seed
     t0 = time.perf_counter()
-    if provider is None:
+    owned = provider is None  # an engine this call starts, this call also stops
+    if owned:
         provider = get_provider(config.backend, model=config.model, **(provider_kwargs or {}))
     load_seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
@@ -231,9 +232,9 @@ def run_export(
         wall = time.perf_counter() - started
         chunks = checkpoint.chunks
         result = {
-            "backend": provider.name,
-            "model": provider.model,
             **asdict(config),
+            "backend": provider.name,
+            "model": provider.model,  # what was loaded; config's model may be None (the default)
             "format": report.format,
             "conversations_read": report.conversations,
             "conversations_skipped": len(report.skipped),
@@ -253,6 +254,8 @@ def run_export(
         return result
     finally:
         store.close()
+        if owned:
+            provider.close()
 
 
 def _run_until(pipeline: Pipeline, stop_step, data):

@@ -73,6 +73,7 @@ def test_export_v2_end_to_end_on_the_sample(backend, tmp_path):
     for r in rows:
         assert set(r) == {"chunk_id", "conversation_id", "title", "summary", "prompt_tokens", "completion_tokens", "finish_reason", "backend", "model"}
         assert r["summary"].strip() and 0 < r["completion_tokens"] <= 32 and r["backend"] == backend
+    assert run_json["model"] and all(r["model"] == run_json["model"] for r in rows)  # the folder actually loaded
     db = sqlite3.connect(out / "apiana.sqlite")
     assert db.execute("SELECT COUNT(*) FROM summaries").fetchone()[0] == 3
     assert db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 3
