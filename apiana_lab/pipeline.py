@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .chunking import Chunk, ConversationChunkerComponent
-from .errors import ConfigError
 from .export.reader import read_export
 from .export.types import Conversation, ReadReport
 from .progress import Progress, ProgressCallback

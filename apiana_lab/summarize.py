@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from .chunking import Chunk
-from .errors import ConfigError, PermanentProviderError, ProviderError, ProviderOutOfMemoryError, TransientProviderError
+from .errors import ConfigError, PermanentProviderError, ProviderError, ProviderOutOfMemoryError
 from .progress import Progress, ProgressCallback
 from .prompts import SYSTEM_PROMPT, USER_TEMPLATE, check_template, load_prompt, prompt_hash, render_user_prompt
 from .providers.base import GenerationOptions, LLMProvider
@@ -389,8 +389,7 @@ def _classify(error: BaseException) -> str:
         return "oom"
     if isinstance(error, (PermanentProviderError, ConfigError, ValueError, TypeError)):
         return "permanent"
-    if isinstance(error, (TransientProviderError, TimeoutError, ConnectionError)):
-        return "transient"
+    # TransientProviderError, timeouts, dropped connections, and anything unknown: worth a retry.
     return "transient"
 
 

@@ -3,7 +3,6 @@
 import pytest
 
 from contract import *  # noqa: F401,F403  the shared backend contract, run here on vLLM
-from contract import dialogue_prompt
 
 from apiana_lab.errors import ConfigError
 from apiana_lab.providers import GenerationOptions

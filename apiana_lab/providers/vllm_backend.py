@@ -84,6 +84,8 @@ class VLLMProvider(LLMProvider):
         with _stderr_tee() as seen:
             try:
                 return vllm.LLM(**self.engine_args)
+            except OSError as e:  # not a local folder, and no hub to fetch it from
+                raise ConfigError(hub_error_hint(self.engine_args["model"])) from e
             except (ValueError, RuntimeError) as e:
                 error = e
                 time.sleep(0.5)  # let the child's last lines reach the tee
