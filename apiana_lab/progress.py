@@ -1,4 +1,4 @@
-"""One progress protocol for long runs: the terminal bar reads it now, the notebook widget later."""
+"""One progress protocol for long runs: the terminal bar, the notebook widget and the memory monitor read it."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ class Progress:
     prompt_tokens: int
     completion_tokens: int
     elapsed: float  # seconds since summarization started
-    batch_size: int  # current, after any out-of-memory shrinking
+    batch_size: int  # current, after any out-of-memory shrinking (for a streaming backend: the in-flight window)
     retries: int
+    event: str = ""  # set when something worth a mark on a timeline happened: "start", "batch size 16 -> 8 (...)"
+    finished: bool = False  # the last snapshot of a run
+    error: str = ""  # on the last snapshot: why the run stopped early, "" when it ran to the end
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -39,6 +42,17 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+
+
+def fan_out(*callbacks: ProgressCallback | None) -> ProgressCallback:
+    """One callback that feeds every given one (None entries are dropped)."""
+    live = [c for c in callbacks if c is not None]
+
+    def feed(p: Progress) -> None:
+        for c in live:
+            c(p)
+
+    return feed
 
 
 class TerminalProgress:

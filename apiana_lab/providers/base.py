@@ -7,9 +7,9 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
-from typing import ClassVar, Sequence, Union
+from typing import ClassVar, Iterable, Iterator, Sequence, Union
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ProviderError
 
 # A prompt is plain text (sent as one user message) or a chat: [{"role", "content"}, ...].
 Prompt = Union[str, Sequence[dict]]
@@ -89,6 +89,7 @@ class LLMProvider(ABC):
 
     name: ClassVar[str] = "base"
     supports_batch: ClassVar[bool] = False
+    supports_stream: ClassVar[bool] = False  # has `stream`: requests in, completions out as each finishes
 
     def __init__(self, model: str = "", options: GenerationOptions | None = None):
         self.model = model
@@ -109,6 +110,38 @@ class LLMProvider(ABC):
     def batch_invoke(self, prompts: Sequence[Prompt]) -> list[str]:
         """The generated texts for many prompts, in input order."""
         return [c.text for c in self.complete_batch(prompts)]
+
+    def stream(
+        self,
+        requests: Iterable[tuple[str, Prompt] | None],
+        options: GenerationOptions | None = None,
+        *,
+        window: int | None = None,
+    ) -> Iterator[tuple[str, "Completion | ProviderError"]]:
+        """Yield `(key, completion)` as each request finishes, keeping up to `window` requests in flight.
+
+        Only for providers with `supports_stream`. The provider pulls the next `(key, prompt)`
+        from `requests` whenever fewer than `window` are in flight (default: `default_window`).
+        An item `None` means "nothing to send right now": the provider steps what is in flight
+        (or waits briefly when nothing is) and asks again later, so a caller can hold retries
+        back during a backoff. Once `requests` is exhausted, the stream ends when the last
+        request in flight finishes.
+
+        A request that fails on its own (longer than the context, invalid) comes out as
+        `(key, error)` with a PermanentProviderError and the stream goes on. A failure of the
+        whole engine raises a ProviderError out of the generator; the requests then in flight
+        are lost and the caller resubmits them. Closing the generator aborts what is in flight.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no streaming path; check supports_stream first")
+
+    @property
+    def default_window(self) -> int:
+        """Requests in flight that keep this backend fully busy (the `--batch-size` default for streaming)."""
+        return 1
+
+    def engine_metrics(self) -> dict[str, float]:
+        """Live engine figures (KV-cache use, running and waiting requests, preemptions); {} when not measured."""
+        return {}
 
     def count_tokens(self, prompt: Prompt) -> int | None:
         """Prompt length in tokens after the chat template, when the backend can tell cheaply."""
