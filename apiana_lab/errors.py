@@ -54,13 +54,36 @@ class ProviderError(ApianaError):
 
 
 class TransientProviderError(ProviderError):
-    """Timeouts, dropped connections, engine hiccups: worth retrying with backoff."""
+    """Timeouts, dropped connections, engine hiccups, 429/503: worth retrying with backoff.
+
+    `retry_after` (seconds), when the backend said how long to wait (an HTTP Retry-After
+    header), is the least the caller waits before retrying.
+    """
 
     transient = True
 
+    def __init__(self, message: str = "transient provider error", *, retry_after: float | None = None):
+        self.retry_after = retry_after
+        super().__init__(message)
+
 
 class PermanentProviderError(ProviderError):
-    """Retrying cannot help: a prompt longer than the context, invalid input."""
+    """Retrying cannot help this one request: a prompt longer than the context, invalid input.
+
+    `reason` is the short slug recorded for the failed chunk: "too_long" for a prompt that
+    does not fit the model's context, "permanent" otherwise.
+    """
+
+    def __init__(self, message: str = "permanent provider error", *, reason: str = "permanent"):
+        self.reason = reason
+        super().__init__(message)
+
+
+class FatalProviderError(ProviderError):
+    """Going on cannot help any request (rejected credentials, say): the run stops at once.
+
+    Summaries finished before it are kept; the message says what to fix.
+    """
 
 
 class ProviderOutOfMemoryError(ProviderError):
