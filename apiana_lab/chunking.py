@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 # pasted CSV): it goes in by default, cut to this many characters.
 DEFAULT_INCLUDE = frozenset({t.DIALOGUE, t.CODE, t.EXECUTION_OUTPUT, t.TOOL_CALL, t.TOOL_OUTPUT, t.BROWSING})
 DEFAULT_NON_DIALOGUE_CHARS = 500
+MESSAGE_SEPARATOR = "\n\n"
 
 _LABELS = {
     t.CODE: "Code",
@@ -74,7 +75,22 @@ class Chunk:
     token_count: int
     text: str
     continued: bool = False  # a piece of one over-long message split at token boundaries
-    messages: tuple[str, ...] = field(default=(), repr=False)
+    # Where each rendered message starts in `text`: the text is kept once, its messages are views.
+    starts: tuple[int, ...] = field(default=(0,), repr=False)
+
+    @property
+    def messages(self) -> tuple[str, ...]:
+        """The rendered messages this chunk joins, in order."""
+        ends = [s - len(MESSAGE_SEPARATOR) for s in self.starts[1:]] + [len(self.text)]
+        return tuple(self.text[a:b] for a, b in zip(self.starts, ends))
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """What a run holds of a chunk while it waits to be summarized; the text stays in the store."""
+
+    id: str
+    token_count: int
 
 
 def load_tokenizer(model_dir: str | Path | None = None):
@@ -180,7 +196,11 @@ class Chunker:
             yield piece, len(self.tokenizer.encode(piece, add_special_tokens=False).ids)
 
     def _emit(self, chunks, conversation, first, last, texts, tokens, continued):
-        text = "\n\n".join(texts)
+        text = MESSAGE_SEPARATOR.join(texts)
+        starts, at = [], 0
+        for piece in texts:
+            starts.append(at)
+            at += len(piece) + len(MESSAGE_SEPARATOR)
         digest = hashlib.sha256(f"{conversation.id}\x00{self._key}\x00{text}".encode()).hexdigest()[:24]
         chunks.append(
             Chunk(
@@ -194,7 +214,7 @@ class Chunker:
                 token_count=tokens,
                 text=text,
                 continued=continued,
-                messages=tuple(texts),
+                starts=tuple(starts),
             )
         )
 

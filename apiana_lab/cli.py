@@ -134,24 +134,66 @@ def main(argv=None) -> int:
     return EXIT_OK
 
 
+# Engine flags: (flag, constructor argument, argparse settings). Which backend takes which is
+# checked against the backend's constructor, so a flag it does not take is a clear error.
+ENGINE_FLAGS = [
+    ("--tensor-parallel-size", "tensor_parallel_size", dict(type=int, help="vllm: GPUs per model (tensor parallelism)")),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", dict(type=float, help="vllm: share of GPU memory for weights and KV cache")),
+    ("--max-model-len", "max_model_len", dict(type=int, help="vllm: longest prompt plus summary, in tokens")),
+    ("--dtype", "dtype", dict(help="vllm, transformers: auto, bfloat16, float16 or float32")),
+    ("--device", "device", dict(help="transformers: auto, cpu, cuda or cuda:N")),
+    ("--load-in-8bit", "load_in_8bit", dict(action="store_true", default=None, help="transformers: 8-bit weights (CUDA, bitsandbytes)")),
+    ("--max-batch-tokens", "max_batch_tokens", dict(type=int, help="transformers: most padded prompt tokens per micro-batch")),
+    ("--base-url", "base_url", dict(help="openai: the server, e.g. http://127.0.0.1:8000/v1")),
+    ("--api-key-env", "api_key_env", dict(help="openai: environment variable holding the API key (default OPENAI_API_KEY)")),
+]
+
+
+def parse_engine_args(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs as a dict; a value that parses as JSON is taken as JSON (numbers, true, lists)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--engine-arg needs KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip().replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.strip().replace("-", "_")] = value
+    return options
+
+
 def export_v2_main(argv=None) -> int:
     """`chatgpt-export-v2`: summarize a whole export with a local model."""
     parser = argparse.ArgumentParser(
         prog="chatgpt-export-v2",
-        description="Turn a ChatGPT or Claude export into first-person reflective summaries with a local LLM.",
+        description="Turn ChatGPT or Claude exports into first-person reflective summaries with a local LLM.",
     )
-    parser.add_argument("-i", "--input", required=True, help="conversations.json, the export .zip, a shard folder, or a Claude export")
+    parser.add_argument("-i", "--input", required=True, action="append",
+                        help="conversations.json, the export .zip, a shard folder, or a Claude export; "
+                             "give -i several times to merge exports (newest version of each conversation wins)")
     parser.add_argument("-o", "--output", required=True, help="folder for apiana.sqlite, summaries.jsonl and run.json")
-    parser.add_argument("--backend", choices=["vllm", "transformers", "fake"], default="vllm")
-    parser.add_argument("--model", default=None, help="local HF model folder (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-workers", type=int, default=2)
+    parser.add_argument("--backend", default="vllm", help="vllm (default), transformers, openai (a running server) or fake")
+    parser.add_argument("--model", default=None, help="local HF model folder (default: the bundled SmolLM2-135M-Instruct); "
+                                                      "with --backend openai, the server's model name (default: its first)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="vllm: requests in flight (default: the engine's own window); transformers: prompts per batch "
+                             "(default 16); openai: unused")
+    parser.add_argument("--max-workers", type=int, default=None,
+                        help="openai: requests in flight (default 32); transformers: threads feeding batches (default 2); "
+                             "vllm: unused (one thread owns the engine)")
     parser.add_argument("--chunk-size", type=int, default=3500, help="tokens per chunk")
     parser.add_argument("--chunk-method", choices=["tokens", "messages"], default="tokens")
     parser.add_argument("--max-length", type=int, default=300, help="most new tokens per summary")
     parser.add_argument("--limit", type=int, default=None, help="only the first N chunks")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
+    engine = parser.add_argument_group("engine options (checked against the chosen backend)")
+    for flag, _, settings in ENGINE_FLAGS:
+        engine.add_argument(flag, **settings)
+    engine.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other constructor argument of the backend (vllm: any vllm.EngineArgs field); "
+                             "VALUE is read as JSON when it parses")
     parser.add_argument("--sequential", action="store_true", help="the old one-at-a-time summarizer (also APIANA_PARALLEL=0)")
     parser.add_argument("--fresh", action="store_true", help="ignore summaries from earlier runs")
     parser.add_argument("--no-progress", action="store_true")
@@ -159,34 +201,62 @@ def export_v2_main(argv=None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     for name in ("batch_size", "max_workers", "chunk_size", "max_length"):
-        if getattr(args, name) < 1:
+        value = getattr(args, name)
+        if value is not None and value < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.limit is not None and args.limit < 0:
         return _fail("--limit must be >= 0")
+    try:
+        engine_options = {name: getattr(args, name) for _, name, _ in ENGINE_FLAGS if getattr(args, name) is not None}
+        engine_options.update(parse_engine_args(args.engine_arg))
+    except ValueError as e:
+        return _fail(str(e))
     sequential = args.sequential or os.environ.get("APIANA_PARALLEL", "1").strip() in ("0", "false", "no")
 
+    from .errors import FatalProviderError
     from .pipeline import RunConfig, run_export
     from .progress import TerminalProgress
+    from .store import SQLiteStore
 
     config = RunConfig(
-        input=args.input, output=args.output, backend=args.backend, model=args.model,
-        batch_size=args.batch_size, max_workers=args.max_workers, chunk_size=args.chunk_size,
-        chunk_method=args.chunk_method, max_length=args.max_length, limit=args.limit,
-        sequential=sequential, fresh=args.fresh, temperature=args.temperature, seed=args.seed,
+        input=args.input if len(args.input) > 1 else args.input[0], output=args.output, backend=args.backend,
+        model=args.model, batch_size=args.batch_size, max_workers=args.max_workers, chunk_size=args.chunk_size,
+        chunk_method=args.chunk_method, max_length=args.max_length, limit=args.limit, sequential=sequential,
+        fresh=args.fresh, temperature=args.temperature, seed=args.seed, engine_options=engine_options,
     )
+    held = SQLiteStore.peek(os.path.join(args.output, "apiana.sqlite"))
+    if held:
+        print(f"{args.output} already holds {held} summaries; those made with the same model, prompt and options "
+              f"are reused, nothing else is touched.", file=sys.stderr)
     bar = TerminalProgress("summarizing", disable=args.no_progress)
     try:
         result = run_export(config, progress=bar)
     except ExportError as e:
         return _fail(f"{e}\nCheck the path and that it is a ChatGPT or Claude export (conversations.json, the .zip, or a shard folder).")
+    except FatalProviderError as e:
+        bar.close()
+        print(f"error: {e}\nThe run stopped; every summary finished before this is kept. Fix the above and rerun.", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except ApianaError as e:
         return _fail(str(e))
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted: every finished summary is kept; rerun the same command to resume.", file=sys.stderr)
+        return 130
     finally:
         bar.close()
-    mode = "sequential" if sequential else f"parallel, batch {args.batch_size}, {args.max_workers} workers"
+    if sequential:
+        mode = "sequential"
+    elif result["mode"] == "stream":
+        mode = f"streaming, {result['batch_size']} in flight"
+    elif result["mode"] == "batch":
+        mode = f"parallel, batch {result['batch_size']}, {result['max_workers']} workers"
+    else:
+        mode = f"parallel, {result['max_workers']} requests in flight"
+    dup = f", {result['duplicates']} duplicate conversations dropped" if result["duplicates"] else ""
     print(
         f"{result['chunks_total']} chunks from {result['conversations_read']} conversations "
-        f"({result['conversations_skipped']} skipped): {result['summaries_computed']} summarized, "
+        f"({result['conversations_skipped']} skipped{dup}): {result['summaries_computed']} summarized, "
         f"{result['summaries_reused']} reused, {result['failed']} failed [{result['backend']}, {mode}]"
     )
     if result["summaries_computed"]:

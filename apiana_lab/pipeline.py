@@ -1,26 +1,35 @@
-"""The whole job, export file to stored summaries, as one linear pipeline."""
+"""The whole job, export files to stored summaries: four steps that a Pipeline runs in order.
+
+    read + chunk + store (Ingest) -> skip what is done (Checkpoint) -> summarize (Summarize) -> store (Write)
+
+Memory stays flat whatever the export's size: chunks go to the store as they are made, the
+run holds only their ids and token counts, and the summarizer loads texts a window at a time.
+"""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .chunking import Chunk, ConversationChunkerComponent
+from .chunking import Chunk, ChunkRef, ConversationChunkerComponent, load_tokenizer
+from .errors import ConfigError
 from .export.reader import read_export
-from .export.types import Conversation, ReadReport
+from .export.types import ReadReport
 from .progress import Progress, ProgressCallback
 from .providers.base import LLMProvider
-from .providers.registry import get_provider
+from .providers.registry import check_options, get_provider
 from .store import ChatFragmentWriter, SQLiteStore, Store, SummaryKey, SummaryRecord
 from .summarize import ParallelSummarizerTransform, SummarizerTransform
 
 logger = logging.getLogger(__name__)
+
+STORE_EVERY = 256  # conversations, and chunks, written per SQLite transaction while reading
 
 
 class Pipeline:
@@ -31,67 +40,125 @@ class Pipeline:
         self.components = list(components)
 
     def run(self, data):
-        """Push `data` (for the export pipelines: the export's path) through every step."""
+        """Push `data` (for the export pipelines: the export paths) through every step."""
         for step in self.components:
             data = step(data)
         return data
 
+    def step(self, kind: type):
+        """The first step of this type (to read its figures after a run)."""
+        return next(c for c in self.components if isinstance(c, kind))
+
     def __repr__(self) -> str:
-        names = " -> ".join(getattr(c, "__qualname__", type(c).__name__) for c in self.components)
+        names = " -> ".join(type(c).__name__ for c in self.components)
         return f"Pipeline({self.name!r}: {names})"
 
 
+class Ingest:
+    """Export paths -> this run's chunks as (id, token count), in export order.
+
+    Conversations and chunks are written to the store as they are made, so nothing of the
+    export is held in memory. A chunk id seen twice in one run (the same text twice in one
+    conversation) is summarized once.
+    """
+
+    def __init__(self, store: Store, chunker, *, limit: int | None = None, report: ReadReport | None = None):
+        self.store = store
+        self.chunker = chunker
+        self.limit = limit
+        self.report = report if report is not None else ReadReport()
+        self.repeated = 0  # chunks dropped because the same id came earlier in this run
+
+    def __call__(self, inputs) -> list[ChunkRef]:
+        refs: list[ChunkRef] = []
+        seen: set[str] = set()
+        conversations, chunks = [], []
+
+        def flush() -> None:
+            self.store.add_conversations(conversations)
+            self.store.add_chunks(chunks)
+            conversations.clear()
+            chunks.clear()
+
+        full = self.limit is not None and self.limit <= 0
+        reader = read_export(inputs if len(inputs) > 1 else inputs[0], report=self.report)  # TODO list after reader merge
+        try:
+            for conversation in reader:
+                if full:
+                    break
+                conversations.append(conversation)
+                for chunk in self.chunker.chunk(conversation):
+                    if chunk.id in seen:
+                        self.repeated += 1
+                        continue
+                    seen.add(chunk.id)
+                    chunks.append(chunk)
+                    refs.append(ChunkRef(chunk.id, chunk.token_count))
+                    if self.limit is not None and len(refs) >= self.limit:
+                        full = True
+                        break
+                if len(conversations) >= STORE_EVERY or len(chunks) >= STORE_EVERY:
+                    flush()
+        finally:
+            reader.close()
+            flush()
+        return refs
+
+
 class Checkpoint:
-    """Stores chunks, then lets through only those without a summary under the summarizer's key."""
+    """This run's chunks -> those without a summary under the summarizer's key (the rest are reused)."""
 
     def __init__(self, store: Store, key: SummaryKey, fresh: bool = False):
         self.store = store
         self.key = key
         self.fresh = fresh
-        self.chunks: list[Chunk] = []
+        self.ids: list[str] = []  # this run's chunk ids, in export order
+        self.total = 0
         self.reused = 0
-        self.other_keys = False  # earlier results exist under another model or prompt
+        self.other_keys = False  # earlier results exist under another model, prompt or options
 
-    def __call__(self, chunks: Iterable[Chunk]) -> list[Chunk]:
-        self.chunks = list(chunks)
-        self.store.add_chunks(self.chunks)
+    def __call__(self, refs: list[ChunkRef]) -> list[ChunkRef]:
         if self.fresh:
             dropped = self.store.clear_summaries(self.key)
             if dropped:
                 logger.warning("--fresh: ignoring %d earlier summaries", dropped)
         done = self.store.done_chunk_ids(self.key)
         self.other_keys = not done and self.store.has_summaries_under_other_keys(self.key)
-        todo = [c for c in self.chunks if c.id not in done]
-        self.reused = len(self.chunks) - len(todo)
+        todo = [r for r in refs if r.id not in done]
+        self.ids = [r.id for r in refs]
+        self.total, self.reused = len(refs), len(refs) - len(todo)
         return todo
 
 
-class ConversationRecorder:
-    """Passes conversations through, saving each one's metadata in the store along the way."""
+class Summarize:
+    """Chunks to do -> (chunk, record) pairs as they finish; texts come from the store a window at a time."""
 
-    def __init__(self, store: Store, every: int = 500):
+    def __init__(self, summarizer: SummarizerTransform, store: SQLiteStore, checkpoint: Checkpoint,
+                 progress: ProgressCallback | None = None):
+        self.summarizer = summarizer
         self.store = store
-        self.every = every
-        self.count = 0
+        self.checkpoint = checkpoint
+        self.progress = progress
 
-    def __call__(self, conversations: Iterable[Conversation]) -> Iterator[Conversation]:
-        pending = []
-        for c in conversations:
-            pending.append(c)
-            self.count += 1
-            if len(pending) >= self.every:
-                self.store.add_conversations(pending)
-                pending = []
-            yield c
-        self.store.add_conversations(pending)
+    def __call__(self, todo: list[ChunkRef]) -> Iterator[tuple[Chunk, SummaryRecord]]:
+        reused, progress = self.checkpoint.reused, self.progress
+
+        def relay(p: Progress) -> None:
+            # The summarizer only sees chunks left to do; the user wants the whole picture.
+            progress(Progress(p.done + reused, p.total + reused, p.failed, reused, p.prompt_tokens, p.completion_tokens,
+                              p.elapsed, p.batch_size, p.retries, p.event, p.finished, p.error))
+
+        return self.summarizer.run(todo, relay if progress else None, load=self.store.load_chunks)
 
 
-class SummaryWriterStep:
-    """The last step: (chunk, record) pairs into the store through ChatFragmentWriter."""
+class Write:
+    """(chunk, record) pairs -> the store, through ChatFragmentWriter; stops early when `cancel` is set."""
 
-    def __init__(self, writer: ChatFragmentWriter):
+    def __init__(self, writer: ChatFragmentWriter, cancel: threading.Event | None = None):
         self.writer = writer
+        self.cancel = cancel
         self.failed: dict[str, str] = {}
+        self.cancelled = False
 
     def __call__(self, results: Iterable[tuple[Chunk, SummaryRecord]]) -> int:
         try:
@@ -99,9 +166,16 @@ class SummaryWriterStep:
                 if record.error is not None:
                     self.failed[chunk.id] = f"{record.reason}: {record.error}"
                 self.writer.write(record)
+                if self.cancel is not None and self.cancel.is_set():
+                    self.cancelled = True
+                    break
         finally:
-            # Whatever stopped the run (Ctrl-C, an engine crash), keep what was finished.
+            # Whatever stopped the run (Ctrl-C, cancel, an engine crash), keep what was finished,
+            # then stop the summarizer's workers.
             self.writer.flush()
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()
         return self.writer.written
 
 
@@ -109,12 +183,12 @@ class SummaryWriterStep:
 class RunConfig:
     """Every parameter of one export run, as recorded in run.json."""
 
-    input: str
+    input: str | list[str]  # one export, or several merged by conversation id
     output: str
     backend: str = "vllm"
     model: str | None = None
-    batch_size: int = 16
-    max_workers: int = 2
+    batch_size: int | None = None  # None: the backend's default (vLLM: the engine's in-flight window)
+    max_workers: int | None = None  # None: 2 for batching backends, the backend's window for the others
     chunk_size: int = 3500
     chunk_method: str = "tokens"
     max_length: int = 300
@@ -123,9 +197,14 @@ class RunConfig:
     fresh: bool = False
     temperature: float = 0.0
     seed: int | None = None
+    engine_options: dict = field(default_factory=dict)  # constructor arguments of the backend
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, (str, os.PathLike)) else [str(p) for p in self.input]
 
 
-def build_summarizer(provider: LLMProvider, sequential: bool, max_workers: int, batch_size: int, max_length: int, **options):
+def build_summarizer(provider: LLMProvider, sequential: bool, max_workers: int | None, batch_size: int | None, max_length: int, **options):
     """The parallel transform, or the sequential baseline for A/B comparison."""
     if sequential:
         return SummarizerTransform(provider, max_length=max_length, **options)
@@ -134,11 +213,11 @@ def build_summarizer(provider: LLMProvider, sequential: bool, max_workers: int, 
 
 def chatgpt_parallel_processing_pipeline(
     backend: str = "vllm",
-    max_workers: int = 2,
-    batch_size: int = 16,
+    max_workers: int | None = None,
+    batch_size: int | None = None,
     model_name: str | None = None,
     *,
-    store: Store,
+    store: SQLiteStore,
     provider: LLMProvider | None = None,
     chunk_size: int = 3500,
     chunk_method: str = "tokens",
@@ -150,32 +229,21 @@ def chatgpt_parallel_processing_pipeline(
     report: ReadReport | None = None,
     provider_kwargs: dict | None = None,
     run_id: int | None = None,
+    cancel: threading.Event | None = None,
     **options,
 ) -> Pipeline:
-    """reader -> chunker -> checkpoint -> summarizer -> ChatFragmentWriter, ready to `run(path)`."""
+    """Ingest -> Checkpoint -> Summarize -> Write, ready to `run(paths)`."""
     provider = provider or get_provider(backend, model=model_name, **(provider_kwargs or {}))
     summarizer = build_summarizer(provider, sequential, max_workers, batch_size, max_length, **options)
-    chunker = ConversationChunkerComponent(chunk_method=chunk_method, chunk_size=chunk_size)
+    chunker = ConversationChunkerComponent(chunk_method=chunk_method, chunk_size=chunk_size, tokenizer=_tokenizer_for(provider))
     checkpoint = Checkpoint(store, summarizer.key, fresh)
     writer = ChatFragmentWriter(store, summarizer.key, backend=provider.name, run_id=run_id)
-    steps = [
-        functools.partial(read_export, report=report if report is not None else ReadReport()),
-        ConversationRecorder(store),
-        chunker.chunk_all,
-    ]
-    if limit is not None:
-        steps.append(lambda chunks: _first(chunks, limit))
-    steps += [checkpoint, functools.partial(summarizer.run, progress=progress), SummaryWriterStep(writer)]
-    pipeline = Pipeline("chatgpt_parallel_processing", steps)
-    pipeline.provider, pipeline.summarizer, pipeline.checkpoint, pipeline.writer = provider, summarizer, checkpoint, writer
-    return pipeline
-
-
-def _first(chunks: Iterable[Chunk], n: int) -> Iterator[Chunk]:
-    for i, c in enumerate(chunks):
-        if i >= n:
-            return
-        yield c
+    return Pipeline("chatgpt_parallel_processing", [
+        Ingest(store, chunker, limit=limit, report=report),
+        checkpoint,
+        Summarize(summarizer, store, checkpoint, progress),
+        Write(writer, cancel),
+    ])
 
 
 def run_export(
@@ -183,106 +251,149 @@ def run_export(
     *,
     provider: LLMProvider | None = None,
     progress: ProgressCallback | None = None,
-    provider_kwargs: dict | None = None,
+    cancel: threading.Event | None = None,
 ) -> dict:
-    """Run the whole job; write apiana.sqlite, summaries.jsonl and run.json under config.output."""
+    """Run the whole job; write apiana.sqlite, summaries.jsonl and run.json under config.output.
+
+    Bad input, a bad output path or a bad engine option raises before anything is written or
+    loaded. Setting `cancel` stops the run at the next finished summary, keeping all finished ones.
+    """
     started = time.perf_counter()
     out = Path(config.output)
-    # Read the first conversation before creating anything, so bad input writes nothing.
-    report = ReadReport()
-    _check_input(config.input)
-    options = {"temperature": config.temperature}
-    if config.seed is not None:
-        options["seed"] = config.seed
-    t0 = time.perf_counter()
+    check_inputs(config.inputs)
+    check_output(out)
     owned = provider is None  # an engine this call starts, this call also stops
     if owned:
-        provider = get_provider(config.backend, model=config.model, **(provider_kwargs or {}))
+        check_options(config.backend, config.engine_options)
+    progress = _Finisher(progress)
+    t0 = time.perf_counter()
+    if owned:
+        provider = get_provider(config.backend, model=config.model, **config.engine_options)
     load_seconds = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    store = SQLiteStore(out / "apiana.sqlite")
-    run_id = store.start_run(asdict(config))
-    reused_box = {"reused": 0}
-
-    def relay(p: Progress) -> None:
-        # The summarizer only sees chunks left to do; the user wants the whole picture.
-        r = reused_box["reused"]
-        if progress:
-            progress(Progress(p.done + r, p.total + r, p.failed, r, p.prompt_tokens, p.completion_tokens, p.elapsed, p.batch_size, p.retries))
-
+    store = None
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        store = SQLiteStore(out / "apiana.sqlite")
+        existing = store.count("summaries")
+        run_id = store.start_run(asdict(config))
+        options = {"temperature": config.temperature}
+        if config.seed is not None:
+            options["seed"] = config.seed
+        report = ReadReport()
         pipeline = chatgpt_parallel_processing_pipeline(
             config.backend, config.max_workers, config.batch_size, config.model,
             store=store, provider=provider, chunk_size=config.chunk_size, chunk_method=config.chunk_method,
             max_length=config.max_length, sequential=config.sequential, fresh=config.fresh, limit=config.limit,
-            progress=relay, report=report, run_id=run_id, **options,
+            progress=progress, report=report, run_id=run_id, cancel=cancel, **options,
         )
-        checkpoint, summarizer = pipeline.checkpoint, pipeline.summarizer
-        # Run the steps up to the checkpoint first, to learn how much is reused before summarizing.
-        todo = _run_until(pipeline, checkpoint, config.input)
-        reused_box["reused"] = checkpoint.reused
+        ingest, checkpoint, summarize, write = pipeline.components
+        pipeline.run(config.inputs)
         if checkpoint.other_keys:
             logger.warning(
                 "Earlier summaries in %s were made with another model, prompt or generation options; none are reused.", out
             )
-        summarize_step, writer_step = pipeline.components[-2:]
-        writer_step(summarize_step(todo))
-        figures = summarizer.stats.figures()
-        wall = time.perf_counter() - started
-        chunks = checkpoint.chunks
+        summarizer = summarize.summarizer
         result = {
             **asdict(config),
+            "inputs": config.inputs,
             "backend": provider.name,
             "model": provider.model,  # what was loaded; config's model may be None (the default)
+            "batch_size": getattr(summarizer, "batch_size", 1),  # what ran, after the backend's defaults
+            "max_workers": getattr(summarizer, "max_workers", 1),
             "format": report.format,
             "conversations_read": report.conversations,
             "conversations_skipped": len(report.skipped),
             "skipped_by_reason": report.skipped_by_reason,
-            "chunks_total": len(chunks),
+            "duplicates": getattr(report, "duplicates", 0),
+            "chunks_total": checkpoint.total,
+            "chunks_repeated_in_run": ingest.repeated,
+            "summaries_in_store_at_start": existing,
             "summaries_reused": checkpoint.reused,
-            **figures,
-            "failed_chunks": writer_step.failed,
-            "wall_seconds": round(wall, 3),
+            **summarizer.stats.figures(),
+            "failed_chunks": write.failed,
+            "cancelled": write.cancelled,
+            "wall_seconds": round(time.perf_counter() - started, 3),
             "load_seconds": round(load_seconds, 3),
             "provider_adjustments": getattr(provider, "adjustments", []),
             "parallel": not config.sequential,
         }
-        _write_jsonl(out / "summaries.jsonl", store, summarizer.key, chunks, provider)
+        _write_jsonl(out / "summaries.jsonl", store, summarizer.key, checkpoint.ids, provider)
         store.finish_run(run_id, result)
         (out / "run.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
         return result
+    except BaseException as e:
+        progress.finish(e)
+        raise
     finally:
-        store.close()
+        progress.finish(None)
+        if store is not None:
+            store.close()
         if owned:
             provider.close()
 
 
-def _run_until(pipeline: Pipeline, stop_step, data):
-    for step in pipeline.components:
-        data = step(data)
-        if step is stop_step:
-            return data
-    raise AssertionError("checkpoint step not in pipeline")
+class _Finisher:
+    """Passes snapshots on, and makes sure the last one says finished even when the run broke before summarizing."""
+
+    def __init__(self, progress: ProgressCallback | None):
+        self.progress = progress
+        self.finished = progress is None
+
+    def __call__(self, p: Progress) -> None:
+        self.finished = self.finished or p.finished
+        self.progress(p)
+
+    def __bool__(self) -> bool:
+        return self.progress is not None
+
+    def finish(self, error: BaseException | None) -> None:
+        if not self.finished:
+            self.finished = True
+            why = "" if error is None else f"{type(error).__name__}: {error}"
+            self.progress(Progress(0, 0, 0, 0, 0, 0, 0.0, 0, 0, "end", True, why))
 
 
-def _check_input(path: str) -> None:
-    """Fail on unreadable input before anything is written."""
-    it = read_export(path)
-    try:
-        next(it, None)
-    finally:
-        it.close()
+def check_inputs(paths: Sequence[str]) -> None:
+    """Fail on unreadable input before anything is written: every path exists and its first conversation reads."""
+    if not paths:
+        raise ConfigError("No input given: pass an export with -i (a .zip, a folder, or conversations.json).")
+    for path in paths:
+        it = read_export(path)
+        try:
+            next(it, None)
+        finally:
+            it.close()
 
 
-def _write_jsonl(path: Path, store: SQLiteStore, key: SummaryKey, chunks: list[Chunk], provider: LLMProvider) -> None:
-    """One object per chunk that has a summary, in export order (rewritten whole each run)."""
-    stored = store.summaries_for(key, (c.id for c in chunks))
+def check_output(out: Path) -> None:
+    """Fail before any work when the output folder is a file, or cannot be created or written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; -o needs a folder (for apiana.sqlite, summaries.jsonl and run.json). "
+                          f"Pick another name, or remove the file.")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"Cannot create the output folder {out}: {parent} is a file.")
+    target = out if out.exists() else parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"Cannot write to {target} (permission denied or read-only); pick another -o folder.")
+
+
+def _tokenizer_for(provider: LLMProvider):
+    """The summarizing model's own tokenizer when it is a local folder, else the bundled one."""
+    folder = Path(provider.model) if provider.model else None
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        return load_tokenizer(folder)
+    logger.info("counting chunk tokens with the bundled SmolLM2 tokenizer (%s has no local tokenizer.json)", provider.model)
+    return load_tokenizer()
+
+
+def _write_jsonl(path: Path, store: SQLiteStore, key: SummaryKey, ids: Sequence[str], provider: LLMProvider) -> None:
+    """One object per chunk of this run that has a summary, in export order (rewritten whole each run)."""
     tmp = path.with_suffix(".jsonl.tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for c in chunks:
-            s = stored.get(c.id)
-            if s is None:
-                continue
-            row = {"chunk_id": c.id, "conversation_id": c.conversation_id, "title": c.title, **s, "backend": provider.name, "model": provider.model}
+        for row in store.iter_summaries(key, ids):
+            row.update(backend=provider.name, model=provider.model)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol, Sequence
 
 from .chunking import Chunk
 from .export.types import Conversation
@@ -40,7 +42,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     last_message INTEGER,
     token_count INTEGER,
     continued INTEGER,
-    text TEXT NOT NULL
+    text TEXT NOT NULL,
+    starts TEXT
 );
 CREATE TABLE IF NOT EXISTS summaries (
     chunk_id TEXT NOT NULL,
@@ -102,6 +105,7 @@ class Store(Protocol):
     def add_conversations(self, conversations: Iterable[Conversation]) -> None: ...
     def add_chunks(self, chunks: Iterable[Chunk]) -> None: ...
     def done_chunk_ids(self, key: SummaryKey) -> set[str]: ...
+    def load_chunks(self, ids: Sequence[str]) -> list[Chunk]: ...
     def put_summaries(self, key: SummaryKey, records: Iterable[SummaryRecord], backend: str, run_id: int | None) -> None: ...
     def close(self) -> None: ...
 
@@ -118,6 +122,27 @@ class SQLiteStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(chunks)")}
+        if "starts" not in columns:  # a store from before message starts were kept
+            with self.db:
+                self.db.execute("ALTER TABLE chunks ADD COLUMN starts TEXT")
+        # Summarizer workers load chunk texts while the main thread writes: each thread reads
+        # through a connection of its own (WAL lets readers run beside the writer).
+        self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    @staticmethod
+    def peek(path: str | Path) -> int:
+        """How many summaries an existing store holds (0 when there is none); opens it read-only, creates nothing."""
+        path = Path(path)
+        if not path.is_file():
+            return 0
+        try:
+            with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+                return db.execute("SELECT COUNT(*) FROM summaries").fetchone()[0]
+        except sqlite3.Error:
+            return 0
 
     def start_run(self, params: dict) -> int:
         with self.db:
@@ -137,10 +162,18 @@ class SQLiteStore:
             self.db.executemany("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
     def add_chunks(self, chunks: Iterable[Chunk]) -> None:
-        rows = [(c.id, c.conversation_id, c.index, c.first_message, c.last_message, c.token_count, int(c.continued), c.text) for c in chunks]
+        rows = [
+            (c.id, c.conversation_id, c.index, c.first_message, c.last_message, c.token_count, int(c.continued), c.text,
+             ",".join(map(str, c.starts)))
+            for c in chunks
+        ]
         with self.db:
             # A chunk id is a content hash: seeing it again means the same chunk, never a second copy.
-            self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.db.executemany(
+                "INSERT OR IGNORE INTO chunks (id, conversation_id, idx, first_message, last_message, token_count, continued, "
+                "text, starts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
     def done_chunk_ids(self, key: SummaryKey) -> set[str]:
         cur = self.db.execute(
@@ -148,6 +181,55 @@ class SQLiteStore:
             (key.model, key.prompt_hash, key.options_hash),
         )
         return {row[0] for row in cur}
+
+    def load_chunks(self, ids: Sequence[str]) -> list[Chunk]:
+        """The stored chunks with these ids, in the order asked, with their conversation's title and date."""
+        db = self._reader()
+        found: dict[str, Chunk] = {}
+        for i in range(0, len(ids), 500):
+            part = list(ids[i : i + 500])
+            cur = db.execute(
+                "SELECT k.id, k.conversation_id, c.title, c.create_time, k.idx, k.first_message, k.last_message, "
+                f"k.token_count, k.continued, k.text, k.starts FROM chunks k LEFT JOIN conversations c ON c.id = k.conversation_id "
+                f"WHERE k.id IN ({','.join('?' * len(part))})",
+                part,
+            )
+            for cid, conv, title, created, idx, first, last, tokens, continued, text, starts in cur:
+                found[cid] = Chunk(
+                    id=cid, conversation_id=conv, title=title or "", date=datetime.fromisoformat(created) if created else None,
+                    index=idx, first_message=first, last_message=last, token_count=tokens, text=text,
+                    continued=bool(continued), starts=tuple(map(int, starts.split(","))) if starts else (0,),
+                )
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise KeyError(f"{len(missing)} chunks are not in {self.path} (first: {missing[0]})")
+        return [found[i] for i in ids]
+
+    def _reader(self) -> sqlite3.Connection:
+        db = getattr(self._readers, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, check_same_thread=False)
+            self._readers.db = db
+            with self._readers_lock:
+                self._reader_conns.append(db)
+        return db
+
+    def iter_summaries(self, key: SummaryKey, chunk_ids: Sequence[str], window: int = 500) -> Iterator[dict]:
+        """Summaries of these chunks under this key, in the order given, a window at a time (skips missing ones)."""
+        for i in range(0, len(chunk_ids), window):
+            part = list(chunk_ids[i : i + window])
+            cur = self.db.execute(
+                "SELECT s.chunk_id, k.conversation_id, c.title, s.summary, s.prompt_tokens, s.completion_tokens, s.finish_reason "
+                "FROM summaries s JOIN chunks k ON k.id = s.chunk_id LEFT JOIN conversations c ON c.id = k.conversation_id "
+                f"WHERE s.model = ? AND s.prompt_hash = ? AND s.options_hash = ? AND s.chunk_id IN ({','.join('?' * len(part))})",
+                (key.model, key.prompt_hash, key.options_hash, *part),
+            )
+            rows = {r[0]: r for r in cur}
+            for cid in part:
+                r = rows.get(cid)
+                if r is not None:
+                    yield {"chunk_id": r[0], "conversation_id": r[1], "title": r[2] or "", "summary": r[3],
+                           "prompt_tokens": r[4], "completion_tokens": r[5], "finish_reason": r[6]}
 
     def summaries_for(self, key: SummaryKey, chunk_ids: Iterable[str]) -> dict[str, dict]:
         """Stored summaries of these chunks under this key, by chunk id."""
@@ -221,6 +303,10 @@ class SQLiteStore:
         return paths
 
     def close(self) -> None:
+        with self._readers_lock:
+            for db in self._reader_conns:
+                db.close()
+            self._reader_conns.clear()
         self.db.close()
 
     def __enter__(self):

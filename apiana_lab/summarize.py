@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
+import itertools
 import logging
 import queue
 import random
@@ -9,10 +12,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
-from .chunking import Chunk
-from .errors import ConfigError, PermanentProviderError, ProviderError, ProviderOutOfMemoryError
+from .chunking import Chunk, ChunkRef
+from .errors import ConfigError, FatalProviderError, PermanentProviderError, ProviderError, ProviderOutOfMemoryError
 from .progress import Progress, ProgressCallback
 from .prompts import SYSTEM_PROMPT, USER_TEMPLATE, check_template, load_prompt, prompt_hash, render_user_prompt
 from .providers.base import GenerationOptions, LLMProvider
@@ -20,28 +23,37 @@ from .store import SummaryKey, SummaryRecord
 
 logger = logging.getLogger(__name__)
 
+# A run's work list: whole chunks, or references whose text a `load` function fetches when needed.
+Item = Union[Chunk, ChunkRef]
+Loader = Callable[[Sequence[str]], list[Chunk]]
+LOAD_WINDOW = 64  # chunk texts fetched from the store at a time
+
 
 @dataclass
 class RunStats:
     """Figures of one summarization run, for run.json and benchmarks."""
 
+    mode: str = ""  # sequential, batch, concurrent or stream: which path ran
     computed: int = 0
     failed: int = 0
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    first_result_seconds: float | None = None  # from the start to the first finished summary
+    preemptions: int | None = None  # engine preemptions during the run; None when the engine does not say
     batch_size_changes: list[dict] = field(default_factory=list)
-    batch_latencies: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # per batch, or per request when streaming
     provider_intervals: list[tuple[float, float]] = field(default_factory=list)
     failures_by_reason: dict[str, int] = field(default_factory=dict)
 
     def figures(self) -> dict:
         """Rates, latency percentiles and where the time went."""
         busy = _union_length(self.provider_intervals)
-        lat = sorted(self.batch_latencies)
+        lat = sorted(self.latencies)
         s = self.seconds or 1e-9
         return {
+            "mode": self.mode,
             "summaries_computed": self.computed,
             "failed": self.failed,
             "failures_by_reason": dict(self.failures_by_reason),
@@ -49,15 +61,50 @@ class RunStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "summarize_seconds": round(self.seconds, 4),
+            "first_result_seconds": None if self.first_result_seconds is None else round(self.first_result_seconds, 4),
             "chunks_per_s": round(self.computed / s, 4),
             "prompt_tokens_per_s": round(self.prompt_tokens / s, 2),
             "completion_tokens_per_s": round(self.completion_tokens / s, 2),
             "batches": len(lat),
+            # Streaming has no batches: each request's own latency, from submission to its end.
+            "latency_per": "request" if self.mode == "stream" else "batch",
             "batch_latency_s": {f"p{q}": round(_percentile(lat, q), 4) for q in (50, 90, 99)} if lat else {},
             "provider_seconds": round(busy, 4),
             "orchestration_seconds": round(max(0.0, self.seconds - busy), 4),
             "batch_size_changes": list(self.batch_size_changes),
+            "preemptions": self.preemptions,
         }
+
+    def count(self, record: SummaryRecord) -> None:
+        """Add one finished record to the totals."""
+        if record.error is None:
+            self.computed += 1
+            self.prompt_tokens += record.prompt_tokens
+            self.completion_tokens += record.completion_tokens
+        else:
+            self.failed += 1
+            self.failures_by_reason[record.reason] = self.failures_by_reason.get(record.reason, 0) + 1
+
+
+class _Reporter:
+    """Turns a run's state into Progress snapshots: a start, every change, and exactly one last one."""
+
+    def __init__(self, progress: ProgressCallback | None, total: int, stats: RunStats, start: float):
+        self.progress = progress
+        self.total = total
+        self.stats = stats
+        self.start = start
+        self.done = 0
+        self.ended = False
+
+    def __call__(self, batch_size: int, event: str = "", finished: bool = False, error: str = "") -> None:
+        if self.ended:
+            return
+        self.ended = finished
+        if self.progress:
+            s = self.stats
+            self.progress(Progress(self.done, self.total, s.failed, 0, s.prompt_tokens, s.completion_tokens,
+                                   time.perf_counter() - self.start, batch_size, s.retries, event, finished, error))
 
 
 class SummarizerTransform:
@@ -88,63 +135,83 @@ class SummarizerTransform:
         user = render_user_prompt(self.user_template, title=chunk.title, date=chunk.date, text=chunk.text)
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
 
-    def run(self, chunks: Iterable[Chunk], progress: ProgressCallback | None = None) -> Iterator[tuple[Chunk, SummaryRecord]]:
-        """Summarize in order, yielding each (chunk, record) as it finishes."""
-        chunks = list(chunks)
-        self.stats = stats = RunStats()
+    def run(self, chunks: Iterable[Item], progress: ProgressCallback | None = None, *, load: Loader | None = None) -> Iterator[tuple[Chunk, SummaryRecord]]:
+        """Summarize in order, yielding each (chunk, record) as it finishes.
+
+        `chunks` may hold ChunkRefs when `load` fetches their texts (from the store, a window at a time).
+        """
+        items = list(chunks)
+        self.stats = stats = RunStats(mode="sequential")
         start = time.perf_counter()
-        if progress:
-            progress(Progress(0, len(chunks), 0, 0, 0, 0, 0.0, 1, 0))
-        for i, chunk in enumerate(chunks):
-            t0 = time.perf_counter()
-            try:
-                c = self.provider.complete(self.prompt(chunk), self.options)
-                record = SummaryRecord(chunk.id, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason)
-                stats.computed += 1
-                stats.prompt_tokens += c.prompt_tokens
-                stats.completion_tokens += c.completion_tokens
-            except ProviderError as e:
-                reason = _classify(e)
-                record = SummaryRecord(chunk.id, error=str(e), reason=reason)
-                stats.failed += 1
-                stats.failures_by_reason[reason] = stats.failures_by_reason.get(reason, 0) + 1
-                logger.warning("chunk %s failed (%s): %s", chunk.id, reason, e)
-            t1 = time.perf_counter()
-            stats.batch_latencies.append(t1 - t0)
-            stats.provider_intervals.append((t0, t1))
-            stats.seconds = t1 - start
-            if progress:
-                progress(Progress(i + 1, len(chunks), stats.failed, 0, stats.prompt_tokens, stats.completion_tokens, stats.seconds, 1, 0))
-            yield chunk, record
+        report = _Reporter(progress, len(items), stats, start)
+        report(1, "start")
+        error = "stopped before the end"
+        try:
+            for chunk in _loaded(items, load):
+                t0 = time.perf_counter()
+                try:
+                    c = self.provider.complete(self.prompt(chunk), self.options)
+                    record = SummaryRecord(chunk.id, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason)
+                except FatalProviderError:
+                    raise
+                except ProviderError as e:
+                    reason = _reason(e)
+                    record = SummaryRecord(chunk.id, error=str(e), reason=reason)
+                    logger.warning("chunk %s failed (%s): %s", chunk.id, reason, e)
+                t1 = time.perf_counter()
+                stats.count(record)
+                if record.error is None and stats.first_result_seconds is None:
+                    stats.first_result_seconds = t1 - start
+                stats.latencies.append(t1 - t0)
+                stats.provider_intervals.append((t0, t1))
+                stats.seconds = t1 - start
+                report.done += 1
+                report(1)
+                yield chunk, record
+            error = ""
+        except BaseException as e:
+            error = _describe(e)
+            raise
+        finally:
+            stats.seconds = time.perf_counter() - start
+            report(1, "end", finished=True, error=error)
 
-    def transform(self, chunks: Iterable[Chunk]) -> list[SummaryRecord]:
+    def transform(self, chunks: Iterable[Item], *, load: Loader | None = None) -> list[SummaryRecord]:
         """All records, in input order."""
-        return [record for _, record in self.run(chunks)]
+        return [record for _, record in self.run(chunks, load=load)]
 
-    def __call__(self, chunks: Iterable[Chunk], progress: ProgressCallback | None = None) -> Iterator[tuple[Chunk, SummaryRecord]]:
+    def __call__(self, chunks: Iterable[Item], progress: ProgressCallback | None = None, **kwargs) -> Iterator[tuple[Chunk, SummaryRecord]]:
         """Same as run(); a method, so that a subclass's run() is the one called."""
-        return self.run(chunks, progress)
+        return self.run(chunks, progress, **kwargs)
 
 
 class ParallelSummarizerTransform(SummarizerTransform):
     """Many chunks at once, whatever the provider can do.
 
-    A provider with native batching gets batches of `batch_size`; one without gets
-    `max_workers` concurrent calls; a provider with several replicas gets one worker
-    per replica. Out-of-memory halves the batch and retries the same chunks, then grows
-    back after `grow_after` successes. Transient errors retry with exponential backoff
-    and jitter; permanent ones are isolated to the chunk that caused them.
+    - A streaming provider (vLLM) gets a window of `batch_size` requests in flight; each
+      summary comes back as its request finishes, with no batch barrier. One thread owns
+      the engine, so `max_workers` does not apply.
+    - A provider with native batching gets batches of `batch_size` from `max_workers`
+      workers; with several replicas (GPUs), one worker per replica. Out of memory halves
+      the batch and retries the same chunks, then grows back after `grow_after` successes.
+    - Any other provider gets `max_workers` concurrent single calls.
+
+    Transient errors retry with exponential backoff and jitter (at least as long as the
+    backend's Retry-After); permanent ones are isolated to the chunk that caused them; a
+    fatal one (rejected credentials) stops the run. `batch_size=None` and `max_workers=None`
+    take the provider's defaults (`default_window`).
     """
 
     def __init__(
         self,
         provider: LLMProvider,
-        max_workers: int = 2,
-        batch_size: int = 16,
+        max_workers: int | None = None,
+        batch_size: int | None = None,
         system_prompt: str | None = None,
         user_template: str | None = None,
         max_length: int = 300,
         *,
+        stream: bool | None = None,
         max_retries: int = 3,
         base_delay: float = 1.0,
         max_delay: float = 30.0,
@@ -154,6 +221,14 @@ class ParallelSummarizerTransform(SummarizerTransform):
         **options,
     ):
         super().__init__(provider, system_prompt, user_template, max_length, **options)
+        if stream and not provider.supports_stream:
+            raise ConfigError(f"The {provider.name} backend has no streaming path; leave stream unset.")
+        self.streaming = provider.supports_stream if stream is None else stream
+        if max_workers is None:
+            # A batching backend is kept busy by its batches; any other one by concurrent calls.
+            max_workers = 2 if provider.supports_batch else provider.default_window
+        if batch_size is None:
+            batch_size = provider.default_window
         if max_workers < 1 or batch_size < 1:
             raise ConfigError("max_workers and batch_size must be at least 1")
         self.max_workers = max_workers
@@ -165,232 +240,401 @@ class ParallelSummarizerTransform(SummarizerTransform):
         self.sleep = sleep
         self.rng = rng or random.Random(0)
 
-    def backoff(self, attempt: int) -> float:
-        """Seconds to wait before retry number `attempt` (1-based): exponential, half jittered."""
+    def backoff(self, attempt: int, error: BaseException | None = None) -> float:
+        """Seconds to wait before retry number `attempt` (1-based): exponential, half jittered, at least Retry-After."""
         cap = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        return cap / 2 + self.rng.random() * cap / 2
+        delay = cap / 2 + self.rng.random() * cap / 2
+        return max(delay, getattr(error, "retry_after", None) or 0.0)
 
-    def run(self, chunks: Iterable[Chunk], progress: ProgressCallback | None = None) -> Iterator[tuple[Chunk, SummaryRecord]]:
-        """Summarize everything, yielding (chunk, record) pairs as batches complete."""
-        for _, chunk, record in self._results(chunks, progress):
+    def run(self, chunks: Iterable[Item], progress: ProgressCallback | None = None, *, load: Loader | None = None) -> Iterator[tuple[Chunk, SummaryRecord]]:
+        """Summarize everything, yielding (chunk, record) pairs as they complete."""
+        for _, chunk, record in self._results(chunks, progress, load):
             yield chunk, record
 
-    def transform(self, chunks: Iterable[Chunk]) -> list[SummaryRecord]:
+    def transform(self, chunks: Iterable[Item], *, load: Loader | None = None) -> list[SummaryRecord]:
         """All records, in input order (run() yields them in completion order)."""
         chunks = list(chunks)
         records: list[SummaryRecord | None] = [None] * len(chunks)
-        for i, _, record in self._results(chunks, None):
+        for i, _, record in self._results(chunks, None, load):
             records[i] = record
         return records
 
-    def _results(self, chunks: Iterable[Chunk], progress: ProgressCallback | None) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
-        """(input index, chunk, record) triples as batches complete."""
-        chunks = list(chunks)
-        self.stats = RunStats()
-        if not chunks:
-            return
-        state = _State(self, chunks, progress)
-        state._report()  # the bar appears, with its total, before the first batch is back
-        workers = self.max_workers
-        if getattr(self.provider, "replicas", 1) > 1:
-            workers = self.provider.replicas
-        threads = [threading.Thread(target=state.work, args=(w,), name=f"summarizer-{w}", daemon=True) for w in range(workers)]
-        for th in threads:
-            th.start()
+    def _results(self, chunks: Iterable[Item], progress: ProgressCallback | None, load: Loader | None) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
+        """(input index, chunk, record) triples as they complete."""
+        items = list(chunks)
+        mode = "stream" if self.streaming else "batch" if self.provider.supports_batch else "concurrent"
+        self.stats = RunStats(mode=mode)
+        state = _State(self, items, progress, load)
+        preempted = self.provider.engine_metrics().get("num_preemptions")
+        error = "stopped before the end"
         try:
-            remaining = len(chunks)
-            while remaining:
-                item = state.out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                remaining -= 1
-                yield item
+            state.report("start")  # the bar appears, with its total, before the first result is back
+            for i in state.rejected:
+                chunk, record = state.reject(i)
+                state.report()
+                yield i, chunk, record
+            if not state.order:
+                error = ""
+                return
+            if self.streaming:
+                yield from _stream(state)
+            else:
+                yield from _workers(state)
+            error = ""
+        except BaseException as e:
+            error = _describe(e)
+            raise
         finally:
             state.stop.set()
-            with state.cond:
-                state.cond.notify_all()
-            for th in threads:
-                th.join(timeout=60)
             self.stats.seconds = time.perf_counter() - state.start
+            after = self.provider.engine_metrics().get("num_preemptions")
+            if preempted is not None and after is not None:
+                self.stats.preemptions = int(after - preempted)
+            state.report("end", finished=True, error=error)
 
 
 class _State:
-    """What the workers of one parallel run share."""
+    """What one parallel run shares between its workers (or its one streaming loop)."""
 
-    def __init__(self, t: ParallelSummarizerTransform, chunks: list[Chunk], progress):
+    def __init__(self, t: ParallelSummarizerTransform, items: list[Item], progress, load: Loader | None):
         self.t = t
-        self.chunks = chunks
-        self.progress = progress
-        self.prompts = [t.prompt(c) for c in chunks]
-        self.out: queue.Queue = queue.Queue()
+        self.items = items
+        self.load = load
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.in_flight = 0
         self.stop = threading.Event()
-        self.batching = t.provider.supports_batch
-        self.batch_size = t.batch_size if self.batching else 1
-        self.streak = 0
-        self.done = 0
         self.start = time.perf_counter()
-        self.lengths = [self._length(i) for i in range(len(chunks))]
+        self.batching = t.provider.supports_batch and not t.streaming
+        self.batch_size = t.batch_size if (self.batching or t.streaming) else 1
+        self.streak = 0
+        self.reporter = _Reporter(progress, len(items), t.stats, self.start)
+        if any(not isinstance(c, Chunk) for c in items) and load is None:
+            raise ConfigError("ChunkRefs need a `load` function that fetches their texts")
+        # Lengths come from the chunker's token counts plus the prompt's fixed part, measured
+        # once: no prompt is tokenized here (the engine does it once, when it is sent).
+        overhead = t.provider.count_tokens(t.prompt(_EMPTY)) or 0
+        self.lengths = [c.token_count + overhead for c in items]
+        limit = t.provider.max_context
+        max_tokens = t.options.max_tokens
+        self.rejected = [i for i, n in enumerate(self.lengths) if limit and n + max_tokens > limit]
+        rejected = set(self.rejected)
         # Longest first: an out-of-memory error shows up in the first batch, not after an
         # hour, and chunks of similar length share a batch so padding stays small.
-        order = sorted(range(len(chunks)), key=lambda i: -self.lengths[i])
-        self.pending: deque[int] = deque()
-        limit = t.provider.max_context
-        for i in order:
-            if limit and self.lengths[i] + t.options.max_tokens > limit:
-                self._fail([i], "too_long", f"prompt of {self.lengths[i]} tokens plus max_tokens={t.options.max_tokens} exceeds the model's context of {limit}; use a smaller --chunk-size")
-            else:
-                self.pending.append(i)
+        self.order = sorted((i for i in range(len(items)) if i not in rejected), key=lambda i: -self.lengths[i])
+        self.pending: deque[int] = deque(self.order)
         self.isolated: deque[int] = deque()  # singled out after a permanent error in a batch
+        self.in_flight = 0
+        self.out: queue.Queue = queue.Queue()
 
-    def _length(self, i: int) -> int:
-        n = self.t.provider.count_tokens(self.prompts[i])
-        return n if n is not None else self.chunks[i].token_count
+    def report(self, event: str = "", finished: bool = False, error: str = "") -> None:
+        self.reporter(self.batch_size, event, finished, error)
 
-    def take(self) -> list[int]:
-        """The next batch; waits while other batches are in flight, since an OOM may requeue them."""
-        with self.cond:
-            while not self.stop.is_set():
-                if self.isolated:
-                    batch = [self.isolated.popleft()]
-                elif self.pending:
-                    batch = [self.pending.popleft() for _ in range(min(self.batch_size, len(self.pending)))]
-                elif self.in_flight == 0:
-                    return []
-                else:
-                    self.cond.wait(timeout=0.5)
-                    continue
-                self.in_flight += 1
-                return batch
-            return []
+    def reject(self, i: int) -> tuple[Chunk | ChunkRef, SummaryRecord]:
+        """A prompt that cannot fit the context fails at once, without being sent."""
+        limit, max_tokens = self.t.provider.max_context, self.t.options.max_tokens
+        message = (f"prompt of about {self.lengths[i]} tokens plus max_tokens={max_tokens} exceeds the model's context "
+                   f"of {limit}; use a smaller --chunk-size or --max-length")
+        return self.items[i], self.fail(i, "too_long", message)
 
-    def work(self, worker: int) -> None:
-        try:
-            while not self.stop.is_set():
-                batch = self.take()
-                if not batch:
-                    return
-                try:
-                    self._run_batch(batch, worker)
-                finally:
-                    with self.cond:
-                        self.in_flight -= 1
-                        self.cond.notify_all()
-        except BaseException as e:  # a bug in orchestration must surface, not hang the run
-            self.out.put(e)
-            with self.cond:
-                self.stop.set()
-                self.cond.notify_all()
+    def chunks(self, indices: Sequence[int]) -> list[Chunk]:
+        """The chunks at these positions, texts loaded for references."""
+        refs = [i for i in indices if not isinstance(self.items[i], Chunk)]
+        loaded = dict(zip(refs, self.load([self.items[i].id for i in refs]))) if refs else {}
+        return [loaded[i] if i in loaded else self.items[i] for i in indices]
 
-    def _run_batch(self, batch: list[int], worker: int) -> None:
-        t, stats = self.t, self.t.stats
-        attempt = 0
-        while True:
-            t0 = time.perf_counter()
-            try:
-                prompts = [self.prompts[i] for i in batch]
-                if self.batching and t.provider.replicas > 1:
-                    # One worker per replica: each worker's batches stay on its own GPU.
-                    results = t.provider.complete_batch(prompts, t.options, replica=worker % t.provider.replicas)
-                elif self.batching:
-                    results = t.provider.complete_batch(prompts, t.options)
-                else:
-                    results = [t.provider.complete(prompts[0], t.options)]
-                error = None
-            except Exception as e:  # classified below; anything unknown counts as transient
-                results, error = None, e
-            t1 = time.perf_counter()
-            with self.lock:
-                stats.provider_intervals.append((t0, t1))
-            if error is None:
-                with self.lock:
-                    stats.batch_latencies.append(t1 - t0)
-                self._succeed(batch, results, attempt)
-                return
-            kind = _classify(error)
-            if kind == "oom":
-                self._shrink(batch, error)
-                return
-            if kind == "permanent":
-                if len(batch) > 1:
-                    # One bad prompt must not fail its batch-mates: retry them one by one.
-                    with self.lock:
-                        self.isolated.extend(batch)
-                else:
-                    self._fail(batch, "permanent", str(error))
-                return
-            attempt += 1
-            if attempt > t.max_retries:
-                self._fail(batch, "transient", f"{error} (gave up after {t.max_retries} retries)")
-                return
-            with self.lock:
-                stats.retries += 1
-            delay = t.backoff(attempt)
-            logger.warning("transient error on a batch of %d (%s); retry %d/%d in %.2f s", len(batch), error, attempt, t.max_retries, delay)
-            t.sleep(delay)
+    def succeed(self, i: int, chunk: Chunk, completion, attempts: int) -> SummaryRecord:
+        """Count a finished summary (the caller holds the lock where workers run)."""
+        c = completion
+        record = SummaryRecord(chunk.id, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, attempts=attempts)
+        self.t.stats.count(record)
+        if self.t.stats.first_result_seconds is None:
+            self.t.stats.first_result_seconds = time.perf_counter() - self.start
+        self.reporter.done += 1
+        return record
 
-    def _succeed(self, batch, results, attempt) -> None:
-        stats = self.t.stats
-        with self.lock:
-            for i, c in zip(batch, results):
-                stats.computed += 1
-                stats.prompt_tokens += c.prompt_tokens
-                stats.completion_tokens += c.completion_tokens
-                rec = SummaryRecord(self.chunks[i].id, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, attempts=attempt + 1)
-                self.out.put((i, self.chunks[i], rec))
-            self.done += len(batch)
-            self.streak += 1
-            if self.batching and self.streak >= self.t.grow_after and self.batch_size < self.t.batch_size:
-                self._change(min(self.t.batch_size, self.batch_size * 2), "grow back after successes")
-            self._report()
+    def fail(self, i: int, reason: str, message: str, attempts: int = 1) -> SummaryRecord:
+        """Count a chunk that failed for good."""
+        record = SummaryRecord(self.items[i].id, error=message, reason=reason, attempts=attempts)
+        self.t.stats.count(record)
+        self.reporter.done += 1
+        logger.warning("chunk %s failed (%s): %s", self.items[i].id, reason, message)
+        return record
 
-    def _shrink(self, batch, error) -> None:
-        with self.lock:
-            if len(batch) == 1:
-                self._fail(batch, "oom", f"out of memory even at batch size 1: {error}", locked=True)
-                return
-            self.streak = 0
-            self._change(max(1, min(self.batch_size, len(batch) // 2)), f"out of memory at batch size {len(batch)}")
-            # The same chunks go back to the front, so the next (smaller) batch retries them.
-            self.pending.extendleft(reversed(batch))
-
-    def _change(self, new: int, why: str) -> None:
+    def change(self, new: int, why: str) -> None:
+        """Record a batch-size change and put it on the timeline."""
         old, self.batch_size = self.batch_size, new
         self.streak = 0
-        change = {"from": old, "to": new, "reason": why, "at_done": self.done, "seconds": round(time.perf_counter() - self.start, 3)}
+        change = {"from": old, "to": new, "reason": why, "at_done": self.reporter.done, "seconds": round(time.perf_counter() - self.start, 3)}
         self.t.stats.batch_size_changes.append(change)
         logger.warning("batch size %d -> %d (%s)", old, new, why)
+        self.report(f"batch size {old} -> {new} ({why})")
 
-    def _fail(self, batch, reason: str, message: str, locked: bool = False) -> None:
-        if not locked:
-            with self.lock:
-                return self._fail(batch, reason, message, locked=True)
-        stats = self.t.stats
-        for i in batch:
-            stats.failed += 1
-            stats.failures_by_reason[reason] = stats.failures_by_reason.get(reason, 0) + 1
-            logger.warning("chunk %s failed (%s): %s", self.chunks[i].id, reason, message)
-            self.out.put((i, self.chunks[i], SummaryRecord(self.chunks[i].id, error=message, reason=reason)))
-        self.done += len(batch)
-        self._report()
 
-    def _report(self) -> None:
-        if self.progress:
-            s = self.t.stats
-            elapsed = time.perf_counter() - self.start
-            self.progress(Progress(self.done, len(self.chunks), s.failed, 0, s.prompt_tokens, s.completion_tokens, elapsed, self.batch_size, s.retries))
+_EMPTY = Chunk(id="", conversation_id="", title="", date=None, index=0, first_message=0, last_message=0, token_count=0, text="")
+
+
+def _loaded(items: list[Item], load: Loader | None) -> Iterator[Chunk]:
+    """Items as chunks, in order, loading references a window at a time."""
+    for k in range(0, len(items), LOAD_WINDOW):
+        window = items[k : k + LOAD_WINDOW]
+        refs = [c.id for c in window if not isinstance(c, Chunk)]
+        if refs and load is None:
+            raise ConfigError("ChunkRefs need a `load` function that fetches their texts")
+        loaded = iter(load(refs)) if refs else iter(())
+        for c in window:
+            yield c if isinstance(c, Chunk) else next(loaded)
+
+
+# ---- the streaming path: one thread owns the engine, a window of requests in flight ----------
+
+
+def _stream(state: _State) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
+    t, stats = state.t, state.t.stats
+    attempts: dict[int, int] = {}
+    waiting: list[tuple[float, int, int]] = []  # (not before, tie-break, index): retries in their backoff
+    tie = itertools.count()
+    sent: dict[str, tuple[int, Chunk, float]] = {}  # key -> (index, chunk, when sent)
+    loaded: dict[int, Chunk] = {}
+
+    def take(i: int) -> tuple[str, list[dict]]:
+        if i not in loaded:
+            # Fetch this chunk's text with the next few waiting behind it, a window at a time.
+            ahead = [i] + [j for j in itertools.islice(state.pending, LOAD_WINDOW - 1) if j not in loaded]
+            loaded.update(zip(ahead, state.chunks(ahead)))
+        chunk = loaded.pop(i)
+        key = f"{i}:{attempts.get(i, 0)}"
+        sent[key] = (i, chunk, time.perf_counter())
+        return key, t.prompt(chunk)
+
+    def requests():
+        while True:
+            if waiting and waiting[0][0] <= time.monotonic():
+                yield take(heapq.heappop(waiting)[2])
+            elif state.pending:
+                yield take(state.pending.popleft())
+            elif waiting or sent:
+                yield None  # retries are backing off, or answers are due: nothing to send yet
+            else:
+                return
+
+    def retry_or_fail(i: int, chunk: Chunk, error: BaseException) -> SummaryRecord | None:
+        attempts[i] = attempts.get(i, 0) + 1
+        if attempts[i] > t.max_retries:
+            return state.fail(i, _reason(error), f"{error} (gave up after {t.max_retries} retries)", attempts[i])
+        stats.retries += 1
+        delay = t.backoff(attempts[i], error)
+        logger.warning("chunk %s: transient error (%s); retry %d/%d in %.2f s", chunk.id, error, attempts[i], t.max_retries, delay)
+        loaded[i] = chunk
+        heapq.heappush(waiting, (time.monotonic() + delay, next(tie), i))
+        return None
+
+    while state.pending or waiting:
+        stream = t.provider.stream(requests(), t.options, window=state.batch_size)
+        try:
+            for key, result in stream:
+                i, chunk, sent_at = sent.pop(key)
+                now = time.perf_counter()
+                stats.latencies.append(now - sent_at)
+                stats.provider_intervals.append((sent_at, now))
+                if not isinstance(result, BaseException):
+                    record = state.succeed(i, chunk, result, attempts.get(i, 0) + 1)
+                else:
+                    kind = _classify(result)
+                    if kind == "fatal":
+                        raise result
+                    if kind == "permanent":
+                        record = state.fail(i, _reason(result), str(result), attempts.get(i, 0) + 1)
+                    else:
+                        record = retry_or_fail(i, chunk, result)
+                if record is not None:
+                    state.report()
+                    yield i, chunk, record
+        except ProviderError as e:
+            # The engine itself failed: everything in flight is lost and goes back in line.
+            if _classify(e) == "fatal":
+                raise
+            logger.warning("the engine failed with %d requests in flight: %s", len(sent), e)
+            for i, chunk, _ in list(sent.values()):
+                record = retry_or_fail(i, chunk, e)
+                if record is not None:
+                    state.report()
+                    yield i, chunk, record
+            sent.clear()
+            if waiting:
+                t.sleep(max(0.0, waiting[0][0] - time.monotonic()))
+        finally:
+            stream.close()
+
+
+# ---- the worker path: batches (or single calls) from max_workers threads --------------------
+
+
+def _workers(state: _State) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
+    t = state.t
+    workers = t.max_workers
+    if state.batching and t.provider.replicas > 1:
+        workers = t.provider.replicas
+    threads = [threading.Thread(target=_work, args=(state, w), name=f"summarizer-{w}", daemon=True) for w in range(workers)]
+    for th in threads:
+        th.start()
+    try:
+        remaining = len(state.order)
+        while remaining:
+            item = state.out.get()
+            if isinstance(item, BaseException):
+                raise item
+            remaining -= 1
+            yield item
+    finally:
+        state.stop.set()
+        with state.cond:
+            state.cond.notify_all()
+        for th in threads:
+            th.join(timeout=60)
+
+
+def _take(state: _State) -> list[int]:
+    """The next batch; waits while other batches are in flight, since an OOM may requeue them."""
+    with state.cond:
+        while not state.stop.is_set():
+            if state.isolated:
+                batch = [state.isolated.popleft()]
+            elif state.pending:
+                batch = [state.pending.popleft() for _ in range(min(state.batch_size, len(state.pending)))]
+            elif state.in_flight == 0:
+                return []
+            else:
+                state.cond.wait(timeout=0.5)
+                continue
+            state.in_flight += 1
+            return batch
+        return []
+
+
+def _work(state: _State, worker: int) -> None:
+    try:
+        while not state.stop.is_set():
+            batch = _take(state)
+            if not batch:
+                return
+            try:
+                _run_batch(state, batch, worker)
+            finally:
+                with state.cond:
+                    state.in_flight -= 1
+                    state.cond.notify_all()
+    except BaseException as e:  # a bug in orchestration, or a fatal provider error, must surface, not hang the run
+        state.out.put(e)
+        with state.cond:
+            state.stop.set()
+            state.cond.notify_all()
+
+
+def _run_batch(state: _State, batch: list[int], worker: int) -> None:
+    t, stats = state.t, state.t.stats
+    chunks = state.chunks(batch)
+    prompts = [t.prompt(c) for c in chunks]
+    attempt = 0
+    while True:
+        t0 = time.perf_counter()
+        try:
+            if state.batching and t.provider.replicas > 1:
+                # One worker per replica: each worker's batches stay on its own GPU.
+                results = t.provider.complete_batch(prompts, t.options, replica=worker % t.provider.replicas)
+            elif state.batching:
+                results = t.provider.complete_batch(prompts, t.options)
+            else:
+                results = [t.provider.complete(prompts[0], t.options)]
+            error = None
+        except Exception as e:  # classified below; anything unknown counts as transient
+            results, error = None, e
+        t1 = time.perf_counter()
+        with state.lock:
+            stats.provider_intervals.append((t0, t1))
+        if error is None:
+            with state.lock:
+                stats.latencies.append(t1 - t0)
+                for i, chunk, c in zip(batch, chunks, results):
+                    state.out.put((i, chunk, state.succeed(i, chunk, c, attempt + 1)))
+                state.streak += 1
+                if state.batching and state.streak >= t.grow_after and state.batch_size < t.batch_size:
+                    state.change(min(t.batch_size, state.batch_size * 2), "grow back after successes")
+                else:
+                    state.report()
+            return
+        kind = _classify(error)
+        if kind == "fatal":
+            raise error
+        if kind == "oom":
+            _shrink(state, batch, chunks, error)
+            return
+        if kind == "permanent":
+            if len(batch) > 1:
+                # One bad prompt must not fail its batch-mates: retry them one by one.
+                with state.lock:
+                    state.isolated.extend(batch)
+            else:
+                _fail(state, batch, chunks, _reason(error), str(error))
+            return
+        attempt += 1
+        if attempt > t.max_retries:
+            _fail(state, batch, chunks, "transient", f"{error} (gave up after {t.max_retries} retries)", attempt)
+            return
+        with state.lock:
+            stats.retries += 1
+        delay = t.backoff(attempt, error)
+        logger.warning("transient error on a batch of %d (%s); retry %d/%d in %.2f s", len(batch), error, attempt, t.max_retries, delay)
+        t.sleep(delay)
+
+
+def _shrink(state: _State, batch: list[int], chunks: list[Chunk], error: BaseException) -> None:
+    with state.lock:
+        if len(batch) == 1:
+            _fail(state, batch, chunks, "oom", f"out of memory even at batch size 1: {error}", locked=True)
+            return
+        state.change(max(1, min(state.batch_size, len(batch) // 2)), f"out of memory at batch size {len(batch)}")
+        # The same chunks go back to the front, so the next (smaller) batch retries them.
+        state.pending.extendleft(reversed(batch))
+
+
+def _fail(state: _State, batch, chunks, reason: str, message: str, attempts: int = 1, locked: bool = False) -> None:
+    if not locked:
+        with state.lock:
+            return _fail(state, batch, chunks, reason, message, attempts, locked=True)
+    for i, chunk in zip(batch, chunks):
+        state.out.put((i, chunk, state.fail(i, reason, message, attempts)))
+    state.report()
+
+
+# ---- errors and figures ---------------------------------------------------------------------
 
 
 def _classify(error: BaseException) -> str:
-    """oom, transient or permanent: decides between shrink, retry and isolate."""
+    """fatal, oom, transient or permanent: decides between stop, shrink, retry and isolate."""
+    if isinstance(error, FatalProviderError):
+        return "fatal"
     if isinstance(error, ProviderOutOfMemoryError) or "OutOfMemory" in type(error).__name__ or isinstance(error, MemoryError):
         return "oom"
     if isinstance(error, (PermanentProviderError, ConfigError, ValueError, TypeError)):
         return "permanent"
     # TransientProviderError, timeouts, dropped connections, and anything unknown: worth a retry.
     return "transient"
+
+
+def _reason(error: BaseException) -> str:
+    """The slug a failed chunk is stored under."""
+    kind = _classify(error)
+    if kind == "permanent":
+        return getattr(error, "reason", None) or kind  # "too_long" when the backend says so
+    return kind
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, GeneratorExit):
+        return "stopped before the end"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(error).__name__}: {error}"
 
 
 def _percentile(values: list[float], q: float) -> float:

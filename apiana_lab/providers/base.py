@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
@@ -99,6 +100,13 @@ class LLMProvider(ABC):
     def complete(self, prompt: Prompt, options: GenerationOptions | None = None) -> Completion:
         """Generate for one prompt."""
 
+    @classmethod
+    def engine_option_names(cls) -> set[str]:
+        """Constructor arguments a user may set (CLI engine flags, `--engine-arg`), beyond model and options."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return {p.name for p in params if p.kind in named and p.name not in ("self", "model", "options")}
+
     def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None) -> list[Completion]:
         """Generate for many prompts, results in input order; by default one after another."""
         return [self.complete(p, options) for p in prompts]
@@ -136,8 +144,8 @@ class LLMProvider(ABC):
 
     @property
     def default_window(self) -> int:
-        """Requests in flight that keep this backend fully busy (the `--batch-size` default for streaming)."""
-        return 1
+        """Requests in flight that keep this backend busy: the `--batch-size` default (and `--max-workers` without batching)."""
+        return 16
 
     def engine_metrics(self) -> dict[str, float]:
         """Live engine figures (KV-cache use, running and waiting requests, preemptions); {} when not measured."""

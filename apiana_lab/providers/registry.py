@@ -32,3 +32,14 @@ def provider_class(name: str):
 def get_provider(name: str, **kwargs):
     """Build the provider registered under `name` with these constructor arguments."""
     return provider_class(name)(**kwargs)
+
+
+def check_options(name: str, options: dict) -> None:
+    """Raise ConfigError, naming the closest valid option, when the backend does not take one of `options`."""
+    known = provider_class(name).engine_option_names()
+    for option in options:
+        if option not in known:
+            close = difflib.get_close_matches(option, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            listed = ", ".join(sorted(known)) if len(known) <= 20 else ", ".join(sorted(known)[:20]) + ", ..."
+            raise ConfigError(f"The {name} backend does not take the option {option!r}.{hint} It takes: {listed}.")

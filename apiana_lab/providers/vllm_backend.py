@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -76,6 +77,13 @@ class VLLMProvider(LLMProvider):
         self._lock = threading.Lock()
         self.llm = self._start()
         self._tokenizer = self.llm.get_tokenizer()
+
+    @classmethod
+    def engine_option_names(cls) -> set[str]:
+        """Our own arguments plus every field of vllm.EngineArgs, which go to `vllm.LLM` unchanged."""
+        from vllm.engine.arg_utils import EngineArgs
+
+        return super().engine_option_names() | {f.name for f in dataclasses.fields(EngineArgs)}
 
     def _start(self):
         # The engine core runs in a child process: when it refuses the configuration, the
