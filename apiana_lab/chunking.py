@@ -112,7 +112,8 @@ def render_entry(entry: Entry, options: ChunkingOptions) -> str | None:
     if entry.kind not in options.include:
         return None
     if entry.kind == t.DIALOGUE:
-        return f"{'User' if entry.role == 'user' else 'Assistant'}: {entry.text}"
+        speaker = "User" if entry.role == "user" else "Assistant"
+        return _render_with_inline(entry, speaker, options) if entry.inline else f"{speaker}: {entry.text}"
     text = entry.text
     if len(text) > options.non_dialogue_chars:
         text = text[: options.non_dialogue_chars] + f" [... {len(entry.text) - options.non_dialogue_chars} more characters]"
@@ -120,6 +121,25 @@ def render_entry(entry: Entry, options: ChunkingOptions) -> str | None:
     if entry.recipient and entry.recipient != "all":
         label += f" ({entry.recipient})"
     return f"{label}: {text}"
+
+
+def _render_with_inline(entry: Entry, speaker: str, options: ChunkingOptions) -> str:
+    """A message with tool use between its paragraphs, in the order things happened."""
+    pieces, start = [], 0
+    for offset, inner in entry.inline:
+        rendered = render_entry(inner, options)
+        if rendered is None:
+            continue  # left out, so the text on both sides stays one piece
+        before = entry.text[start:offset].strip()
+        if before:
+            pieces.append(f"{speaker}: {before}")
+        pieces.append(rendered)
+        start = offset
+    rest = entry.text[start:].strip()
+    if rest:
+        # Named again after a tool block, so the reader cannot take the text for tool output.
+        pieces.append(f"{speaker}: {rest}")
+    return "\n\n".join(pieces)
 
 
 class Chunker:

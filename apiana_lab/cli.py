@@ -29,8 +29,8 @@ def _fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def inspect_export(path: str, chunk_size: int = 3500) -> dict:
-    """Totals and per-conversation figures of an export, as `apiana-lab inspect --json` prints them."""
+def inspect_export(paths: str | os.PathLike | list, chunk_size: int = 3500) -> dict:
+    """Totals and per-conversation figures of one export or several merged, as `inspect --json` prints them."""
     from .chunking import ConversationChunkerComponent
     from .export.reader import read_export
     from .export.types import ReadReport
@@ -42,11 +42,12 @@ def inspect_export(path: str, chunk_size: int = 3500) -> dict:
     rows = []
     chunks_total = tokens_total = no_dialogue = fallback = 0
     first = last = None
-    for conv in read_export(path, report=report):
+    for conv in read_export(paths, report=report):
         dialogue = conv.dialogue
         user = sum(1 for e in dialogue if e.role == "user")
         roles.update(e.role for e in dialogue)
-        kinds.update(e.kind for e in conv.entries if not e.is_dialogue)
+        other = conv.non_dialogue
+        kinds.update(e.kind for e in other)
         chunks = chunker.chunk(conv)
         tokens = sum(c.token_count for c in chunks)
         chunks_total += len(chunks)
@@ -62,7 +63,7 @@ def inspect_export(path: str, chunk_size: int = 3500) -> dict:
             "dialogue_messages": len(dialogue),
             "user_messages": user,
             "assistant_messages": len(dialogue) - user,
-            "other_entries": len(conv.entries) - len(dialogue),
+            "other_entries": len(other),
             "chunks": len(chunks),
             "tokens": tokens,
             "fallback_branch": conv.fallback_branch,
@@ -71,6 +72,8 @@ def inspect_export(path: str, chunk_size: int = 3500) -> dict:
         "conversations": report.conversations,
         "skipped": len(report.skipped),
         "skipped_by_reason": report.skipped_by_reason,
+        "duplicates": report.duplicates,
+        "inputs": [{"path": p, "format": f} for p, f in zip(report.inputs, report.formats)],
         "without_dialogue": no_dialogue,
         "fallback_branch": fallback,
         "dialogue_messages": sum(roles.values()),
@@ -88,14 +91,20 @@ def inspect_export(path: str, chunk_size: int = 3500) -> dict:
 def _print_inspect(result: dict) -> None:
     t = result["totals"]
     print(f"format:             {result['format']}")
+    if len(t["inputs"]) > 1:
+        for i in t["inputs"]:
+            print(f"input:              {i['path']} ({i['format']})")
     print(f"conversations:      {t['conversations']} read, {t['skipped']} skipped {t['skipped_by_reason'] or ''}".rstrip())
-    print(f"                    {t['without_dialogue']} without dialogue, {t['fallback_branch']} on a fallback branch")
+    print(f"                    {t['duplicates']} older duplicates dropped, {t['without_dialogue']} without dialogue, "
+          f"{t['fallback_branch']} on a fallback branch")
     print(f"dialogue messages:  {t['dialogue_messages']} {t['dialogue_by_role']}")
     print(f"other entries:      {sum(t['non_dialogue_by_type'].values())} {t['non_dialogue_by_type']}")
     print(f"chunks:             {t['chunks']} of up to {t['chunk_size']} tokens, {t['tokens']} tokens in all")
     print(f"dates:              {t['first_date']} .. {t['last_date']}")
+    several = len(t["inputs"]) > 1
     for s in result["skipped"]:
-        print(f"skipped: #{s['index']} {s.get('id')!r}: {s['reason']}: {s['detail']}")
+        where = f"{s['input']} #{s['index']}" if several else f"#{s['index']}"
+        print(f"skipped: {where} {s.get('id')!r}: {s['reason']}: {s['detail']}")
 
 
 def main(argv=None) -> int:
@@ -103,7 +112,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="apiana-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="count conversations, messages, chunks and tokens in an export")
-    p.add_argument("input", help="conversations.json, the export .zip, a shard folder, or a Claude export")
+    p.add_argument("input", nargs="+", help="conversations.json, the export .zip, a shard folder, or a Claude "
+                   "export; several are merged by conversation id, the newest version of each kept")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a summary")
     p.add_argument("--chunk-size", type=int, default=3500, help="tokens per chunk (default 3500)")
     p.add_argument("-v", "--verbose", action="store_true")

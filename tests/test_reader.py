@@ -496,29 +496,91 @@ def test_non_ascii_emoji_and_huge_messages(tmp_path):
 
 # ---------------------------------------------------------------- Claude specifics
 
-def test_claude_blocks_become_ordered_entries(tmp_path):
-    blocks = [
-        {"type": "thinking", "thinking": "Let me think.", "summaries": []},
-        {"type": "text", "text": "Searching "}, {"type": "text", "text": "now."},
-        {"type": "tool_use", "name": "web_search", "input": {"query": "cats"}},
-        {"type": "tool_result", "name": "web_search", "content": [{"type": "text", "text": "Cats are great."}],
-         "is_error": False},
-        {"type": "text", "text": "Cats are great."},
-        {"type": "token_budget"},
-    ]
+CATS_BLOCKS = [
+    {"type": "thinking", "thinking": "Let me think.", "summaries": []},
+    {"type": "text", "text": "Searching "}, {"type": "text", "text": "now."},
+    {"type": "tool_use", "name": "web_search", "input": {"query": "cats"}},
+    {"type": "tool_result", "name": "web_search", "content": [{"type": "text", "text": "Cats are great."}],
+     "is_error": False},
+    {"type": "text", "text": "  "},
+    {"type": "tool_use", "name": "web_fetch", "input": {"url": "https://cats.example"}},
+    {"type": "tool_result", "name": "web_fetch", "content": "404", "is_error": True},
+    {"type": "text", "text": "Cats are great."},
+    {"type": "token_budget"},
+]
+
+
+def test_claude_message_with_tool_blocks_is_one_dialogue_message(tmp_path):
     conv = claude_conv([cmsg("u", "human", ["Tell me about cats"]),
-                        cmsg("a", "assistant", blocks, text="disagreeing text", parent="u")])
+                        cmsg("a", "assistant", CATS_BLOCKS, text="disagreeing text", parent="u")])
     result = only(write_json(tmp_path / "c.json", [conv]))
     assert [(e.kind, e.role, e.text) for e in result.entries] == [
         (DIALOGUE, "user", "Tell me about cats"),
-        (THOUGHTS, "assistant", "Let me think."),
-        (DIALOGUE, "assistant", "Searching now."),
-        (TOOL_CALL, "assistant", '{"query": "cats"}'),
-        (TOOL_OUTPUT, "tool", "Cats are great."),
-        (DIALOGUE, "assistant", "Cats are great."),
+        (DIALOGUE, "assistant", "Searching now.\n\nCats are great."),
     ]
-    assert result.entries[3].recipient == "web_search"
-    assert result.entries[1].time == datetime(2024, 5, 1, 10, 0, 1, tzinfo=timezone.utc)
+    assert [e.text for e in result.dialogue] == ["Tell me about cats", "Searching now.\n\nCats are great."]
+    reply = result.entries[1]
+    # Blocks stay in order, at the offset in the text where they happened: the whitespace-only
+    # run between the two tool pairs is no paragraph.
+    assert [(offset, e.kind, e.role, e.text) for offset, e in reply.inline] == [
+        (0, THOUGHTS, "assistant", "Let me think."),
+        (14, TOOL_CALL, "assistant", '{"query": "cats"}'),
+        (14, TOOL_OUTPUT, "tool", "Cats are great."),
+        (14, TOOL_CALL, "assistant", '{"url": "https://cats.example"}'),
+        (14, TOOL_OUTPUT, "tool", "404"),
+    ]
+    assert reply.text[:14] == "Searching now."
+    assert reply.inline[1][1].recipient == "web_search" and "error" in reply.inline[4][1].flags
+    assert reply.time == reply.inline[0][1].time == datetime(2024, 5, 1, 10, 0, 1, tzinfo=timezone.utc)
+    assert [e.kind for e in result.non_dialogue] == [THOUGHTS, TOOL_CALL, TOOL_OUTPUT, TOOL_CALL, TOOL_OUTPUT]
+
+
+def test_claude_tool_blocks_render_in_the_order_they_happened(tmp_path, tokenizer):
+    from apiana_lab.chunking import Chunker, ChunkingOptions
+
+    conv = claude_conv([cmsg("u", "human", ["Tell me about cats"]),
+                        cmsg("a", "assistant", CATS_BLOCKS, parent="u"),
+                        cmsg("u2", "human", ["Thanks"], parent="a")])
+    result = only(write_json(tmp_path / "c.json", [conv]))
+    chunks = Chunker(ChunkingOptions(chunk_size=3500), tokenizer).chunk(result)
+    assert len(chunks) == 1
+    # One rendered message per Claude message; inside it, the events in block order (thoughts left out).
+    assert chunks[0].messages == (
+        "User: Tell me about cats",
+        "Assistant: Searching now.\n\n"
+        'Tool call (web_search): {"query": "cats"}\n\nTool output: Cats are great.\n\n'
+        'Tool call (web_fetch): {"url": "https://cats.example"}\n\nTool output: 404\n\n'
+        "Assistant: Cats are great.",
+        "User: Thanks",
+    )
+    assert (chunks[0].first_message, chunks[0].last_message) == (0, 2)
+    # With tool traffic left out the message reads as its text alone; with thoughts in, they come first.
+    plain = Chunker(ChunkingOptions(include=frozenset({DIALOGUE})), tokenizer).chunk(result)[0]
+    assert plain.messages[1] == "Assistant: Searching now.\n\nCats are great."
+    thoughtful = Chunker(ChunkingOptions(include=frozenset({DIALOGUE, THOUGHTS})), tokenizer).chunk(result)[0]
+    assert thoughtful.messages[1] == "Thoughts: Let me think.\n\nAssistant: Searching now.\n\nCats are great."
+
+
+def test_claude_message_of_tool_blocks_only_keeps_them_as_entries(tmp_path):
+    blocks = [{"type": "text", "text": ""}, {"type": "tool_use", "name": "repl", "input": {"code": "1+1"}},
+              {"type": "tool_result", "name": "repl", "content": [{"type": "text", "text": "2"}]}]
+    conv = claude_conv([cmsg("u", "human", ["add"]), cmsg("a", "assistant", blocks, parent="u")])
+    result = only(write_json(tmp_path / "c.json", [conv]))
+    assert [(e.kind, e.text) for e in result.entries] == [(DIALOGUE, "add"), (TOOL_CALL, '{"code": "1+1"}'),
+                                                          (TOOL_OUTPUT, "2")]
+    assert len(result.dialogue) == 1 and all(not e.inline for e in result.entries)
+
+
+def test_claude_empty_chat_messages_is_listed_without_dialogue(tmp_path, tokenizer):
+    from apiana_lab.chunking import Chunker
+
+    convs = [claude_conv([], uuid="never-used"), claude_conv([cmsg("m", "human", ["hi"])], uuid="used"),
+             claude_conv(None, uuid="broken"), claude_conv({"m": 1}, uuid="wrong-type")]
+    conversations, report = read_all(write_json(tmp_path / "conversations.json", convs))
+    assert [(c.id, len(c.entries), len(c.dialogue)) for c in conversations] == [("never-used", 0, 0), ("used", 1, 1)]
+    assert Chunker(tokenizer=tokenizer).chunk(conversations[0]) == []
+    assert report.conversations == 2
+    assert report.skipped_by_reason == {"no_chat_messages": 1, "bad_type": 1}
 
 
 def test_claude_message_text_only_without_blocks(tmp_path):
@@ -570,20 +632,22 @@ def test_bad_conversations_are_skipped_and_counted(tmp_path, caplog):
         leafless,
         {"id": "bad-node", "mapping": {"n": "not a node"}, "current_node": "n"},
         {"id": "bad-parent", "mapping": {"n": {"parent": 5, "message": None}}, "current_node": "n"},
-        {"id": "empty", "mapping": {}},
+        {"id": "empty", "mapping": {}},  # opened and never used: listed, not skipped
         chain(None, conv_id="only-root"),
+        chain(msg("system", "", hidden=True), msg("system", "You are ChatGPT."), conv_id="system-only"),
         {"mapping": {"n": {"parent": None, "message": {"author": "weird", "content": ["x"], "metadata": 3}}}},
         hello("good-2"),
     ]
     with caplog.at_level(logging.WARNING, logger="apiana_lab.export"):
         conversations, report = read_all(write_json(tmp_path / "conversations.json", data))
-    assert [c.id for c in conversations] == ["good-1", "index-10", "good-2"]
-    assert [c.index for c in conversations] == [0, 10, 11]
-    assert report.conversations == 3
-    assert report.skipped_by_reason == {"not_an_object": 1, "no_mapping": 1, "bad_type": 3, "cycle": 2,
-                                        "no_messages": 2}
-    assert report.skipped[0] == {"index": 1, "id": None, "reason": "not_an_object",
-                                 "detail": "expected a conversation object, found int"}
+    assert [c.id for c in conversations] == ["good-1", "empty", "only-root", "system-only", "index-11", "good-2"]
+    assert [c.index for c in conversations] == [0, 8, 9, 10, 11, 12]
+    assert [(len(c.entries), len(c.dialogue)) for c in conversations[1:4]] == [(0, 0), (0, 0), (2, 0)]
+    assert not conversations[1].fallback_branch
+    assert report.conversations == 6
+    assert report.skipped_by_reason == {"not_an_object": 1, "no_mapping": 1, "bad_type": 3, "cycle": 2}
+    assert report.skipped[0] == {"input": str(tmp_path / "conversations.json"), "index": 1, "id": None,
+                                 "reason": "not_an_object", "detail": "expected a conversation object, found int"}
     assert {s["id"] for s in report.skipped if s["reason"] == "cycle"} == {"cyclic", "leafless"}
     assert "'no-map'" in caplog.text and "#1" in caplog.text and "cycle" in caplog.text
 
@@ -670,7 +734,7 @@ def test_garbage_between_elements_in_a_multi_block_file(tmp_path):
     with pytest.raises(ExportError) as e:
         for c in read_export(path):
             seen.append(c.id)
-    assert len(seen) == 800
+    assert seen == []  # the first pass finds it before any conversation is handed on
     assert e.value.offset == len(text[:text.index("@@garbage")].encode("utf-8"))
 
 
@@ -691,7 +755,7 @@ def test_truncated_file(tmp_path):
         assert "ends early" in str(error) or "not closed" in str(error)
 
 
-def test_truncated_file_yields_the_complete_conversations_first(tmp_path):
+def test_truncated_file_stops_the_read_before_any_conversation(tmp_path):
     text = json.dumps([hello("a"), hello("b")])
     path = tmp_path / "conversations.json"
     path.write_text(text[: text.index('"b"') + 20])
@@ -699,7 +763,7 @@ def test_truncated_file_yields_the_complete_conversations_first(tmp_path):
     with pytest.raises(ExportError, match="ends early"):
         for c in read_export(path):
             ids.append(c.id)
-    assert ids == ["a"]
+    assert ids == []
 
 
 @pytest.mark.parametrize("content", [b"hello world", b"<html><body>Export</body></html>", b""])

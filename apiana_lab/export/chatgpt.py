@@ -247,13 +247,18 @@ def _newest_leaf(mapping: dict) -> str | None:
     return best
 
 
+def conversation_id(obj: dict) -> str | None:
+    """The id ChatGPT gave a conversation (`id`, or `conversation_id` in older exports), or None."""
+    raw_id = obj.get("id") or obj.get("conversation_id")
+    return str(raw_id) if raw_id else None
+
+
 def parse_conversation(obj: Any, index: int, source_format: str = "chatgpt") -> Conversation:
     """One ChatGPT conversation object as a Conversation; raises ConversationError when malformed."""
     if not isinstance(obj, dict):
         raise ConversationError("not_an_object", f"expected a conversation object, found {type(obj).__name__}",
                                 index=index)
-    raw_id = obj.get("id") or obj.get("conversation_id")
-    conv_id = str(raw_id) if raw_id else None
+    conv_id = conversation_id(obj)
     mapping = obj.get("mapping")
     if mapping is None:
         raise ConversationError("no_mapping", "the conversation has no `mapping` of messages",
@@ -274,24 +279,22 @@ def parse_conversation(obj: Any, index: int, source_format: str = "chatgpt") -> 
             raise ConversationError("bad_type", f"node {node_id!r} has a {type(message).__name__} message",
                                     conversation_id=conv_id, index=index)
 
+    # An empty mapping, or a branch of hidden or system messages only, is a chat that was opened
+    # and never used: it is listed with no dialogue, not skipped.
     current = obj.get("current_node")
-    fallback = not (isinstance(current, str) and current in mapping)
+    fallback = bool(mapping) and not (isinstance(current, str) and current in mapping)
     if fallback:
         current = _newest_leaf(mapping)
         if current is None:
-            raise ConversationError("cycle" if mapping else "no_messages",
-                                    "no leaf to start the branch from" if mapping else "the mapping is empty",
+            raise ConversationError("cycle", "no leaf to start the branch from",
                                     conversation_id=conv_id, index=index)
         logger.debug("conversation %s: current_node missing, using the newest leaf %r", conv_id or index, current)
 
     entries = [
         message_entry(mapping[node_id]["message"])
-        for node_id in _branch(mapping, current, conv_id, index)
+        for node_id in (_branch(mapping, current, conv_id, index) if mapping else ())
         if mapping[node_id].get("message") is not None
     ]
-    if not entries:
-        raise ConversationError("no_messages", "the chosen branch holds no messages",
-                                conversation_id=conv_id, index=index)
     return Conversation(
         id=conv_id or f"index-{index}",
         title=_str(obj.get("title")),

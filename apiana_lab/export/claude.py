@@ -44,50 +44,61 @@ def _thinking_text(block: dict) -> str:
 
 
 def message_entries(message: dict) -> list[Entry]:
-    """The entries of one Claude message, in block order: text runs, thinking, tool use and results."""
+    """The entries of one Claude message: one dialogue entry when it has text, others in block order.
+
+    A reply that uses tools between paragraphs is still one message as its reader saw it, so its
+    text runs join into one DIALOGUE entry and the tool and thinking blocks ride along as
+    `inline` entries at the offsets where they happened.
+    """
     sender = str(message.get("sender") or "unknown")
     role = _ROLES.get(sender, sender)
     time = to_datetime(message.get("created_at"))
-    entries: list[Entry] = []
-    texts: list[str] = []
-
-    def flush() -> None:
-        # Consecutive text blocks are one reply split around citations, so they join with no separator.
-        if texts:
-            entries.append(_text_entry(role, "".join(texts), time))
-            texts.clear()
-
     blocks = message.get("content")
-    if isinstance(blocks, list) and blocks:
-        for block in blocks:
-            if not isinstance(block, dict):
-                continue
-            kind = block.get("type")
-            if kind == "text":
-                if isinstance(block.get("text"), str):
-                    texts.append(block["text"])
-                continue
-            flush()
-            if kind == "thinking":
-                entries.append(Entry(role=role, text=_thinking_text(block), kind=THOUGHTS,
-                                     content_type="thinking", time=time))
-            elif kind == "tool_use":
-                name = block.get("name") if isinstance(block.get("name"), str) else None
-                entries.append(Entry(role=role, text=_block_text(block.get("input")), kind=TOOL_CALL,
-                                     content_type="tool_use", time=time, recipient=name))
-            elif kind == "tool_result":
-                flags = frozenset({"error"}) if block.get("is_error") else frozenset()
-                entries.append(Entry(role="tool", text=_block_text(block.get("content")), kind=TOOL_OUTPUT,
-                                     content_type="tool_result", time=time, flags=flags))
-            else:
-                logger.debug("ignoring Claude content block of type %r", kind)
-        flush()
-    elif isinstance(message.get("text"), str):
+    if not (isinstance(blocks, list) and blocks):
         # The message-level text can disagree with the blocks, so it is only the fallback.
-        entries.append(_text_entry(role, message["text"], time))
-    if not entries:
-        entries.append(Entry(role=role, text="", kind=OTHER, time=time, flags=frozenset({"empty"})))
-    return entries
+        text = message.get("text")
+        return [_text_entry(role, text if isinstance(text, str) else "", time)]
+
+    # Events in block order: a str is a run of text, an Entry is anything else.
+    events: list[str | Entry] = []
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text":
+            if isinstance(block.get("text"), str):
+                # Consecutive text blocks are one reply split around citations: no separator.
+                if events and isinstance(events[-1], str):
+                    events[-1] += block["text"]
+                else:
+                    events.append(block["text"])
+        elif kind == "thinking":
+            events.append(Entry(role=role, text=_thinking_text(block), kind=THOUGHTS,
+                                content_type="thinking", time=time))
+        elif kind == "tool_use":
+            name = block.get("name") if isinstance(block.get("name"), str) else None
+            events.append(Entry(role=role, text=_block_text(block.get("input")), kind=TOOL_CALL,
+                                content_type="tool_use", time=time, recipient=name))
+        elif kind == "tool_result":
+            flags = frozenset({"error"}) if block.get("is_error") else frozenset()
+            events.append(Entry(role="tool", text=_block_text(block.get("content")), kind=TOOL_OUTPUT,
+                                content_type="tool_result", time=time, flags=flags))
+        else:
+            logger.debug("ignoring Claude content block of type %r", kind)
+    runs = [e if isinstance(e, Entry) else strip_citations(e).strip() for e in events]
+
+    if role not in _ROLES.values() or not any(isinstance(r, str) and r for r in runs):
+        # No dialogue here: every block stays its own typed entry, in order.
+        entries = [r if isinstance(r, Entry) else _text_entry(role, r, time) for r in runs if isinstance(r, Entry) or r]
+        return entries or [_text_entry(role, "", time)]
+
+    text, inline = "", []
+    for run in runs:
+        if isinstance(run, Entry):
+            inline.append((len(text), run))
+        elif run:
+            text = f"{text}\n\n{run}" if text else run
+    return [Entry(role=role, text=text, kind=DIALOGUE, time=time, inline=tuple(inline))]
 
 
 def _text_entry(role: str, text: str, time) -> Entry:
@@ -119,16 +130,23 @@ def _branch(messages: list[dict], leaf_uuid: Any, conv_id: str | None, index: in
     return path, fallback
 
 
+def conversation_id(obj: dict) -> str | None:
+    """The id Claude.ai gave a conversation, or None when it has none."""
+    raw_id = obj.get("uuid") or obj.get("id")
+    return str(raw_id) if raw_id else None
+
+
 def parse_conversation(obj: Any, index: int, source_format: str = "claude") -> Conversation:
     """One Claude.ai conversation object as a Conversation; raises ConversationError when malformed."""
     if not isinstance(obj, dict):
         raise ConversationError("not_an_object", f"expected a conversation object, found {type(obj).__name__}",
                                 index=index)
-    raw_id = obj.get("uuid") or obj.get("id")
-    conv_id = str(raw_id) if raw_id else None
+    conv_id = conversation_id(obj)
     messages = obj.get("chat_messages")
-    if messages is None or messages == []:
-        raise ConversationError("no_messages", "the conversation has no chat_messages",
+    # An empty list is a chat opened and never used: listed with no dialogue. A missing key is not a
+    # conversation Claude.ai writes.
+    if messages is None:
+        raise ConversationError("no_chat_messages", "the conversation has no `chat_messages` list",
                                 conversation_id=conv_id, index=index)
     if not isinstance(messages, list):
         raise ConversationError("bad_type", f"`chat_messages` is a {type(messages).__name__}, expected a list",

@@ -11,12 +11,12 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from apiana_lab.errors import ConversationError, ExportError
 from apiana_lab.export import chatgpt, claude
 from apiana_lab.export.jsonstream import open_json
-from apiana_lab.export.types import Conversation, ReadReport
+from apiana_lab.export.types import DUPLICATE_DETAIL_LIMIT, Conversation, ReadReport
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ _PARSERS: dict[str, Callable[[Any, int, str], Conversation]] = {
     CHATGPT_SHARDED: chatgpt.parse_conversation,
     CLAUDE: claude.parse_conversation,
 }
+_IDS: dict[str, Callable[[dict], str | None]] = {
+    CHATGPT: chatgpt.conversation_id,
+    CHATGPT_SHARDED: chatgpt.conversation_id,
+    CLAUDE: claude.conversation_id,
+}
 
 
 @dataclass(frozen=True)
@@ -53,16 +58,25 @@ class _Layout:
         return f"{self.path}!{member}" if self.is_zip else member
 
 
-def read_export(path: str | os.PathLike, *, report: ReadReport | None = None) -> Iterator[Conversation]:
-    """Yield conversations one at a time from any supported export.
+def read_export(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], *, report: ReadReport | None = None
+) -> Iterator[Conversation]:
+    """Yield the conversations of one export, or of several merged by id, one at a time.
 
-    The path is checked at once (ExportError if it holds no export); the files are read lazily.
-    `report`, when given, is filled in while iterating: format, count and skipped conversations.
+    Inputs may mix kinds: zips, folders, conversations.json files, shards, Claude exports. Every
+    path is checked at once (ExportError naming the bad one). A conversation id seen more than once
+    keeps its version with the newest `update_time`; a tie goes to the later input, or the later
+    position in one input. Nothing is yielded until every input has been read through once, so a
+    broken file stops the read before any work is done. `report`, when given, holds the inputs,
+    formats, skipped conversations and duplicates from the first conversation on, and the count
+    once the iterator is exhausted.
     """
     report = report if report is not None else ReadReport()
-    report.path = report.path or str(path)
-    layout = _locate(Path(path).expanduser())
-    return _read(layout, report)
+    inputs = _as_paths(paths)
+    layouts = [_locate(Path(p).expanduser()) for p in inputs]
+    report.inputs = inputs
+    report.path = report.path or ", ".join(inputs)
+    return _read(layouts, report)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -84,16 +98,25 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 class ChatGPTExportReader:
-    """Iterable over the conversations of one export; `report` says what was read and skipped."""
+    """Iterable over the conversations of one export or several; `report` says what was read and skipped."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = path
-        self.report = ReadReport(path=str(path))
+    def __init__(self, path_or_paths: str | os.PathLike | Iterable[str | os.PathLike]):
+        self.path = path_or_paths if isinstance(path_or_paths, (str, os.PathLike)) else _as_paths(path_or_paths)
+        self.report = ReadReport(path=", ".join(_as_paths(self.path)))
 
     def __iter__(self) -> Iterator[Conversation]:
         # A fresh report per pass, so iterating twice does not double the counts.
-        self.report = ReadReport(path=str(self.path))
+        self.report = ReadReport(path=self.report.path)
         return read_export(self.path, report=self.report)
+
+
+def _as_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [os.fspath(paths)]
+    listed = [os.fspath(p) for p in paths]
+    if not listed:
+        raise ExportError(f"no input given; {_EXPECTED}")
+    return listed
 
 
 def _classify(value: Any) -> str | None:
@@ -121,10 +144,88 @@ def _single_format(value: Any, name: str) -> str:
     raise ExportError(f"the top level is a JSON {found}, not a list of conversations; {_EXPECTED}", path=name)
 
 
-def _read(layout: _Layout, report: ReadReport) -> Iterator[Conversation]:
+def _read(layouts: list[_Layout], report: ReadReport) -> Iterator[Conversation]:
+    plan = _plan(layouts, report)
+    for k, layout in enumerate(layouts):
+        seen = 0
+        for position, fmt, value in _values(layout):
+            seen += 1
+            if (k, position) in plan.drop:
+                continue
+            try:
+                conversation = _parse(value, k, position, fmt, report.inputs[k])
+            except ConversationError:
+                raise _changed(report.inputs[k]) from None
+            report.conversations += 1
+            yield conversation
+        if seen != plan.counts[k]:
+            raise _changed(report.inputs[k])
+    logger.info("read %d conversations from %s (%d skipped, %d older duplicates dropped)",
+                report.conversations, report.path, len(report.skipped), report.duplicates)
+
+
+@dataclass
+class _Plan:
+    """What the first pass decided: the (input, position) pairs not to yield, and each input's size."""
+
+    drop: set[tuple[int, int]]
+    counts: list[int]
+
+
+def _plan(layouts: list[_Layout], report: ReadReport) -> _Plan:
+    """First pass: formats, malformed conversations, and the version of each repeated id to keep.
+
+    Only ids, timestamps and positions are held, never conversations, so memory stays flat.
+    """
+    newest: dict[str, tuple[float, int, int]] = {}  # id -> (update time, input, position) of the version kept
+    plan = _Plan(drop=set(), counts=[])
+    for k, layout in enumerate(layouts):
+        fmt = CHATGPT_SHARDED if layout.sharded else CHATGPT  # an empty input's; else its last conversation's
+        count = 0
+        for position, fmt, value in _values(layout):
+            count += 1
+            try:
+                conversation = _parse(value, k, position, fmt, report.inputs[k])
+            except ConversationError as e:
+                _skip(report, e, report.inputs[k])
+                plan.drop.add((k, position))
+                continue
+            if _IDS[fmt](value) is None:
+                continue  # nothing to merge by
+            updated = conversation.update_time
+            stamp = updated.timestamp() if updated is not None else float("-inf")
+            held = newest.get(conversation.id)
+            if held is None:
+                newest[conversation.id] = (stamp, k, position)
+                continue
+            # Versions arrive in (input, position) order, so on a tie this one is the later.
+            if stamp >= held[0]:
+                newest[conversation.id] = (stamp, k, position)
+                loser = held[1:]
+            else:
+                loser = (k, position)
+            plan.drop.add(loser)
+            report.duplicates += 1
+            if len(report.duplicate_detail) < DUPLICATE_DETAIL_LIMIT:
+                report.duplicate_detail.append({"id": conversation.id, "input": report.inputs[loser[0]],
+                                                "index": loser[1]})
+        plan.counts.append(count)
+        report.formats.append(fmt)
+        if count == 0:
+            logger.warning("%s holds no conversations", layout.path)
+    for detail in report.duplicate_detail:
+        _, k, position = newest[detail["id"]]
+        detail.update(kept_input=report.inputs[k], kept_index=position)
+    report.format = report.formats[0] if len(set(report.formats)) == 1 else "mixed"
+    if report.duplicates:
+        logger.info("%d older versions of repeated conversation ids dropped", report.duplicates)
+    return plan
+
+
+def _values(layout: _Layout) -> Iterator[tuple[int, str, Any]]:
+    """(position, format, raw conversation value) for every conversation of one input, in order."""
     fmt = CHATGPT_SHARDED if layout.sharded else None
-    report.format = fmt or ""
-    index = 0
+    position = 0
     with _opened(layout) as open_member:
         for member in layout.members:
             name = layout.display(member)
@@ -144,33 +245,36 @@ def _read(layout: _Layout, report: ReadReport) -> Iterator[Conversation]:
                     if fmt is None:
                         # The first recognisable conversation decides the format of a plain list.
                         fmt = _classify(value) or (CHATGPT if isinstance(value, dict) else None)
-                    report.format = fmt or CHATGPT
-                    try:
-                        conversation = _PARSERS[fmt or CHATGPT](value, index, fmt or CHATGPT)
-                    except ConversationError as e:
-                        _skip(report, e)
-                    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
-                        # Wrong types deep inside one conversation must not stop the read.
-                        conv_id = (value.get("id") or value.get("uuid")) if isinstance(value, dict) else None
-                        _skip(report, ConversationError("bad_type", f"{type(e).__name__}: {e}",
-                                                        conversation_id=str(conv_id) if conv_id else None,
-                                                        index=index))
-                    else:
-                        report.conversations += 1
-                        yield conversation
-                    index += 1
-    report.format = report.format or fmt or CHATGPT
-    if index == 0:
-        logger.warning("%s holds no conversations", layout.path)
-    logger.info("read %d conversations from %s (%d skipped)", report.conversations, layout.path, len(report.skipped))
+                    yield position, fmt or CHATGPT, value
+                    position += 1
 
 
-def _skip(report: ReadReport, error: ConversationError) -> None:
-    # Empty conversations are common (a chat opened and never used): worth counting, not a warning.
-    logger.log(logging.INFO if error.reason == "no_messages" else logging.WARNING, "%s", error)
-    report.skipped.append(
-        {"index": error.index, "id": error.conversation_id, "reason": error.reason, "detail": error.detail}
-    )
+def _parse(value: Any, k: int, position: int, fmt: str, source: str) -> Conversation:
+    """One raw conversation as a Conversation; ConversationError when it is malformed."""
+    try:
+        conversation = _PARSERS[fmt](value, position, fmt)
+    except ConversationError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
+        # Wrong types deep inside one conversation must not stop the read.
+        conv_id = (value.get("id") or value.get("uuid")) if isinstance(value, dict) else None
+        raise ConversationError("bad_type", f"{type(e).__name__}: {e}",
+                                conversation_id=str(conv_id) if conv_id else None, index=position) from None
+    if k and _IDS[fmt](value) is None:
+        # Positions repeat across inputs, so an id made from one must say which input it is.
+        conversation.id = f"index-{k}-{position}"
+    conversation.source = source
+    return conversation
+
+
+def _changed(source: str) -> ExportError:
+    return ExportError("the export changed while it was being read; run again once it is complete", path=source)
+
+
+def _skip(report: ReadReport, error: ConversationError, source: str) -> None:
+    logger.warning("%s: %s", source, error)
+    report.skipped.append({"input": source, "index": error.index, "id": error.conversation_id,
+                           "reason": error.reason, "detail": error.detail})
 
 
 @contextmanager

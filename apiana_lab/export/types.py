@@ -38,9 +38,14 @@ class Entry:
     recipient: str | None = None
     channel: str | None = None
     flags: frozenset[str] = frozenset()
+    # Non-dialogue entries that happened inside this message (a Claude reply that searched the
+    # web between two paragraphs), each with the offset in `text` where it happened, so a
+    # prompt can keep the order of events while the message still counts once.
+    inline: tuple[tuple[int, Entry], ...] = ()
 
     @property
     def is_dialogue(self) -> bool:
+        """Whether this is user/assistant text, the part every later step relies on."""
         return self.kind == DIALOGUE
 
 
@@ -55,25 +60,45 @@ class Conversation:
     create_time: datetime | None = None
     update_time: datetime | None = None
     fallback_branch: bool = False
-    index: int = 0  # position in the export, for messages about it
+    index: int = 0  # position in its input, for messages about it
+    source: str = ""  # the input it was read from (a zip member is shown as archive.zip!member)
 
     @property
     def dialogue(self) -> list[Entry]:
         """User and assistant messages only: the contract every later step relies on."""
         return [e for e in self.entries if e.kind == DIALOGUE]
 
+    @property
+    def non_dialogue(self) -> list[Entry]:
+        """Every other entry in order, including those inline in a dialogue message."""
+        found = []
+        for entry in self.entries:
+            if entry.kind != DIALOGUE:
+                found.append(entry)
+            found.extend(inner for _, inner in entry.inline)
+        return found
+
+
+DUPLICATE_DETAIL_LIMIT = 100
+
 
 @dataclass(slots=True)
 class ReadReport:
-    """What a read saw: filled in while iterating, complete once the iterator is exhausted."""
+    """What a read saw: inputs, formats, skips and duplicates are known before the first conversation."""
 
-    path: str = ""
-    format: str = ""
-    conversations: int = 0
-    skipped: list[dict] = field(default_factory=list)  # {"index", "id", "reason", "detail"}
+    path: str = ""  # the input, or the inputs joined by ", "
+    format: str = ""  # the format of every input, or "mixed"
+    conversations: int = 0  # yielded so far; complete once the iterator is exhausted
+    skipped: list[dict] = field(default_factory=list)  # {"input", "index", "id", "reason", "detail"}
+    inputs: list[str] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)  # one per input
+    duplicates: int = 0  # older versions of a conversation id, dropped
+    # The first DUPLICATE_DETAIL_LIMIT of them: {"id", "input", "index", "kept_input", "kept_index"}.
+    duplicate_detail: list[dict] = field(default_factory=list)
 
     @property
     def skipped_by_reason(self) -> dict[str, int]:
+        """How many conversations were skipped, per reason."""
         counts: dict[str, int] = {}
         for s in self.skipped:
             counts[s["reason"]] = counts.get(s["reason"], 0) + 1
