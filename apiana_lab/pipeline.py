@@ -29,7 +29,10 @@ from .summarize import ParallelSummarizerTransform, SummarizerTransform
 
 logger = logging.getLogger(__name__)
 
-STORE_EVERY = 256  # conversations, and chunks, written per SQLite transaction while reading
+# While reading, conversations and chunks go to the store in transactions of this many: large
+# enough for SQLite to be quick, small enough that what waits in memory stays a few MB.
+STORE_CONVERSATIONS = 64
+STORE_CHUNKS = 256
 
 
 class Pipeline:
@@ -69,7 +72,8 @@ class Ingest:
         self.report = report if report is not None else ReadReport()
         self.repeated = 0  # chunks dropped because the same id came earlier in this run
 
-    def __call__(self, inputs) -> list[ChunkRef]:
+    def __call__(self, source) -> list[ChunkRef]:
+        """`source`: export paths (one or a list), or conversations already being read."""
         refs: list[ChunkRef] = []
         seen: set[str] = set()
         conversations, chunks = [], []
@@ -81,7 +85,8 @@ class Ingest:
             chunks.clear()
 
         full = self.limit is not None and self.limit <= 0
-        reader = read_export(inputs if len(inputs) > 1 else inputs[0], report=self.report)  # TODO list after reader merge
+        paths = isinstance(source, (str, os.PathLike)) or (isinstance(source, list) and all(isinstance(p, (str, os.PathLike)) for p in source))
+        reader = read_export(source, report=self.report) if paths else iter(source)
         try:
             for conversation in reader:
                 if full:
@@ -97,10 +102,12 @@ class Ingest:
                     if self.limit is not None and len(refs) >= self.limit:
                         full = True
                         break
-                if len(conversations) >= STORE_EVERY or len(chunks) >= STORE_EVERY:
+                if len(conversations) >= STORE_CONVERSATIONS or len(chunks) >= STORE_CHUNKS:
                     flush()
         finally:
-            reader.close()
+            close = getattr(reader, "close", None)
+            if close is not None:
+                close()
             flush()
         return refs
 
@@ -260,7 +267,10 @@ def run_export(
     """
     started = time.perf_counter()
     out = Path(config.output)
-    check_inputs(config.inputs)
+    report = ReadReport()
+    # The reader goes through every input once before its first conversation comes out, so
+    # a missing file, broken JSON or a changed file raises here, before anything is written.
+    conversations = _primed(read_export(config.inputs, report=report))
     check_output(out)
     owned = provider is None  # an engine this call starts, this call also stops
     if owned:
@@ -279,7 +289,6 @@ def run_export(
         options = {"temperature": config.temperature}
         if config.seed is not None:
             options["seed"] = config.seed
-        report = ReadReport()
         pipeline = chatgpt_parallel_processing_pipeline(
             config.backend, config.max_workers, config.batch_size, config.model,
             store=store, provider=provider, chunk_size=config.chunk_size, chunk_method=config.chunk_method,
@@ -287,7 +296,7 @@ def run_export(
             progress=progress, report=report, run_id=run_id, cancel=cancel, **options,
         )
         ingest, checkpoint, summarize, write = pipeline.components
-        pipeline.run(config.inputs)
+        pipeline.run(conversations)
         if checkpoint.other_keys:
             logger.warning(
                 "Earlier summaries in %s were made with another model, prompt or generation options; none are reused.", out
@@ -353,16 +362,19 @@ class _Finisher:
             self.progress(Progress(0, 0, 0, 0, 0, 0, 0.0, 0, 0, "end", True, why))
 
 
-def check_inputs(paths: Sequence[str]) -> None:
-    """Fail on unreadable input before anything is written: every path exists and its first conversation reads."""
-    if not paths:
-        raise ConfigError("No input given: pass an export with -i (a .zip, a folder, or conversations.json).")
-    for path in paths:
-        it = read_export(path)
+def _primed(conversations: Iterator) -> Iterator:
+    """The same conversations, the first one already read (so read errors surface now, not later)."""
+    first = next(conversations, None)
+
+    def rest():
         try:
-            next(it, None)
+            if first is not None:
+                yield first
+            yield from conversations
         finally:
-            it.close()
+            conversations.close()
+
+    return rest()
 
 
 def check_output(out: Path) -> None:

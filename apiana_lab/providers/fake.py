@@ -7,13 +7,14 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from ..errors import PermanentProviderError, ProviderError, ProviderOutOfMemoryError, TransientProviderError
+from ..errors import FatalProviderError, PermanentProviderError, ProviderError, ProviderOutOfMemoryError, TransientProviderError
 from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_messages
 
 FAILURES = {
     "transient": TransientProviderError,
     "permanent": PermanentProviderError,
     "oom": ProviderOutOfMemoryError,
+    "fatal": FatalProviderError,
 }
 
 
@@ -25,7 +26,10 @@ class FakeProvider(LLMProvider):
         batch: whether it claims native batching.
         oom_above: a batch larger than this raises an out-of-memory error.
         fail: a function from the prompt's last message to a failure kind
-            ("transient", "permanent", "oom") or None; applied on every call.
+            ("transient", "permanent", "oom", "fatal", and for streams "engine": the whole
+            engine fails) or None; applied on every call.
+        stream: offer the streaming path: requests finish after `steps(text)` engine steps
+            (default 1 + len(text) % 5), so later, shorter requests can overtake earlier ones.
     """
 
     name = "fake"
@@ -40,8 +44,15 @@ class FakeProvider(LLMProvider):
         oom_above: int | None = None,
         fail: Callable[[str], str | None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        stream: bool = False,
+        steps: Callable[[str], int] | None = None,
+        window: int = 16,
     ):
         super().__init__(model or "fake-model", options)
+        self.supports_stream = stream
+        self.steps = steps or (lambda text: 1 + len(text) % 5)
+        self.window = window
+        self.max_in_flight = 0  # the most stream requests in flight at once
         self.latency = latency
         self.oom_above = oom_above
         self.fail = fail
@@ -67,13 +78,62 @@ class FakeProvider(LLMProvider):
             return [self.complete(p, options) for p in prompts]
         return self._call(list(prompts), options)
 
+    @property
+    def default_window(self) -> int:
+        return self.window
+
+    def stream(self, requests, options: GenerationOptions | None = None, *, window: int | None = None):
+        """Simulated continuous batching: every step advances all requests in flight by one."""
+        options = options or self.options
+        window = window or self.window
+        flying: dict[str, list] = {}  # key -> [steps left, prompt, text]
+        requests = iter(requests)
+        exhausted = False
+        while True:
+            while not exhausted and len(flying) < window:
+                item = next(requests, StopIteration)
+                if item is StopIteration:
+                    exhausted = True
+                elif item is None:
+                    break
+                else:
+                    key, prompt = item
+                    text = as_messages(prompt)[-1]["content"]
+                    with self._lock:
+                        self.history.append({"prompts": [text], "start": time.perf_counter(), "end": None,
+                                             "thread": threading.get_ident(), "error": None, "key": key})
+                    flying[key] = [self.steps(text), prompt, text]
+            self.max_in_flight = max(self.max_in_flight, len(flying))
+            if not flying:
+                if exhausted:
+                    return
+                if self.latency:
+                    self.sleep(self.latency)
+                continue
+            if self.latency:
+                self.sleep(self.latency)
+            for key in list(flying):
+                flying[key][0] -= 1
+                if flying[key][0] > 0:
+                    continue
+                _, prompt, text = flying.pop(key)
+                kind = self.fail(text) if self.fail else None
+                if kind == "engine":
+                    raise TransientProviderError("fake engine died")
+                if kind:
+                    yield key, _failure(kind, 1)
+                else:
+                    yield key, self._call([prompt], options, record=False)[0]
+
     def count_tokens(self, prompt: Prompt) -> int:
         return sum(len(m["content"].split()) for m in as_messages(prompt))
 
-    def _call(self, prompts: list[Prompt], options: GenerationOptions | None) -> list[Completion]:
+    def _call(self, prompts: list[Prompt], options: GenerationOptions | None, record: bool = True) -> list[Completion]:
         options = options or self.options
         started = time.perf_counter()
         texts = [as_messages(p)[-1]["content"] for p in prompts]
+        if not record:
+            return [self._answer(p, text, options) for p, text in zip(prompts, texts)]
         record = {"prompts": texts, "start": started, "end": None, "thread": threading.get_ident(), "error": None}
         with self._lock:
             self.history.append(record)
@@ -89,14 +149,14 @@ class FakeProvider(LLMProvider):
         if kind:
             record["error"] = kind
             raise _failure(kind, len(prompts))
-        out = []
-        for p, text in zip(prompts, texts):
-            digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-            words = text.split()[: max(1, min(options.max_tokens, 8)) - 1]
-            reply = f"summary-{digest}: " + " ".join(words)
-            n = len(reply.split())
-            out.append(Completion(reply, self.count_tokens(p), n, "length" if n >= options.max_tokens else "stop"))
-        return out
+        return [self._answer(p, text, options) for p, text in zip(prompts, texts)]
+
+    def _answer(self, prompt: Prompt, text: str, options: GenerationOptions) -> Completion:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        words = text.split()[: max(1, min(options.max_tokens, 8)) - 1]
+        reply = f"summary-{digest}: " + " ".join(words)
+        n = len(reply.split())
+        return Completion(reply, self.count_tokens(prompt), n, "length" if n >= options.max_tokens else "stop")
 
 
 def _failure(kind: str, batch_size: int) -> ProviderError:
