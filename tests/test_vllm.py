@@ -51,8 +51,10 @@ def test_kv_cache_too_small_retries_with_the_length_the_engine_reports(model_dir
         assert p.llm.llm_engine.model_config.max_model_len == p.max_context
 
 
-def test_engine_metrics_show_the_kv_cache_in_use_while_a_run_is_in_flight(provider):
+def test_engine_metrics_show_the_kv_cache_in_use_while_a_run_is_in_flight(provider, tmp_path):
     """The monitor samples vLLM's own gauges from its thread while the engine runs in another."""
+    import json
+
     from apiana_lab.monitor import MemoryMonitor
 
     idle = provider.engine_metrics()
@@ -67,3 +69,5 @@ def test_engine_metrics_show_the_kv_cache_in_use_while_a_run_is_in_flight(provid
     assert samples["kv_cache_pct"].max() > 0 and samples["requests_running"].max() >= 1
     # The engine core is a child process: its memory (weights, the KV cache) shows in the tree's RSS.
     assert samples["rss_children_mb"].max() > 500
+    written = monitor.save(tmp_path)  # the figure's engine panel, drawn from real gauges
+    assert written["figure"].stat().st_size > 0 and json.loads(written["summary"].read_text())["peaks"]["kv_cache_pct"] > 0
