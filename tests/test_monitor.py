@@ -304,3 +304,14 @@ def test_nvml_process_memory_is_unknown_not_zero_when_it_cannot_be_attributed(mo
 
     monkeypatch.setitem(sys.modules, "pynvml", _StandInNVML({}))
     assert _NvmlSource().read({os.getpid()})["gpu_process_mb"] == 0.0  # nothing on the GPU yet: a true zero
+
+
+def test_overhead_benchmark_alternates_the_order_and_pairs_the_ratios():
+    from apiana_lab.bench.monitor import pairs, summarize_pairs
+
+    assert pairs(3, "off", "on") == [("off", "on"), ("on", "off"), ("off", "on")]
+    rows = [{"pair": 0, "config": "off", "completion_tokens_per_s": 100.0}, {"pair": 0, "config": "on", "completion_tokens_per_s": 99.0},
+            {"pair": 1, "config": "on", "completion_tokens_per_s": 50.0}, {"pair": 1, "config": "off", "completion_tokens_per_s": 50.0}]
+    summary = summarize_pairs(rows, "off", "on")
+    # Each ratio compares runs of the same pair, so a slower machine in pair 1 does not count as cost.
+    assert summary["ratios"] == [0.99, 1.0] and summary["mean_ratio"] == 0.995 and summary["cost"] == 0.005

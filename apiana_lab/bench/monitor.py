@@ -65,6 +65,7 @@ def timed_run(transform, chunks: list, monitor=None) -> dict:
         samples = monitor.to_pandas()
         row["samples"] = len(samples)
         row["mean_sample_ms"] = float(samples["sample_ms"].mean())
+        row["mean_sample_cpu_ms"] = float(samples["sample_cpu_ms"].mean())
         row["kv_cache_pct_peak"] = float(samples["kv_cache_pct"].max()) if "kv_cache_pct" in samples else None
     return row
 
@@ -142,7 +143,8 @@ def render_markdown(results: dict) -> str:
     """The figures as a short markdown report."""
     s, m = results["settings"], results["machine"]
     columns = [("pair", "pair"), ("config", "configuration"), ("wall_s", "wall s"), ("completion_tokens", "new tokens"),
-               ("completion_tokens_per_s", "new tok/s"), ("mean_sample_ms", "ms per sample"), ("load_1m", "load 1m")]
+               ("completion_tokens_per_s", "new tok/s"), ("mean_sample_ms", "ms per sample (wall)"),
+               ("mean_sample_cpu_ms", "ms per sample (CPU)"), ("load_1m", "load 1m")]
     what = "vLLM stats off vs on (fresh engines)" if s["stats_cost"] else f"the memory monitor (every {s['interval_s']} s) vs none"
     parts = [f"# Cost of watching: {what}\n",
              f"{m['cores']} cores ({m['cpu']}); bundled SmolLM2-135M-Instruct in vLLM, prefix caching off; "
@@ -158,8 +160,8 @@ def render_markdown(results: dict) -> str:
         if not s["stats_cost"]:
             verdict = "met" if summary["cost"] < TARGET_MAX_COST else "NOT met"
             parts.append(f"Target: cost under {TARGET_MAX_COST:.0%}: {verdict}. The sampler's own time: "
-                         f"{summary['mean_sample_ms']:.1f} ms per sample every {s['interval_s']} s "
-                         f"({summary['sampler_share']:.2%} of one core).\n")
+                         f"{summary['mean_sample_cpu_ms']:.2f} ms of CPU ({summary['mean_sample_ms']:.1f} ms wall) per "
+                         f"sample every {s['interval_s']} s, {summary['sampler_cpu_share']:.2%} of one core.\n")
     return "\n".join(parts)
 
 
@@ -172,9 +174,12 @@ def save(results: dict, stem: str) -> str:
     if rows:
         results["summary"] = summarize_pairs(rows, base, other)
         if not results["settings"]["stats_cost"]:
-            sample_ms = statistics.fmean(row["mean_sample_ms"] for row in rows if row["config"] == other)
-            results["summary"]["mean_sample_ms"] = round(sample_ms, 3)
-            results["summary"]["sampler_share"] = round(sample_ms / 1e3 / results["settings"]["interval_s"], 5)
+            watched = [row for row in rows if row["config"] == other]
+            cpu_ms = statistics.fmean(row["mean_sample_cpu_ms"] for row in watched)
+            results["summary"]["mean_sample_ms"] = round(statistics.fmean(row["mean_sample_ms"] for row in watched), 3)
+            results["summary"]["mean_sample_cpu_ms"] = round(cpu_ms, 3)
+            # CPU time, not wall: on a busy machine the wall time mostly waits for a core or the GIL.
+            results["summary"]["sampler_cpu_share"] = round(cpu_ms / 1e3 / results["settings"]["interval_s"], 5)
             results["summary"]["target_max_cost"] = TARGET_MAX_COST
             results["summary"]["met"] = results["summary"]["cost"] < TARGET_MAX_COST
     markdown = render_markdown(results)
