@@ -163,6 +163,12 @@ class MemoryMonitor:
         if p.finished:
             self._events.append({"t_s": t, "event": f"stopped: {p.error}" if p.error else "finished"})
 
+    def attach(self, provider) -> None:
+        """Read engine figures from `provider` from now on: for a monitor started before the engine loaded."""
+        self.provider = provider
+        if self._sources:
+            self._sources["engine"] = _EngineSource(provider)
+
     def mark(self, text: str) -> None:
         """Put an event of your own on the timeline (a phase, a parameter change)."""
         self._events.append({"t_s": self._now(), "event": str(text)})

@@ -110,7 +110,9 @@ def sweep_batch_sizes(chunks, backend: str, batch_sizes: list[int], *, model: st
             provider.close()
         limit = memory_limit_mb or _memory_limit_mb(mon)
     budget = limit * (1 - headroom) if limit else None
-    memory_key = "peak_gpu_used_mb" if any("peak_gpu_used_mb" in r for r in rows) else "peak_rss_mb"
+    # On a GPU the card's memory is what runs out; on a CPU this process tree's resident memory.
+    gpu_keys = sorted({k for r in rows for k in r if k.startswith("peak_gpu") and k.endswith("_used_mb")})
+    memory_key = gpu_keys[0] if gpu_keys else "peak_rss_mb"
     fits = [r for r in rows if "error" not in r and not r.get("oom") and r["failed"] == 0
             and (budget is None or r.get(memory_key, 0) <= budget)]
     best = max(fits, key=lambda r: r["completion_tokens_per_s"], default=None)
@@ -122,8 +124,9 @@ def sweep_batch_sizes(chunks, backend: str, batch_sizes: list[int], *, model: st
 def _memory_limit_mb(mon) -> float | None:
     """The GPU's total memory when the monitor saw one, else this machine's RAM."""
     frame = mon.to_pandas()
-    if "gpu_total_mb" in frame and frame["gpu_total_mb"].notna().any():
-        return float(frame["gpu_total_mb"].max())
+    totals = [c for c in frame.columns if c.startswith("gpu") and c.endswith("_total_mb")]
+    if totals:
+        return float(frame[totals[0]].max())
     try:
         import psutil
 
