@@ -11,9 +11,11 @@ BACKENDS = {
     "vllm": "apiana_lab.providers.vllm_backend:VLLMProvider",
     "transformers": "apiana_lab.providers.transformers_backend:TransformersProvider",
     "fake": "apiana_lab.providers.fake:FakeProvider",
+    "openai": "apiana_lab.providers.openai_backend:OpenAIProvider",
+    "server": "apiana_lab.providers.openai_backend:OpenAIProvider",  # alias: any OpenAI-compatible server
 }
 # Which extra brings each backend's libraries.
-_EXTRAS = {"vllm": "cpu] or [vllm", "transformers": "transformers"}
+_EXTRAS = {"vllm": "cpu] or [vllm", "transformers": "transformers", "openai": "openai", "server": "openai"}
 
 
 def provider_class(name: str):
