@@ -52,12 +52,15 @@ class VLLMServer:
     """
 
     def __init__(self, model: str | Path, args: list[str] = (), *, host: str = "127.0.0.1", port: int | None = None,
-                 log_path: str | Path | None = None, startup_timeout: float = 300.0):
+                 log_path: str | Path | None = None, startup_timeout: float = 600.0):
         self.model = str(model)
         self.args = list(args)
         self.host = host
         self.port = port or free_port(host)
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -97,7 +100,8 @@ class VLLMServer:
     def healthy(self) -> bool:
         """True when /health answers 200."""
         try:
-            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=2) as r:
+            # No proxy: a loopback address must not go through one set in the environment.
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://{self.host}:{self.port}/health", timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -252,14 +256,15 @@ def measure_server(provider, chunks: list, max_tokens: int, concurrency: int) ->
 def add_ratios(results: dict) -> None:
     """Each server row against the mean of the offline rows; the target on the best one."""
     rows = results["rows"]
-    offline = [r["completion_tokens_per_s"] for r in rows if r["config"].startswith("offline")]
-    server = [r for r in rows if r["config"].startswith("server")]
+    # A row with failed chunks measured less work, not a slower engine: it is shown but never compared.
+    offline = [r["completion_tokens_per_s"] for r in rows if r["config"].startswith("offline") and not r["failed"]]
+    server = [r for r in rows if r["config"].startswith("server") and not r["failed"]]
     if not offline:
         return
     base = sum(offline) / len(offline)
     results["offline_completion_tokens_per_s"] = base
     for r in rows:
-        r["ratio_to_offline"] = r["completion_tokens_per_s"] / base
+        r["ratio_to_offline"] = None if r["failed"] else r["completion_tokens_per_s"] / base
     if server:
         best = max(server, key=lambda r: r["completion_tokens_per_s"])
         results["target"] = {"best_config": best["config"], "target_min": TARGET_RATIO,
@@ -269,7 +274,7 @@ def add_ratios(results: dict) -> None:
 def render_markdown(results: dict) -> str:
     """The figures as a short markdown report."""
     s = results["settings"]
-    columns = [("config", "configuration"), ("chunks", "chunks"), ("in_flight", "in flight"), ("wall_s", "wall s"),
+    columns = [("config", "configuration"), ("chunks", "chunks"), ("failed", "failed"), ("in_flight", "in flight"), ("wall_s", "wall s"),
                ("completion_tokens", "output tokens"), ("completion_tokens_per_s", "output tok/s"),
                ("ratio_to_offline", "× offline"), ("server_running_max", "server running (max)"), ("load_1m", "load 1m")]
     parts = [f"# Offline vLLM vs the same model behind a vLLM server, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
@@ -281,6 +286,9 @@ def render_markdown(results: dict) -> str:
     if not results["complete"]:
         parts.append("**Partial results: the run has not finished (or was cut short).**\n")
     parts.append(markdown_table(results["rows"], columns) + "\n")
+    for r in results["rows"]:
+        if r["failed"]:
+            parts.append(f"{r['config']}: {r['failed']} chunks failed, so it is left out of the ratios; first error: {r.get('first_failure', '')[:300]}\n")
     t = results.get("target")
     if t:
         parts.append(f"Target: best server concurrency ≥ {t['target_min']}× offline; measured {t['measured']}× "
