@@ -332,7 +332,6 @@ def test_the_transform_retries_a_429_and_succeeds(server, provider):
     assert t.stats.retries == 2 and sum(r.attempts for r in records) == 5
 
 
-@pytest.mark.xfail(strict=True, reason="the lead adds Retry-After to the transform's backoff; remove this mark then")
 def test_the_transform_waits_at_least_retry_after(server, provider):
     server.script.append(Reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "12"}))
     waits = []
@@ -378,7 +377,7 @@ def test_a_400_about_context_length_is_permanent_too_long_for_that_chunk_alone(s
     server.chat = chat
     t = ParallelSummarizerTransform(provider, max_workers=3, max_length=16, sleep=lambda s: None)
     records = t.transform(make_chunks(5))
-    assert [r.error is None for r in records] == [True, True, False, True, True]
+    assert [r.reason for r in records] == [None, None, "too_long", None, None]
     assert "maximum context length is 2048" in records[2].error and "--chunk-size" in records[2].error
     assert len(server.chat_requests()) == 5  # no retry for a prompt that can never fit
     with pytest.raises(PermanentProviderError) as too_long:
@@ -388,13 +387,6 @@ def test_a_400_about_context_length_is_permanent_too_long_for_that_chunk_alone(s
     with pytest.raises(PermanentProviderError) as other:
         provider.complete("Hi")
     assert other.value.reason == "permanent"
-
-
-@pytest.mark.xfail(strict=True, reason="the lead makes the transform record PermanentProviderError.reason; remove this mark then")
-def test_the_transform_records_too_long_as_the_reason(server, provider):
-    server.chat = lambda body: Reply(400, {"error": {"message": "This model's maximum context length is 2048 tokens."}})
-    records = ParallelSummarizerTransform(provider, max_workers=1, max_length=16).transform(make_chunks(1))
-    assert records[0].reason == "too_long"
 
 
 def test_a_401_is_fatal_and_names_the_variable(server, provider, monkeypatch):
@@ -414,7 +406,6 @@ def test_a_401_when_starting_is_a_config_error(server, monkeypatch):
         OpenAIProvider(base_url=server.url)
 
 
-@pytest.mark.xfail(strict=True, reason="the lead makes the transform stop at once on FatalProviderError; remove this mark then")
 def test_the_transform_stops_at_once_on_a_401(server, provider):
     server.chat = lambda body: Reply(401, {"error": {"message": "Unauthorized"}})
     t = ParallelSummarizerTransform(provider, max_workers=2, max_length=16, sleep=lambda s: None)

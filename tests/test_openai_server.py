@@ -5,9 +5,16 @@ loopback port (float32, so parallel equals sequential); the last test kills it m
 restarts it once. Faults a real server won't produce on demand are in test_openai_faults.py.
 """
 
+import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +26,7 @@ from apiana_lab.providers import GenerationOptions
 pytestmark = pytest.mark.vllm
 
 SERVER_ARGS = ["--max-model-len", "4096", "--enforce-eager", "--dtype", "float32"]
+ROOT = Path(__file__).resolve().parents[1]  # the CLI subprocess imports this checkout's code
 
 
 @pytest.fixture(scope="module")
@@ -85,60 +93,66 @@ def test_the_server_runs_concurrent_requests_together(provider, dialogue_chunks)
     assert max(seen) >= 4, seen
 
 
-def test_server_killed_mid_run_then_restarted_resumes_without_loss_or_recompute(server, provider, dialogue_chunks, tmp_path, caplog):
-    """Kill the server while requests are in flight: finished summaries are kept, the rest fail as
-    transient after their retries; restart it, and the rerun computes exactly the rest."""
-    from apiana_lab.pipeline import Checkpoint
-    from apiana_lab.providers.openai_backend import OpenAIProvider
-    from apiana_lab.store import ChatFragmentWriter, SQLiteStore
-    from apiana_lab.summarize import ParallelSummarizerTransform
+def test_server_killed_mid_run_then_restarted_resumes_without_loss_or_recompute(server, dialogue_export, tmp_path):
+    """The real CLI against the real server: kill the server while requests are in flight. Finished
+    summaries are kept, the rest fail as transient after their retries, the run exits 1; restart the
+    server and the same command computes exactly the rest, with nothing lost or done twice."""
+    out = tmp_path / "out"
+    db = out / "apiana.sqlite"
+    total = 48  # 8 finished before the kill, up to 16 in flight, the rest not yet sent
+    secret = "sk-never-in-records-5b2e"  # the server ignores it; it must not reach run.json, the store or the output
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OPENAI_API_KEY": secret}
+    command = [sys.executable, "-c", "import sys; from apiana_lab.cli import export_v2_main; sys.exit(export_v2_main(sys.argv[1:]))",
+               "-i", str(dialogue_export), "-o", str(out), "--backend", "openai", "--base-url", server.base_url,
+               "--chunk-size", "64", "--limit", str(total), "--max-length", "24", "--max-workers", "16", "--no-progress"]
 
-    chunks = dialogue_chunks[:40]
-    ids = {c.id for c in chunks}
-    db = tmp_path / "apiana.sqlite"
-    store = SQLiteStore(db)
-    settings = dict(max_workers=4, max_length=16, max_retries=2, base_delay=0.1)
-
-    first = ParallelSummarizerTransform(provider, **settings)
-    todo = Checkpoint(store, first.key)(chunks)
-    assert len(todo) == 40
-    run1 = store.start_run({"run": 1})
-    killed, ok = False, 0
-    with ChatFragmentWriter(store, first.key, backend=provider.name, run_id=run1) as writer:
-        for _, record in first.run(todo):
-            writer.write(record)
-            ok += record.error is None
-            if ok == 6 and not killed:
-                server.kill()
-                killed = True
-    store.finish_run(run1, first.stats.figures())
-
-    summarized = {r[0] for r in store.db.execute("SELECT chunk_id FROM summaries")}
-    failures = dict(store.db.execute("SELECT chunk_id, reason FROM failures"))
-    # The kill landed on requests in progress (cut mid-answer), not only on ones sent after it (refused).
-    assert re.search(r"connection failed \((RemoteProtocolError|ReadError)", caplog.text), caplog.text[-2000:]
-    assert 6 <= len(summarized) < 40 and len(summarized) == first.stats.computed
-    assert set(failures) == ids - summarized and set(failures.values()) == {"transient"}
-    assert first.stats.retries >= 2 * len(failures)  # every failed chunk was retried before giving up
-    errors = [e for (e,) in store.db.execute("SELECT error FROM failures")]
-    assert all("connection failed" in e and "gave up after 2 retries" in e for e in errors), errors[:3]
+    before = _finished_requests(server)  # the module's earlier tests count too
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # Kill once the server has finished a few of this run's requests: the rest are in flight or not yet sent.
+        deadline = time.monotonic() + 300
+        while first.poll() is None and time.monotonic() < deadline and _finished_requests(server) < before + 8:
+            time.sleep(0.05)
+        assert first.poll() is None, "the run finished before the server could be killed"
+        server.kill()
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 1, stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    done = run["summaries_computed"]
+    assert 8 <= done < total and run["failed"] == total - done and run["chunks_total"] == total
+    assert run["failures_by_reason"] == {"transient": total - done}
+    # The kill cut requests mid-answer (not only refused later ones), and each was retried first.
+    assert re.search(r"connection failed \((RemoteProtocolError|ReadError)", stderr), stderr[-3000:]
+    assert run["retries"] >= 3 * (total - done)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT chunk_id) FROM summaries").fetchone() == (done, done)
+        assert conn.execute("SELECT COUNT(*) FROM failures WHERE reason = 'transient'").fetchone() == (total - done,)
 
     server.start()  # the same address, a fresh process
-    with OpenAIProvider(base_url=server.base_url) as again:
-        second = ParallelSummarizerTransform(again, **settings)
-        assert second.key == first.key
-        checkpoint = Checkpoint(store, second.key)
-        todo = checkpoint(chunks)
-        assert checkpoint.reused == len(summarized) and {c.id for c in todo} == ids - summarized
-        run2 = store.start_run({"run": 2})
-        with ChatFragmentWriter(store, second.key, backend=again.name, run_id=run2) as writer:
-            for _, record in second.run(todo):
-                writer.write(record)
-    assert second.stats.computed == 40 - len(summarized) and second.stats.failed == 0
-    store.close()
-
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rerun = json.loads((out / "run.json").read_text())
+    assert (rerun["summaries_reused"], rerun["summaries_computed"], rerun["failed"]) == (done, total - done, 0)
+    assert rerun["model"] == run["model"] == server.model and rerun["engine_options"]["base_url"] == server.base_url
     with sqlite3.connect(db) as conn:
         # Each chunk summarized once; the first run's summaries kept, not recomputed; no failure left.
-        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT chunk_id) FROM summaries").fetchone() == (40, 40)
-        assert dict(conn.execute("SELECT run_id, COUNT(*) FROM summaries GROUP BY run_id")) == {run1: len(summarized), run2: 40 - len(summarized)}
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT chunk_id) FROM summaries").fetchone() == (total, total)
+        assert dict(conn.execute("SELECT run_id, COUNT(*) FROM summaries GROUP BY run_id")) == {1: done, 2: total - done}
         assert conn.execute("SELECT COUNT(*) FROM failures").fetchone() == (0,)
+        params = " ".join(p for (p,) in conn.execute("SELECT params || ' ' || COALESCE(figures, '') FROM runs"))
+    shown = [params, (out / "run.json").read_text(), (out / "summaries.jsonl").read_text(), stdout, stderr, second.stdout, second.stderr]
+    assert all(secret not in text for text in shown)
+
+
+def _finished_requests(server) -> float:
+    """Requests the server has finished, from its Prometheus counter."""
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://{server.host}:{server.port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total"))

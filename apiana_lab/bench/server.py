@@ -227,7 +227,7 @@ class _RunningSampler:
 
 
 def measure_offline(provider, chunks: list, max_tokens: int, label: str) -> dict:
-    """Offline vLLM through the pipeline's transform: every chunk in one batch, as bench.summarize does."""
+    """Offline vLLM through the pipeline's transform, every chunk in flight at once (its window is the chunk count)."""
     from apiana_lab.summarize import ParallelSummarizerTransform
 
     from .summarize import measure
@@ -280,7 +280,7 @@ def render_markdown(results: dict) -> str:
     parts = [f"# Offline vLLM vs the same model behind a vLLM server, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
              f"Bundled SmolLM2-135M-Instruct, dtype {s['dtype']}, {s['chunks']} real-length chunks "
              f"({s['chunk_tokens'][0]}-{s['chunk_tokens'][1]} tokens), {s['max_tokens']} new tokens forced (ignore_eos), "
-             "prefix caching off on both. Offline: ParallelSummarizerTransform over VLLMProvider, all chunks in one batch, "
+             "prefix caching off on both. Offline: ParallelSummarizerTransform over VLLMProvider, every chunk in flight at once, "
              "measured before and after the server; × offline is against their mean. Server: the openai backend, "
              "N worker threads each with one request in flight.\n"]
     if not results["complete"]:
@@ -319,12 +319,11 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
+    from apiana_lab.experiments.measure import workload_chunks
     from apiana_lab.models import resolve_model
     from apiana_lab.providers import GenerationOptions
     from apiana_lab.providers.openai_backend import OpenAIProvider
     from apiana_lab.providers.vllm_backend import VLLMProvider
-
-    from .summarize import workload_chunks
 
     n, max_tokens = (4, 16) if args.quick else (args.chunks, args.max_tokens)
     levels = [1, 4] if args.quick else [int(c) for c in args.concurrency.split(",")]
