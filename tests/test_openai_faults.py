@@ -239,6 +239,16 @@ def test_registry_builds_it_by_name_and_alias(server):
         p.close()
 
 
+def test_the_backend_comparison_takes_openai_with_its_base_url(server):
+    from apiana_lab.experiments.compare import compare_backends
+
+    result = compare_backends(make_chunks(4), ["openai"], max_length=16, engine_options={"openai": {"base_url": server.url}}, monitor=False)
+    (row,) = result["rows"]
+    assert "error" not in row, row.get("error")
+    assert (row["backend"], row["model"], row["mode"], row["failed"], row["completion_tokens"]) == ("openai", "tiny-model", "concurrent", 0, 20)
+    assert row["max_workers"] == 32  # the provider's window, with no --max-workers given
+
+
 def test_count_tokens_uses_tokenize_when_the_server_has_it(server, provider):
     assert provider.count_tokens("Hello there") is None  # the fake has no /tokenize: estimate from the chunk
     assert provider.count_tokens("Again") is None
