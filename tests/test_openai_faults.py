@@ -267,11 +267,12 @@ def test_engine_metrics_come_from_the_servers_prometheus_page(server, provider):
         'vllm:num_requests_running{engine="1",model_name="tiny-model"} 2.0\n'
         'vllm:num_requests_waiting{engine="0",model_name="tiny-model"} 3.0\n'
         'vllm:kv_cache_usage_perc{engine="0",model_name="tiny-model"} 0.25\n'
+        'vllm:kv_cache_usage_perc{engine="1",model_name="tiny-model"} 0.75\n'
         'vllm:num_preemptions_total{engine="0",model_name="tiny-model"} 1.0\n'
         'vllm:num_preemptions_created{engine="0",model_name="tiny-model"} 1.79e+09\n'
     )
     server.routes[("GET", "/metrics")] = Reply(200, text.encode())
-    assert provider.engine_metrics() == {"num_requests_running": 9.0, "num_requests_waiting": 3.0, "kv_cache_usage_perc": 0.25, "num_preemptions": 1.0}
+    assert provider.engine_metrics() == {"num_requests_running": 9.0, "num_requests_waiting": 3.0, "kv_cache_usage_perc": 0.5, "num_preemptions": 1.0}
 
 
 @pytest.mark.parametrize("given, expected", [

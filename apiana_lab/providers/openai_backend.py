@@ -29,7 +29,7 @@ DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 # What servers say when a prompt (plus max_tokens) does not fit: vLLM and OpenAI ("maximum context
 # length"), llama.cpp ("context size"), SGLang ("context length"), TGI ("tokens + max_new_tokens must be <= N").
 _TOO_LONG = re.compile(r"context.length|context.size|context.window|maximum context|max_model_len|too long|tokens.{0,40}must be <= \d+", re.I)
-# The server's own figures, from its Prometheus /metrics (vLLM names), summed over engines.
+# The server's own figures, from its Prometheus /metrics (vLLM names), under VLLMProvider.engine_metrics' keys.
 _METRICS = {
     "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
     "vllm:num_requests_running": "num_requests_running",
@@ -189,16 +189,16 @@ class OpenAIProvider(LLMProvider):
             return {}
         if response.status_code != 200:
             return {}
-        figures: dict[str, float] = {}
+        values: dict[str, list[float]] = {}
         for line in response.text.splitlines():
             name = line.split("{", 1)[0].split(" ", 1)[0]
             if name in _METRICS:
                 try:
-                    value = float(line.rsplit(" ", 1)[1])
+                    values.setdefault(_METRICS[name], []).append(float(line.rsplit(" ", 1)[1]))
                 except (IndexError, ValueError):
                     continue
-                figures[_METRICS[name]] = figures.get(_METRICS[name], 0.0) + value
-        return figures
+        # One sample per engine (data parallel): usage is a mean, counts add up, as VLLMProvider reports them.
+        return {k: (sum(v) / len(v) if k == "kv_cache_usage_perc" else sum(v)) for k, v in values.items()}
 
     def close(self) -> None:
         self._client.close()
