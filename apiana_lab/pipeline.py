@@ -375,6 +375,8 @@ def _connect(config: RunConfig, owned: bool):
     if not owned:
         raise ConfigError("run_export(provider=...) runs on this machine; on Ray each replica builds its own provider "
                           "from config.backend, config.model and config.engine_options.")
+    if config.sequential:
+        raise ConfigError("--sequential runs on this machine only; leave it out with --ray.")
     from .ray_executor import connect
 
     return connect(config.ray_address, replicas=config.replicas, replica_gpus=config.replica_gpus,

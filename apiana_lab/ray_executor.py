@@ -7,7 +7,7 @@ summarizing moves:
     and one ParallelSummarizerTransform per actor -> records stream back -> the driver's writer
 
 The texts reach the actors from the driver's `apiana.sqlite` through a small actor pinned to the
-driver's node (`_ChunkServer`), a window at a time, so the driver's memory stays flat and the
+driver's node (`_ChunkServer`), one Ray batch at a time, so the driver's memory stays flat and the
 cluster's machines need no shared file system. Ray is imported here only, and only when used.
 """
 
@@ -127,7 +127,8 @@ def connect(address: str | None = None, *, replicas: int | None = None, replica_
             replica_cpus: float = 1.0) -> RayCluster:
     """Connect to the cluster at `address` (None or "": RAY_ADDRESS, else a new local cluster).
 
-    Raises ConfigError, before anything is written, when the address does not answer.
+    Raises ConfigError, before anything is written, when the address does not answer or no node
+    can hold a replica.
     """
     if replicas is not None and replicas < 1:
         raise ConfigError("--replicas must be at least 1")
@@ -140,7 +141,7 @@ def connect(address: str | None = None, *, replicas: int | None = None, replica_
         if address and address not in (current, "auto"):
             raise ConfigError(f"This process is already connected to the Ray cluster at {current}; "
                               f"call ray.shutdown() first to run on {address}.")
-        return RayCluster(current, **settings, owned=False)
+        return _checked(RayCluster(current, **settings, owned=False))
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     if target.startswith("ray://"):
         raise ConfigError(
@@ -163,13 +164,26 @@ def connect(address: str | None = None, *, replicas: int | None = None, replica_
                               f"retry, or start one with `ray start --head` and pass its address.") from e
         raise ConfigError(f"Could not connect to the Ray cluster at {target}: {e} Check the address "
                           f"(`ray status` on the head node prints it), or leave ADDRESS out to start a local cluster.") from e
-    return RayCluster(ray.get_runtime_context().gcs_address if target != "local" else "local", **settings)
+    return _checked(RayCluster(ray.get_runtime_context().gcs_address if target != "local" else "local", **settings))
+
+
+def _checked(cluster: RayCluster) -> RayCluster:
+    """The cluster, once it is known to hold at least one replica (else disconnected, and ConfigError)."""
+    try:
+        cluster.placement()
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
 
 
 def _check_answers(address: str) -> None:
     """Fail fast with a clear message when nothing listens at `address` (ray.init would retry for minutes)."""
     parsed = urlparse(f"//{address}")
-    host, port = parsed.hostname, parsed.port or GCS_PORT
+    try:
+        host, port = parsed.hostname, parsed.port or GCS_PORT
+    except ValueError:  # a port that is not a number
+        host = None
     if not host:
         raise ConfigError(f"{address!r} is not a Ray address; give HOST:PORT, e.g. 10.0.0.5:6379.")
     try:
@@ -319,7 +333,8 @@ class RaySummarizer(SummarizerTransform):
             # Replicas report wall-clock times (nodes' clocks are kept in sync, as Ray's own
             # timeline assumes); the driver counts in seconds since this step began.
             stats.provider_intervals.extend((a - epoch, b - epoch) for a, b in meta["busy"])
-            began = meta["began"] - epoch
+            # Startup ends when a replica first calls its model: actor, model and chunk server all up.
+            began = min((a for a, _ in meta["busy"]), default=meta["began"]) - epoch
             if facts["startup_seconds"] is None or began < facts["startup_seconds"]:
                 facts["startup_seconds"] = round(max(0.0, began), 3)
             for change in meta["changes"]:
@@ -412,19 +427,18 @@ class _Replica:
         self.provider = get_provider(backend, model=model, **engine_options)
         self.transform = ParallelSummarizerTransform(self.provider, **transform_options)
 
-    def load(self, ids) -> list[Chunk]:
-        import ray
-
-        return ray.get(self.server.load_chunks.remote(list(ids)))
-
     def __call__(self, batch):
         import pyarrow as pa
+        import ray
 
         began = time.time()
-        refs = [ChunkRef(i, n) for i, n in zip(batch["id"].to_pylist(), batch["tokens"].to_pylist())]
-        tokens = {r.id: r.token_count for r in refs}
+        ids, counts = batch["id"].to_pylist(), batch["tokens"].to_pylist()
+        # The whole Ray batch's texts in one call (at most MAX_ROWS_PER_BATCH chunks): fetching
+        # them per engine batch cost a round trip to the driver's node for every few chunks.
+        chunks = ray.get(self.server.load_chunks.remote(ids))
+        tokens = dict(zip(ids, counts))
         rows = []
-        for chunk, r in self.transform.run(refs, load=self.load):
+        for chunk, r in self.transform.run(chunks):
             rows.append({"chunk_id": r.chunk_id, "tokens": tokens[r.chunk_id], "summary": r.summary,
                          "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                          "finish_reason": r.finish_reason, "error": r.error, "reason": r.reason, "attempts": r.attempts,
