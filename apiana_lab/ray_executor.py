@@ -438,7 +438,7 @@ class _Replica:
         chunks = ray.get(self.server.load_chunks.remote(ids))
         tokens = dict(zip(ids, counts))
         rows = []
-        for chunk, r in self.transform.run(chunks):
+        for _, r in self.transform.run(chunks):
             rows.append({"chunk_id": r.chunk_id, "tokens": tokens[r.chunk_id], "summary": r.summary,
                          "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                          "finish_reason": r.finish_reason, "error": r.error, "reason": r.reason, "attempts": r.attempts,

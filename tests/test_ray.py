@@ -204,6 +204,18 @@ def test_two_worker_nodes_against_one(cluster, tmp_path):
 
 
 @pytest.mark.ray
+def test_cluster_without_room_for_a_replica_is_refused_before_anything_is_written(cluster, dialogue_export, tmp_path):
+    from apiana_lab.errors import ConfigError
+    from apiana_lab.pipeline import RunConfig, run_export
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="No node of the Ray cluster has 1 CPUs and 1 GPUs for a replica"):
+        run_export(RunConfig(str(dialogue_export), str(out), backend="fake", executor="ray", replica_gpus=1))
+    assert not out.exists()
+    assert ray.is_initialized()  # the test's own connection is left as it was
+
+
+@pytest.mark.ray
 def test_worker_node_removed_mid_run_still_stores_every_chunk_once(cluster, dialogue_export, tmp_path):
     """Runs last: it takes a worker node away (its replica restarts on the other node's spare CPU)."""
     from apiana_lab.pipeline import RunConfig, run_export
