@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench bench-read bench-summarize clean-venv
+.PHONY: install demo test notebooks lab bench bench-read bench-summarize bench-memory clean-venv
 
 install: $(STAMP)
 
@@ -36,13 +36,25 @@ demo: install
 test: install
 	$(PY) -m pytest -q -ra tests
 
-bench: bench-read bench-summarize
+# Execute the five notebooks with papermill into results/<notebook>/<run-id>/, then rewrite results/README.md.
+notebooks: install
+	$(VENV)/bin/apiana-lab notebook all
+	$(VENV)/bin/apiana-lab results
+
+# JupyterLab on notebooks/ with the project's kernel (the venv's python3).
+lab: install
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks
+
+bench: bench-read bench-summarize bench-memory
 
 bench-read: install
 	$(PY) -m apiana_lab.bench.read --size-mb 200
 
 bench-summarize: install
 	$(PY) -m apiana_lab.bench.summarize
+
+bench-memory: install
+	$(PY) -m apiana_lab.bench.memory
 
 clean-venv:
 	rm -rf $(VENV)

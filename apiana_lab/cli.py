@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from collections import Counter
 
 from .errors import ApianaError, ExportError
 
@@ -31,61 +30,9 @@ def _fail(message: str) -> int:
 
 def inspect_export(paths: str | os.PathLike | list, chunk_size: int = 3500) -> dict:
     """Totals and per-conversation figures of one export or several merged, as `inspect --json` prints them."""
-    from .chunking import ConversationChunkerComponent
-    from .export.reader import read_export
-    from .export.types import ReadReport
+    from .experiments.profile import profile_export
 
-    report = ReadReport()
-    chunker = ConversationChunkerComponent(chunk_size=chunk_size)
-    roles: Counter = Counter()
-    kinds: Counter = Counter()
-    rows = []
-    chunks_total = tokens_total = no_dialogue = fallback = 0
-    first = last = None
-    for conv in read_export(paths, report=report):
-        dialogue = conv.dialogue
-        user = sum(1 for e in dialogue if e.role == "user")
-        roles.update(e.role for e in dialogue)
-        other = conv.non_dialogue
-        kinds.update(e.kind for e in other)
-        chunks = chunker.chunk(conv)
-        tokens = sum(c.token_count for c in chunks)
-        chunks_total += len(chunks)
-        tokens_total += tokens
-        no_dialogue += not dialogue
-        fallback += conv.fallback_branch
-        if conv.create_time is not None:
-            first = conv.create_time if first is None or conv.create_time < first else first
-            last = conv.create_time if last is None or conv.create_time > last else last
-        rows.append({
-            "id": conv.id,
-            "title": conv.title,
-            "dialogue_messages": len(dialogue),
-            "user_messages": user,
-            "assistant_messages": len(dialogue) - user,
-            "other_entries": len(other),
-            "chunks": len(chunks),
-            "tokens": tokens,
-            "fallback_branch": conv.fallback_branch,
-        })
-    totals = {
-        "conversations": report.conversations,
-        "skipped": len(report.skipped),
-        "skipped_by_reason": report.skipped_by_reason,
-        "duplicates": report.duplicates,
-        "inputs": [{"path": p, "format": f} for p, f in zip(report.inputs, report.formats)],
-        "without_dialogue": no_dialogue,
-        "fallback_branch": fallback,
-        "dialogue_messages": sum(roles.values()),
-        "dialogue_by_role": dict(roles),
-        "non_dialogue_by_type": dict(sorted(kinds.items())),
-        "chunks": chunks_total,
-        "tokens": tokens_total,
-        "chunk_size": chunk_size,
-        "first_date": first.isoformat() if first else None,
-        "last_date": last.isoformat() if last else None,
-    }
-    return {"format": report.format, "totals": totals, "skipped": report.skipped, "conversations": rows}
+    return profile_export(paths, chunk_size).inspect_json()
 
 
 def _print_inspect(result: dict) -> None:
@@ -108,7 +55,7 @@ def _print_inspect(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    """`apiana-lab`: inspect an export, or write a synthetic one."""
+    """`apiana-lab`: inspect an export, plan a run, or write a synthetic export."""
     parser = argparse.ArgumentParser(prog="apiana-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="count conversations, messages, chunks and tokens in an export")
@@ -123,9 +70,38 @@ def main(argv=None) -> int:
     s.add_argument("--format", choices=["chatgpt", "chatgpt-sharded", "claude"], default="chatgpt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-v", "--verbose", action="store_true")
+    pl = sub.add_parser("plan", help="project how long summarizing a whole export will take, from a measured sample")
+    pl.add_argument("input", nargs="+", help="the export(s), as for inspect")
+    pl.add_argument("--backend", default="vllm", help="vllm (default), transformers, openai or fake")
+    pl.add_argument("--model", default=None, help="as for chatgpt-export-v2")
+    pl.add_argument("--sample", type=int, default=16, help="chunks to measure, spread from shortest to longest (default 16)")
+    pl.add_argument("--chunk-size", type=int, default=3500)
+    pl.add_argument("--max-length", type=int, default=300)
+    pl.add_argument("--batch-size", type=int, default=None)
+    pl.add_argument("--max-workers", type=int, default=None)
+    _add_engine_flags(pl)
+    pl.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    pl.add_argument("-v", "--verbose", action="store_true")
+    r = sub.add_parser("results", help="list notebook runs under results/ with key figures and verdicts; rewrite results/README.md")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--root", default=None, help="the results folder (default: the checkout's results/)")
+    r.add_argument("-v", "--verbose", action="store_true")
+    n = sub.add_parser("notebook", help="execute notebooks with papermill into results/<notebook>/<run-id>/")
+    n.add_argument("name", nargs="+", help="explore_export, summarize_export, backend_comparison, batch_size_sweep, "
+                                            "ab_migration_check, or all")
+    n.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="override a parameter (VALUE read as JSON when it parses); repeatable")
+    n.add_argument("--root", default=None, help="the results folder (default: the checkout's results/)")
+    n.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        if args.command == "plan":
+            return _plan(args)
+        if args.command == "results":
+            return _results(args)
+        if args.command == "notebook":
+            return _notebook(args)
         if args.command == "inspect":
             result = inspect_export(args.input, args.chunk_size)
             if args.json:
@@ -157,6 +133,80 @@ ENGINE_FLAGS = [
     ("--base-url", "base_url", dict(help="openai: the server, e.g. http://127.0.0.1:8000/v1")),
     ("--api-key-env", "api_key_env", dict(help="openai: environment variable holding the API key (default OPENAI_API_KEY)")),
 ]
+
+
+def _add_engine_flags(parser) -> None:
+    engine = parser.add_argument_group("engine options (checked against the chosen backend)")
+    for flag, _, settings in ENGINE_FLAGS:
+        engine.add_argument(flag, **settings)
+    engine.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other constructor argument of the backend (vllm: any vllm.EngineArgs field); "
+                             "VALUE is read as JSON when it parses")
+
+
+def _engine_options(args) -> dict:
+    """The engine flags the user gave, as constructor arguments (ValueError on a malformed --engine-arg)."""
+    options = {name: getattr(args, name) for _, name, _ in ENGINE_FLAGS if getattr(args, name) is not None}
+    options.update(parse_engine_args(args.engine_arg))
+    return options
+
+
+def _plan(args) -> int:
+    from .experiments.plan import format_plan, plan_export
+
+    if args.sample < 1:
+        return _fail("--sample must be at least 1")
+    try:
+        plan = plan_export(args.input, args.backend, args.model, sample=args.sample, chunk_size=args.chunk_size,
+                           max_length=args.max_length, batch_size=args.batch_size, max_workers=args.max_workers,
+                           engine_options=_engine_options(args))
+    except (ApianaError, ValueError) as e:
+        return _fail(str(e))
+    if args.json:
+        json.dump(plan, sys.stdout, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(format_plan(plan))
+    return EXIT_OK
+
+
+def _results(args) -> int:
+    from .experiments.results import list_runs, write_index
+
+    runs = list_runs(args.root)
+    index = write_index(args.root)
+    if args.json:
+        json.dump(runs, sys.stdout, default=str)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    if not runs:
+        print(f"no notebook runs yet; run `make notebooks` (index: {index})")
+        return EXIT_OK
+    for r in runs:
+        key = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["key"].items())
+        verdict = f" [{r['verdict']}]" if r["verdict"] else ""
+        print(f"{r['notebook']:<20} {r['run_id']:<26} {key}{verdict}")
+    print(f"index: {index}")
+    return EXIT_OK
+
+
+def _notebook(args) -> int:
+    from .experiments.results import NOTEBOOKS, execute
+
+    names = list(NOTEBOOKS) if args.name == ["all"] else args.name
+    unknown = [n for n in names if n.removesuffix(".ipynb") not in NOTEBOOKS]
+    if unknown:
+        return _fail(f"unknown notebook {unknown[0]!r}; notebooks: {', '.join(NOTEBOOKS)}, or all")
+    parameters = parse_engine_args([f"{k}={v}" for k, v in args.parameter])
+    failed = []
+    for name in names:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        try:
+            print(execute(name, parameters, args.root))
+        except Exception as e:  # papermill's error names the failing cell; the executed notebook is kept
+            failed.append(name)
+            print(f"{name} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+    return EXIT_FAILED_CHUNKS if failed else EXIT_OK
 
 
 def parse_engine_args(pairs: list[str]) -> dict:
@@ -198,12 +248,7 @@ def export_v2_main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N chunks")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
-    engine = parser.add_argument_group("engine options (checked against the chosen backend)")
-    for flag, _, settings in ENGINE_FLAGS:
-        engine.add_argument(flag, **settings)
-    engine.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other constructor argument of the backend (vllm: any vllm.EngineArgs field); "
-                             "VALUE is read as JSON when it parses")
+    _add_engine_flags(parser)
     scale = parser.add_argument_group("Ray (summarize on a cluster's actors; reading, chunking and the store stay here)")
     scale.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="run on the Ray cluster at ADDRESS (HOST:PORT of its head); without ADDRESS: RAY_ADDRESS, "
@@ -228,8 +273,7 @@ def export_v2_main(argv=None) -> int:
     if args.ray is None and (args.replicas, args.replica_gpus, args.replica_cpus) != (None, None, None):
         return _fail("--replicas, --replica-gpus and --replica-cpus need --ray")
     try:
-        engine_options = {name: getattr(args, name) for _, name, _ in ENGINE_FLAGS if getattr(args, name) is not None}
-        engine_options.update(parse_engine_args(args.engine_arg))
+        engine_options = _engine_options(args)
     except ValueError as e:
         return _fail(str(e))
     sequential = args.sequential or os.environ.get("APIANA_PARALLEL", "1").strip() in ("0", "false", "no")

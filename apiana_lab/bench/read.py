@@ -32,12 +32,9 @@ EXTRAS = [
     ("json_load_nogc", "json.load, gc disabled", {}),
     # The CLI turns tokenizer threads off (TOKENIZERS_PARALLELISM=false): what would they buy?
     ("read_chunk", "read + chunk, tokenizer threads on", {"TOKENIZERS_PARALLELISM": "true"}),
-    # pipeline.Checkpoint lists every chunk before storing them: the memory that costs.
-    ("read_chunk_store_all", "read + chunk + store, all chunks held", {}),
 ]
 TARGET_SECONDS_PER_200MB = 60.0
 TARGET_PEAK_RSS_MB = 1000.0
-STORE_EVERY = 500  # conversations (and chunks) written per SQLite transaction, as the pipeline does
 
 
 def run_phase(phase: str, path: Path, workdir: Path) -> dict:
@@ -70,30 +67,26 @@ def run_phase(phase: str, path: Path, workdir: Path) -> dict:
     else:
         from apiana_lab.export.reader import read_export
 
-        hold_chunks = phase == "read_chunk_store_all"
-        conversations, chunks = [], []
-        for conversation in read_export(path):
-            figures["conversations"] += 1
-            figures["messages"] += len(conversation.entries)
-            if chunker is None:
-                continue
-            new = chunker.chunk(conversation)
-            figures["chunks"] += len(new)
-            figures["tokens"] += sum(c.token_count for c in new)
-            if store is not None:
-                conversations.append(conversation)
-                chunks.extend(new)
-                if len(conversations) >= STORE_EVERY:
-                    store.add_conversations(conversations)
-                    conversations = []
-                    if not hold_chunks:
-                        store.add_chunks(chunks)
-                        chunks = []
         if store is not None:
-            store.add_conversations(conversations)
-            store.add_chunks(chunks)
+            # The pipeline's own first step, exactly as a run does it.
+            from apiana_lab.export.types import ReadReport
+            from apiana_lab.pipeline import Ingest
+
+            report = ReadReport()
+            refs = Ingest(store, chunker, report=report)(str(path))
+            figures.update(conversations=report.conversations, messages=None, chunks=len(refs),
+                           tokens=sum(r.token_count for r in refs))
             store.close()
             figures["sqlite_mb"] = round(sum(p.stat().st_size for p in workdir.glob("bench.sqlite*")) / 1e6, 1)
+        else:
+            for conversation in read_export(path):
+                figures["conversations"] += 1
+                figures["messages"] += len(conversation.entries)
+                if chunker is None:
+                    continue
+                new = chunker.chunk(conversation)
+                figures["chunks"] += len(new)
+                figures["tokens"] += sum(c.token_count for c in new)
     seconds = time.perf_counter() - start
     return {"phase": phase, "seconds": seconds, "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb(), **figures}
 

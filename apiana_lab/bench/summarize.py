@@ -17,17 +17,15 @@ import gc
 import logging
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from apiana_lab.experiments.measure import SHORT_SYSTEM, SHORT_TEMPLATE, workload_chunks
+from apiana_lab.experiments.measure import measure as measure_run
 
 from .common import machine, markdown_table, write_results
 
 logger = logging.getLogger("apiana_lab.bench.summarize")
 
-# (b) uses a short prompt pair so the prompt stays ~50-100 tokens; the template must keep all three placeholders.
-SHORT_SYSTEM = "You summarize conversations."
-SHORT_TEMPLATE = 'Summarize "{title}" ({conversation_date}):\n{formatted_messages}'
 TARGETS = {
     ("a", "vllm parallel"): 3.0,
     ("b", "vllm parallel"): 8.0,
@@ -77,70 +75,10 @@ def cpu_limits(n: int) -> dict:
     }
 
 
-def workload_chunks(n: int, seed: int = 1) -> tuple[list, list]:
-    """(a) n chunks of about 1,000-1,400 tokens and (b) n short chunks, from one synthetic export."""
-    from apiana_lab.chunking import Chunker, ChunkingOptions, load_tokenizer
-    from apiana_lab.export.reader import read_export
-    from apiana_lab.export.synth import write_synthetic_export
-
-    tokenizer = load_tokenizer()
-    long_chunker = Chunker(ChunkingOptions(chunk_size=1400), tokenizer)
-    short_chunker = Chunker(ChunkingOptions(chunk_size=64), tokenizer)
-    real, short = [], []
-    with tempfile.TemporaryDirectory(prefix="bench-summarize-") as folder:
-        path = Path(folder) / "conversations.json"
-        write_synthetic_export(path, size_mb=max(4.0, n / 4), seed=seed)
-        for conversation in read_export(path):
-            # One chunk of each kind per conversation, so the prompts differ in topic as well as text.
-            if len(real) < n:
-                real += [c for c in long_chunker.chunk(conversation) if 1000 <= c.token_count <= 1400 and not c.continued][:1]
-            if len(short) < n:
-                short += [c for c in short_chunker.chunk(conversation) if 30 <= c.token_count <= 64 and not c.continued][:1]
-            if len(real) >= n and len(short) >= n:
-                break
-    if len(real) < n or len(short) < n:
-        raise RuntimeError(f"the synthetic export gave only {len(real)} long and {len(short)} short chunks; need {n}")
-    return real, short
-
-
 def measure(config: str, workload: str, transform, chunks: list) -> dict:
-    """Run one transform over the chunks and return its figures."""
-    if getattr(transform.provider, "name", "") == "vllm":
-        # The same prompts run more than once (prefill run, workloads): no reuse across runs.
-        transform.provider.llm.reset_prefix_cache()
-    gc.collect()
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    records = [record for _, record in transform.run(chunks)]
-    wall = time.perf_counter() - start
-    stats = transform.stats
-    done = [r for r in records if r.error is None]
-    lengths = [r.completion_tokens for r in done]
-    row = {
-        "workload": workload,
-        "config": config,
-        "chunks": len(chunks),
-        "failed": len(records) - len(done),
-        "wall_s": wall,
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.completion_tokens,
-        "completion_tokens_per_s": stats.completion_tokens / wall,
-        "prompt_tokens_per_s": stats.prompt_tokens / wall,
-        "chunks_per_s": len(done) / wall,
-        "completion_tokens_min_max": [min(lengths, default=0), max(lengths, default=0)],
-        "hit_max_tokens": sum(r.finish_reason == "length" for r in done),
-        "batch_size": getattr(transform, "batch_size", 1),
-        "max_workers": getattr(transform, "max_workers", 1),
-        "max_tokens": transform.options.max_tokens,
-        "sample_summary": done[0].summary[:300] if done else None,
-        # The machine is shared: a load above the core count means these seconds include waiting for a core.
-        "loadavg_1m_before_after": [load_before, os.getloadavg()[0]],
-    }
-    row["load_1m"] = "{:.1f}→{:.1f}".format(*row["loadavg_1m_before_after"])
-    failures = [r.error for r in records if r.error is not None]
-    if failures:
-        row["first_failure"] = failures[0][:500]
-    print(f"  [{workload}] {config:<28} {wall:8.1f} s  {row['completion_tokens']:6d} new tokens  "
+    """One configuration's figures (the shared implementation), echoed to stderr as it goes."""
+    row, _ = measure_run(transform, chunks, config=config, workload=workload)
+    print(f"  [{workload}] {config:<28} {row['wall_s']:8.1f} s  {row['completion_tokens']:6d} new tokens  "
           f"{row['completion_tokens_per_s']:7.1f} tok/s  {row['failed']} failed", file=sys.stderr, flush=True)
     return row
 

@@ -49,6 +49,7 @@ class VLLMProvider(LLMProvider):
         dtype: str = "auto",
         seed: int = 0,
         load_format: str = "auto",
+        stats: bool = False,
         **engine_kwargs,
     ):
         path = resolve_model(model)
@@ -69,8 +70,11 @@ class VLLMProvider(LLMProvider):
             dtype=dtype,
             seed=seed,
             load_format=load_format,
+            # Stats feed engine_metrics() (KV-cache use, queue, preemptions); off by default, as in vLLM.
+            disable_log_stats=engine_kwargs.pop("disable_log_stats", not stats),
             **engine_kwargs,
         )
+        self.stats = not self.engine_args["disable_log_stats"]
         self.adjustments: list[str] = []
         # vllm.LLM is not thread-safe: two threads in chat() steal each other's outputs and
         # hang. Workers take turns; the engine's continuous batching is the parallelism.
@@ -116,6 +120,27 @@ class VLLMProvider(LLMProvider):
     @property
     def max_context(self) -> int:
         return int(self.engine_args["max_model_len"])
+
+    def engine_metrics(self) -> dict[str, float]:
+        """vLLM's own gauges: kv_cache_usage_perc (a fraction, 1.0 = full), num_requests_running/_waiting, num_preemptions.
+
+        {} unless the engine was started with `stats=True`. Safe to call from a sampler thread
+        while another thread runs the engine: in vllm 0.32, `LLM.get_metrics()` only reads the
+        process's prometheus registry, whose values sit behind their own locks; it sends
+        nothing to the engine. The registry is per process, so with two engines alive it holds
+        the newer one's metrics.
+        """
+        llm = getattr(self, "llm", None)
+        if not self.stats or llm is None:
+            return {}
+        wanted = ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting", "num_preemptions")
+        values: dict[str, list[float]] = {}
+        for metric in llm.get_metrics():
+            name = metric.name.removeprefix("vllm:")
+            if name in wanted:
+                values.setdefault(name, []).append(float(metric.value))
+        # One sample per engine (data parallel); usage is a mean, counts add up.
+        return {k: (sum(v) / len(v) if k == "kv_cache_usage_perc" else sum(v)) for k, v in values.items()}
 
     def count_tokens(self, prompt: Prompt) -> int:
         ids = self._tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=True)

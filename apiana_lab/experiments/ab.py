@@ -1,0 +1,237 @@
+"""The A/B migration check: the sequential pipeline (old) against the parallel one (new), chunk by chunk.
+
+A verdict is data first: every check with its value, its threshold and whether it held. GO only
+when all hold; a chunk missing, duplicated or extra on either side is always NO-GO. Similarity
+is rapidfuzz's normalized Indel similarity (`fuzz.ratio` / 100: 1.0 identical, 0.0 nothing in
+common), a maintained, standard edit-distance score.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import ApianaError, ConfigError
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What GO requires. Defaults come from measurements written down in the README (A/B check)."""
+
+    min_exact_match: float = 0.5  # share of chunks whose summaries are identical
+    min_similarity_p10: float = 0.3  # the 10th percentile of per-chunk similarity
+    min_similarity_median: float = 0.9
+    length_ratio_range: tuple[float, float] = (0.8, 1.25)  # median new/old completion tokens
+    min_finish_agreement: float = 0.8  # share of chunks whose finish reasons agree
+    max_extra_failures: int = 0  # new may fail at most this many more chunks than old
+    min_speedup: float = 1.0  # new wall time must not exceed old's (only when both were timed)
+
+    def __post_init__(self):
+        for name in ("min_exact_match", "min_similarity_p10", "min_similarity_median", "min_finish_agreement"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"threshold {name} must be between 0 and 1, not {value!r}")
+        lo, hi = self.length_ratio_range
+        if not 0 < lo <= 1 <= hi:
+            raise ConfigError(f"length_ratio_range must be (low <= 1 <= high) with low > 0, not {self.length_ratio_range!r}")
+        if self.max_extra_failures < 0 or self.min_speedup < 0:
+            raise ConfigError("max_extra_failures and min_speedup must be >= 0")
+
+
+@dataclass
+class Check:
+    """One condition of the verdict."""
+
+    name: str
+    value: float | int | None
+    threshold: str
+    passed: bool
+
+
+@dataclass
+class Verdict:
+    """GO or NO-GO, with every check behind it."""
+
+    go: bool
+    checks: list[Check] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict:
+        return {"verdict": "GO" if self.go else "NO-GO", "checks": [asdict(c) for c in self.checks], "summary": self.summary}
+
+    def raise_if_no_go(self) -> None:
+        """Raise ABCheckFailed naming the failed checks, so papermill marks the notebook failed."""
+        if not self.go:
+            raise ABCheckFailed(self)
+
+    def __str__(self) -> str:
+        lines = [f"{'GO' if self.go else 'NO-GO'}: {sum(c.passed for c in self.checks)}/{len(self.checks)} checks hold"]
+        lines += [f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: {_fmt(c.value)} (needs {c.threshold})" for c in self.checks]
+        return "\n".join(lines)
+
+
+class ABCheckFailed(ApianaError):
+    """The A/B check said NO-GO; the message names each failed check."""
+
+    def __init__(self, verdict: Verdict):
+        self.verdict = verdict
+        failed = "; ".join(f"{c.name} = {_fmt(c.value)}, needs {c.threshold}" for c in verdict.failed)
+        super().__init__(f"NO-GO: the parallel pipeline is not a safe replacement: {failed}")
+
+
+def compare(old: list[dict], new: list[dict], chunk_ids: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Per-chunk comparison rows and their summary.
+
+    `old`, `new`: one dict per output row: `chunk_id`, `summary` (or `error`), `completion_tokens`,
+    `finish_reason`. `chunk_ids`: the chunks both sides were meant to cover (default: old's).
+    """
+    from rapidfuzz import fuzz
+
+    count_old, count_new = Counter(r["chunk_id"] for r in old), Counter(r["chunk_id"] for r in new)
+    by_old, by_new = {r["chunk_id"]: r for r in old}, {r["chunk_id"]: r for r in new}
+    expected = list(dict.fromkeys(chunk_ids if chunk_ids is not None else [r["chunk_id"] for r in old]))
+    rows = []
+    for cid in expected:
+        a, b = by_old.get(cid), by_new.get(cid)
+        row = {"chunk_id": cid, "in_old": a is not None, "in_new": b is not None,
+               "failed_old": bool(a and a.get("error")), "failed_new": bool(b and b.get("error"))}
+        if a and b and not row["failed_old"] and not row["failed_new"]:
+            sa, sb = a["summary"], b["summary"]
+            row.update(
+                exact=sa == sb,
+                similarity=fuzz.ratio(sa, sb) / 100,
+                length_ratio=(b["completion_tokens"] / a["completion_tokens"]) if a["completion_tokens"] else None,
+                finish_old=a.get("finish_reason"), finish_new=b.get("finish_reason"),
+                old_summary=sa, new_summary=sb,
+            )
+        rows.append(row)
+    compared = [r for r in rows if "exact" in r]
+    sims = sorted(r["similarity"] for r in compared)
+    ratios = [r["length_ratio"] for r in compared if r["length_ratio"] is not None]
+    summary = {
+        "chunks": len(expected),
+        "compared": len(compared),
+        "missing_old": sum(not r["in_old"] for r in rows),
+        "missing_new": sum(not r["in_new"] for r in rows),
+        "duplicated_old": sum(n - 1 for n in count_old.values() if n > 1),
+        "duplicated_new": sum(n - 1 for n in count_new.values() if n > 1),
+        "extra_old": len(set(count_old) - set(expected)),
+        "extra_new": len(set(count_new) - set(expected)),
+        "failed_old": sum(r["failed_old"] for r in rows),
+        "failed_new": sum(r["failed_new"] for r in rows),
+        "exact_match_rate": _share(r["exact"] for r in compared),
+        "similarity_mean": statistics.fmean(sims) if sims else None,
+        "similarity_p10": _quantile(sims, 0.10),
+        "similarity_median": _quantile(sims, 0.50),
+        "similarity_min": sims[0] if sims else None,
+        "length_ratio_median": statistics.median(ratios) if ratios else None,
+        "finish_agreement": _share(r["finish_old"] == r["finish_new"] for r in compared),
+    }
+    return rows, summary
+
+
+def verdict(summary: dict, thresholds: Thresholds | None = None, speedup: float | None = None) -> Verdict:
+    """GO only if every check holds; a missing, duplicated or extra chunk is always NO-GO."""
+    t = thresholds or Thresholds()
+    lo, hi = t.length_ratio_range
+    s = summary
+    coverage = s["missing_old"] + s["missing_new"] + s["duplicated_old"] + s["duplicated_new"] + s["extra_old"] + s["extra_new"]
+    checks = [
+        Check("chunks missing, duplicated or extra (either side)", coverage, "== 0", coverage == 0),
+        Check("extra failures (new - old)", s["failed_new"] - s["failed_old"], f"<= {t.max_extra_failures}",
+              s["failed_new"] - s["failed_old"] <= t.max_extra_failures),
+        Check("exact-match rate", s["exact_match_rate"], f">= {t.min_exact_match}", _at_least(s["exact_match_rate"], t.min_exact_match)),
+        Check("similarity p10", s["similarity_p10"], f">= {t.min_similarity_p10}", _at_least(s["similarity_p10"], t.min_similarity_p10)),
+        Check("similarity median", s["similarity_median"], f">= {t.min_similarity_median}",
+              _at_least(s["similarity_median"], t.min_similarity_median)),
+        Check("length ratio median (new/old)", s["length_ratio_median"], f"in [{lo}, {hi}]",
+              s["length_ratio_median"] is not None and lo <= s["length_ratio_median"] <= hi),
+        Check("finish-reason agreement", s["finish_agreement"], f">= {t.min_finish_agreement}",
+              _at_least(s["finish_agreement"], t.min_finish_agreement)),
+    ]
+    if speedup is not None:
+        checks.append(Check("speed-up (old wall / new wall)", speedup, f">= {t.min_speedup}", speedup >= t.min_speedup))
+    return Verdict(all(c.passed for c in checks), checks, {**summary, "speedup": speedup})
+
+
+def run_ab(chunks, provider, *, batch_size: int | None = None, max_workers: int | None = None, max_length: int = 300,
+           new_max_length: int | None = None, new_system_prompt: str | None = None, new_user_template: str | None = None,
+           thresholds: Thresholds | None = None) -> dict:
+    """Old (SummarizerTransform) and new (ParallelSummarizerTransform) on the same chunks, greedy; rows and verdict.
+
+    `new_*` change the new side on purpose (a wrong max_length or prompt), to see the check fail.
+    """
+    from ..summarize import ParallelSummarizerTransform, SummarizerTransform
+    from .measure import measure
+
+    old_t = SummarizerTransform(provider, max_length=max_length, temperature=0.0)
+    new_t = ParallelSummarizerTransform(provider, max_workers=max_workers, batch_size=batch_size,
+                                        max_length=new_max_length or max_length, temperature=0.0,
+                                        system_prompt=new_system_prompt, user_template=new_user_template)
+    old_fig, old_records = measure(old_t, chunks, config="old: sequential")
+    new_fig, new_records = measure(new_t, chunks, config="new: parallel")
+    rows, summary = compare([_row(r) for r in old_records], [_row(r) for r in new_records], [c.id for c in chunks])
+    speedup = old_fig["wall_s"] / new_fig["wall_s"] if new_fig["wall_s"] else None
+    result = verdict(summary, thresholds, speedup)
+    return {"rows": rows, "verdict": result, "old": old_fig, "new": new_fig}
+
+
+def compare_outputs(old_dir: str | Path, new_dir: str | Path, thresholds: Thresholds | None = None) -> dict:
+    """Compare two finished runs' output folders by chunk id, without recomputing anything.
+
+    Reads each folder's summaries.jsonl (the run's list: where a duplicate would show) and its
+    run.json (failed chunks, wall time).
+    """
+    sides = []
+    for folder in (Path(old_dir), Path(new_dir)):
+        jsonl, run_json = folder / "summaries.jsonl", folder / "run.json"
+        if not jsonl.is_file() or not run_json.is_file():
+            raise ConfigError(f"{folder} is not a finished run's output folder (needs summaries.jsonl and run.json); "
+                              f"run chatgpt-export-v2 -o {folder} first.")
+        rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+        run = json.loads(run_json.read_text(encoding="utf-8"))
+        rows += [{"chunk_id": cid, "error": why, "summary": "", "completion_tokens": 0}
+                 for cid, why in (run.get("failed_chunks") or {}).items()]
+        sides.append((rows, run))
+    (old, old_run), (new, new_run) = sides
+    expected = list(dict.fromkeys([r["chunk_id"] for r in old] + [r["chunk_id"] for r in new]))
+    rows, summary = compare(old, new, expected)
+    wall_old, wall_new = old_run.get("summarize_seconds"), new_run.get("summarize_seconds")
+    speedup = wall_old / wall_new if wall_old and wall_new else None
+    return {"rows": rows, "verdict": verdict(summary, thresholds, speedup), "old": old_run, "new": new_run}
+
+
+def _row(record) -> dict:
+    return {"chunk_id": record.chunk_id, "summary": record.summary, "error": record.error,
+            "completion_tokens": record.completion_tokens, "finish_reason": record.finish_reason}
+
+
+def _share(flags) -> float | None:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else None
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def _at_least(value, threshold) -> bool:
+    return value is not None and value >= threshold
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)

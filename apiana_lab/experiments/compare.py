@@ -1,0 +1,135 @@
+"""Backends side by side on the same chunks, and one backend across batch sizes."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+from ..errors import ApianaError
+from ..providers.base import GenerationOptions
+from ..providers.registry import get_provider, provider_class
+from ..summarize import ParallelSummarizerTransform
+from .measure import measure
+
+logger = logging.getLogger(__name__)
+
+
+def _options_for(backend: str, model: str | None, dtype: str | None, extra: dict | None) -> dict:
+    """Constructor arguments for one backend: dtype only where the backend takes one."""
+    options = dict(extra or {})
+    if dtype and "dtype" in provider_class(backend).engine_option_names():
+        options.setdefault("dtype", dtype)
+    if backend == "vllm":
+        # The same chunks run once per configuration: cached prefixes would flatter whoever runs second.
+        options.setdefault("enable_prefix_caching", False)
+    return options
+
+
+def compare_backends(chunks, backends: list[str], *, model: str | None = None, max_length: int = 128,
+                     batch_size: int | None = None, dtype: str | None = None, engine_options: dict | None = None,
+                     monitor: bool = True, interval: float = 0.5) -> dict:
+    """Load each backend in turn, run the same chunks through it, free it; one row per backend.
+
+    Returns {"rows": [...], "monitors": {backend: MemoryMonitor}} (monitors only with `monitor`).
+    `engine_options` maps a backend name to extra constructor arguments (e.g. openai's base_url).
+    A backend that fails to load or run is a row with its error, not a crash.
+    """
+    rows, monitors = [], {}
+    for backend in backends:
+        options = _options_for(backend, model, dtype, (engine_options or {}).get(backend))
+        row = {"backend": backend, "model": model, "dtype": dtype}
+        mon = None
+        provider = None
+        try:
+            if monitor:
+                from ..monitor import MemoryMonitor
+
+                mon = MemoryMonitor(interval=interval).start()
+                mon.mark(f"{backend}: load")
+            start = time.perf_counter()
+            provider = get_provider(backend, model=model, **options)
+            row["load_s"] = time.perf_counter() - start
+            if mon is not None:
+                mon.attach(provider)
+            provider.complete("Say hello.", GenerationOptions(max_tokens=4))  # lazy start-up is not throughput
+            transform = ParallelSummarizerTransform(provider, batch_size=batch_size, max_length=max_length)
+            figures, _ = measure(transform, chunks, config=backend, monitor=mon)
+            row.update(figures)
+            row["model"] = provider.model
+        except (ApianaError, RuntimeError, ValueError, OSError) as e:
+            logger.warning("%s failed: %s", backend, e)
+            row["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            if provider is not None:
+                provider.close()
+            if mon is not None:
+                mon.stop()
+                monitors[backend] = mon
+                if "error" not in row:
+                    row.update({f"peak_{k}": v for k, v in mon.peaks().items()})
+            gc.collect()
+        rows.append(row)
+    return {"rows": rows, "monitors": monitors}
+
+
+def sweep_batch_sizes(chunks, backend: str, batch_sizes: list[int], *, model: str | None = None, max_length: int = 128,
+                      dtype: str | None = None, engine_options: dict | None = None, headroom: float = 0.2,
+                      memory_limit_mb: float | None = None, interval: float = 0.5) -> dict:
+    """Throughput and peak memory at each batch size on one loaded backend, and the batch size to use.
+
+    An out-of-memory point is a data point (marked), not a crash. The recommendation is the best
+    throughput whose peak memory stays under (1 - headroom) of the limit: the GPU's memory when
+    one is visible, else this machine's RAM (or `memory_limit_mb`).
+    """
+    from ..monitor import MemoryMonitor
+
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be a non-empty list of positive integers, not {batch_sizes!r}")
+    options = _options_for(backend, model, dtype, engine_options)
+    if backend == "transformers":
+        # The point is to see what batch size does; the token budget would cap it, so lift it.
+        options.setdefault("max_batch_tokens", 10**9)
+    rows = []
+    with MemoryMonitor(interval=interval) as mon:
+        provider = get_provider(backend, model=model, **options)
+        mon.attach(provider)
+        try:
+            provider.complete("Say hello.", GenerationOptions(max_tokens=4))
+            for b in sorted(int(x) for x in batch_sizes):
+                row = {"batch_size": b}
+                try:
+                    transform = ParallelSummarizerTransform(provider, batch_size=b, max_workers=1, max_length=max_length)
+                    figures, _ = measure(transform, chunks, config=f"batch {b}", monitor=mon)
+                    row.update(figures)
+                    row["oom"] = figures["batch_size_changes"] > 0 or "oom" in figures["failures_by_reason"]
+                except (ApianaError, RuntimeError, MemoryError) as e:  # a failed point is a point
+                    row.update(error=f"{type(e).__name__}: {e}", oom="memory" in str(e).lower())
+                rows.append(row)
+        finally:
+            provider.close()
+        limit = memory_limit_mb or _memory_limit_mb(mon)
+    budget = limit * (1 - headroom) if limit else None
+    # On a GPU the card's memory is what runs out; on a CPU this process tree's resident memory.
+    gpu_keys = sorted({k for r in rows for k in r if k.startswith("peak_gpu") and k.endswith("_used_mb")})
+    memory_key = gpu_keys[0] if gpu_keys else "peak_rss_mb"
+    fits = [r for r in rows if "error" not in r and not r.get("oom") and r["failed"] == 0
+            and (budget is None or r.get(memory_key, 0) <= budget)]
+    best = max(fits, key=lambda r: r["completion_tokens_per_s"], default=None)
+    return {"rows": rows, "monitor": mon, "memory_key": memory_key, "memory_limit_mb": limit, "headroom": headroom,
+            "recommended_batch_size": best["batch_size"] if best else None,
+            "recommended_tokens_per_s": best["completion_tokens_per_s"] if best else None}
+
+
+def _memory_limit_mb(mon) -> float | None:
+    """The GPU's total memory when the monitor saw one, else this machine's RAM."""
+    frame = mon.to_pandas()
+    totals = [c for c in frame.columns if c.startswith("gpu") and c.endswith("_total_mb")]
+    if totals:
+        return float(frame[totals[0]].max())
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total / 1e6
+    except ImportError:
+        return None

