@@ -249,6 +249,15 @@ def export_v2_main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
     _add_engine_flags(parser)
+    scale = parser.add_argument_group("Ray (summarize on a cluster's actors; reading, chunking and the store stay here)")
+    scale.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on the Ray cluster at ADDRESS (HOST:PORT of its head); without ADDRESS: RAY_ADDRESS, "
+                            "else a new local cluster")
+    scale.add_argument("--replicas", type=int, default=None,
+                       help="model replicas (default: one per GPU, or one per node when the cluster has no GPUs)")
+    scale.add_argument("--replica-gpus", type=float, default=None,
+                       help="GPUs per replica (default: 1 when the cluster has GPUs, else 0)")
+    scale.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default 1)")
     parser.add_argument("--sequential", action="store_true", help="the old one-at-a-time summarizer (also APIANA_PARALLEL=0)")
     parser.add_argument("--fresh", action="store_true", help="ignore summaries from earlier runs")
     parser.add_argument("--no-progress", action="store_true")
@@ -261,6 +270,8 @@ def export_v2_main(argv=None) -> int:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.limit is not None and args.limit < 0:
         return _fail("--limit must be >= 0")
+    if args.ray is None and (args.replicas, args.replica_gpus, args.replica_cpus) != (None, None, None):
+        return _fail("--replicas, --replica-gpus and --replica-cpus need --ray")
     try:
         engine_options = _engine_options(args)
     except ValueError as e:
@@ -277,6 +288,8 @@ def export_v2_main(argv=None) -> int:
         model=args.model, batch_size=args.batch_size, max_workers=args.max_workers, chunk_size=args.chunk_size,
         chunk_method=args.chunk_method, max_length=args.max_length, limit=args.limit, sequential=sequential,
         fresh=args.fresh, temperature=args.temperature, seed=args.seed, engine_options=engine_options,
+        executor="local" if args.ray is None else "ray", ray_address=args.ray or None, replicas=args.replicas,
+        replica_gpus=args.replica_gpus, replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
     )
     held = SQLiteStore.peek(os.path.join(args.output, "apiana.sqlite"))
     if held:
@@ -305,8 +318,14 @@ def export_v2_main(argv=None) -> int:
         mode = f"streaming, {result['batch_size']} in flight"
     elif result["mode"] == "batch":
         mode = f"parallel, batch {result['batch_size']}, {result['max_workers']} workers"
-    else:
+    elif result["mode"]:
         mode = f"parallel, {result['max_workers']} requests in flight"
+    else:  # on Ray with nothing left to do, no replica started
+        mode = "nothing left to summarize"
+    if "ray" in result:
+        cluster = result["ray"]
+        nodes = len({r["node"] for r in cluster["replica_runs"]})
+        mode += f"; on Ray, {cluster['replicas']} replicas, {nodes} of {len(cluster['nodes'])} nodes did work"
     dup = f", {result['duplicates']} duplicate conversations dropped" if result["duplicates"] else ""
     print(
         f"{result['chunks_total']} chunks from {result['conversations_read']} conversations "
@@ -317,6 +336,8 @@ def export_v2_main(argv=None) -> int:
         print(
             f"{result['completion_tokens_per_s']:.1f} completion tokens/s, {result['chunks_per_s']:.2f} chunks/s; "
             f"model load {result['load_seconds']:.1f} s, whole run {result['wall_seconds']:.1f} s"
+            + (f" (replicas started and loaded the model in {result['ray']['startup_seconds']:.1f} s of it)"
+               if "ray" in result and result["ray"]["startup_seconds"] is not None else "")
         )
     print(f"results: {os.path.join(args.output, 'summaries.jsonl')}, {os.path.join(args.output, 'apiana.sqlite')}, "
           f"{os.path.join(args.output, 'run.json')}")

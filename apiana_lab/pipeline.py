@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from .chunking import Chunk, ChunkRef, ConversationChunkerComponent, load_tokenizer
 from .errors import ConfigError
@@ -26,6 +27,9 @@ from .providers.base import LLMProvider
 from .providers.registry import check_options, get_provider
 from .store import ChatFragmentWriter, SQLiteStore, Store, SummaryKey, SummaryRecord
 from .summarize import ParallelSummarizerTransform, SummarizerTransform
+
+if TYPE_CHECKING:
+    from .ray_executor import RayCluster
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +209,11 @@ class RunConfig:
     temperature: float = 0.0
     seed: int | None = None
     engine_options: dict = field(default_factory=dict)  # constructor arguments of the backend
+    executor: str = "local"  # "local", or "ray": summarize on a Ray cluster's actors
+    ray_address: str | None = None  # the cluster (None: RAY_ADDRESS, else a new local one)
+    replicas: int | None = None  # Ray: model replicas (None: one per GPU, or one per node without GPUs)
+    replica_gpus: float | None = None  # Ray: GPUs per replica (None: 1 when the cluster has GPUs, else 0)
+    replica_cpus: float = 1.0  # Ray: CPUs per replica
 
     @property
     def inputs(self) -> list[str]:
@@ -237,14 +246,23 @@ def chatgpt_parallel_processing_pipeline(
     provider_kwargs: dict | None = None,
     run_id: int | None = None,
     cancel: threading.Event | None = None,
+    ray: "RayCluster | None" = None,
     **options,
 ) -> Pipeline:
-    """Ingest -> Checkpoint -> Summarize -> Write, ready to `run(paths)`."""
-    provider = provider or get_provider(backend, model=model_name, **(provider_kwargs or {}))
-    summarizer = build_summarizer(provider, sequential, max_workers, batch_size, max_length, **options)
+    """Ingest -> Checkpoint -> Summarize -> Write, ready to `run(paths)`; with `ray`, summarizing runs on that cluster."""
+    if ray is not None:
+        if sequential:
+            raise ConfigError("--sequential runs on this machine only; leave it out with --ray.")
+        provider = provider or ray.describe_provider(backend, model_name, provider_kwargs or {})
+        summarizer = ray.summarizer(provider, store.path, backend=backend, model=model_name, engine_options=provider_kwargs or {},
+                                    max_workers=max_workers, batch_size=batch_size, max_length=max_length, **options)
+    else:
+        provider = provider or get_provider(backend, model=model_name, **(provider_kwargs or {}))
+        summarizer = build_summarizer(provider, sequential, max_workers, batch_size, max_length, **options)
     chunker = ConversationChunkerComponent(chunk_method=chunk_method, chunk_size=chunk_size, tokenizer=_tokenizer_for(provider))
     checkpoint = Checkpoint(store, summarizer.key, fresh)
-    writer = ChatFragmentWriter(store, summarizer.key, backend=provider.name, run_id=run_id)
+    # Who made each summary: Ray records carry their node id; a local run stamps this host's name.
+    writer = ChatFragmentWriter(store, summarizer.key, backend=provider.name, run_id=run_id, worker=socket.gethostname())
     return Pipeline("chatgpt_parallel_processing", [
         Ingest(store, chunker, limit=limit, report=report),
         checkpoint,
@@ -275,13 +293,16 @@ def run_export(
     owned = provider is None  # an engine this call starts, this call also stops
     if owned:
         check_options(config.backend, config.engine_options)
+    ray = _connect(config, owned)  # a cluster that does not answer stops the run here, before anything is written
     progress = _Finisher(progress)
-    t0 = time.perf_counter()
-    if owned:
-        provider = get_provider(config.backend, model=config.model, **config.engine_options)
-    load_seconds = time.perf_counter() - t0
     store = None
     try:
+        t0 = time.perf_counter()
+        if owned:
+            # On Ray the replicas load the model; the driver only names it (for the summary key and the tokenizer).
+            provider = (ray.describe_provider(config.backend, config.model, config.engine_options) if ray else
+                        get_provider(config.backend, model=config.model, **config.engine_options))
+        load_seconds = time.perf_counter() - t0
         out.mkdir(parents=True, exist_ok=True)
         store = SQLiteStore(out / "apiana.sqlite")
         existing = store.count("summaries")
@@ -293,7 +314,8 @@ def run_export(
             config.backend, config.max_workers, config.batch_size, config.model,
             store=store, provider=provider, chunk_size=config.chunk_size, chunk_method=config.chunk_method,
             max_length=config.max_length, sequential=config.sequential, fresh=config.fresh, limit=config.limit,
-            progress=progress, report=report, run_id=run_id, cancel=cancel, **options,
+            progress=progress, report=report, run_id=run_id, cancel=cancel, ray=ray, provider_kwargs=config.engine_options,
+            **options,
         )
         ingest, checkpoint, summarize, write = pipeline.components
         pipeline.run(conversations)
@@ -325,6 +347,7 @@ def run_export(
             "load_seconds": round(load_seconds, 3),
             "provider_adjustments": getattr(provider, "adjustments", []),
             "parallel": not config.sequential,
+            **({"ray": summarizer.facts} if ray else {}),  # nodes, replicas, and which node did what
         }
         _write_jsonl(out / "summaries.jsonl", store, summarizer.key, checkpoint.ids, provider)
         store.finish_run(run_id, result)
@@ -337,8 +360,27 @@ def run_export(
         progress.finish(None)
         if store is not None:
             store.close()
-        if owned:
+        if owned and provider is not None:
             provider.close()
+        if ray is not None:
+            ray.close()
+
+
+def _connect(config: RunConfig, owned: bool):
+    """The Ray cluster for an executor="ray" run (None for a local one)."""
+    if config.executor == "local":
+        return None
+    if config.executor != "ray":
+        raise ConfigError(f"executor must be 'local' or 'ray', not {config.executor!r}")
+    if not owned:
+        raise ConfigError("run_export(provider=...) runs on this machine; on Ray each replica builds its own provider "
+                          "from config.backend, config.model and config.engine_options.")
+    if config.sequential:
+        raise ConfigError("--sequential runs on this machine only; leave it out with --ray.")
+    from .ray_executor import connect
+
+    return connect(config.ray_address, replicas=config.replicas, replica_gpus=config.replica_gpus,
+                   replica_cpus=config.replica_cpus)
 
 
 class _Finisher:

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS summaries (
     backend TEXT,
     run_id INTEGER,
     created_at REAL,
+    worker TEXT,
     PRIMARY KEY (chunk_id, model, prompt_hash, options_hash)
 );
 CREATE TABLE IF NOT EXISTS failures (
@@ -95,6 +96,7 @@ class SummaryRecord:
     error: str | None = None  # set when the chunk failed for good
     reason: str | None = None  # short slug for the failure: oom, permanent, transient, too_long
     attempts: int = 1
+    worker: str | None = None  # who made it: the Ray node id, or the host name in a local run
 
 
 class Store(Protocol):
@@ -126,6 +128,9 @@ class SQLiteStore:
         if "starts" not in columns:  # a store from before message starts were kept
             with self.db:
                 self.db.execute("ALTER TABLE chunks ADD COLUMN starts TEXT")
+        if "worker" not in {row[1] for row in self.db.execute("PRAGMA table_info(summaries)")}:  # from before Ray runs
+            with self.db:
+                self.db.execute("ALTER TABLE summaries ADD COLUMN worker TEXT")
         # Summarizer workers load chunk texts while the main thread writes: each thread reads
         # through a connection of its own (WAL lets readers run beside the writer).
         self._readers = threading.local()
@@ -259,12 +264,16 @@ class SQLiteStore:
         ok, failed = [], []
         for r in records:
             if r.error is None:
-                ok.append((r.chunk_id, key.model, key.prompt_hash, key.options_hash, r.summary, r.prompt_tokens, r.completion_tokens, r.finish_reason, backend, run_id, now))
+                ok.append((r.chunk_id, key.model, key.prompt_hash, key.options_hash, r.summary, r.prompt_tokens, r.completion_tokens, r.finish_reason, backend, run_id, now, r.worker))
             else:
                 failed.append((r.chunk_id, key.model, key.prompt_hash, key.options_hash, r.reason or "error", r.error, r.attempts, run_id, now))
         with self.db:
             # OR IGNORE: a summary, once stored, is never replaced or stored twice.
-            self.db.executemany("INSERT OR IGNORE INTO summaries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", ok)
+            self.db.executemany(
+                "INSERT OR IGNORE INTO summaries (chunk_id, model, prompt_hash, options_hash, summary, prompt_tokens, "
+                "completion_tokens, finish_reason, backend, run_id, created_at, worker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                ok,
+            )
             self.db.executemany(
                 "DELETE FROM failures WHERE chunk_id = ? AND model = ? AND prompt_hash = ? AND options_hash = ?",
                 [row[:4] for row in ok],
@@ -330,6 +339,7 @@ class ChatFragmentWriter:
         *,
         backend: str = "",
         run_id: int | None = None,
+        worker: str | None = None,
         commit_every: int = 32,
         commit_seconds: float = 2.0,
         clock=time.monotonic,
@@ -338,6 +348,7 @@ class ChatFragmentWriter:
         self.key = key
         self.backend = backend
         self.run_id = run_id
+        self.worker = worker  # stamped on records that do not say who made them
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
         self.clock = clock
@@ -347,6 +358,8 @@ class ChatFragmentWriter:
 
     def write(self, record: SummaryRecord) -> None:
         """Queue one record; commits when enough have gathered or enough time has passed."""
+        if record.worker is None and self.worker is not None:
+            record.worker = self.worker
         self._pending.append(record)
         if len(self._pending) >= self.commit_every or self.clock() - self._last_commit >= self.commit_seconds:
             self.flush()
