@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test notebooks lab bench bench-read bench-summarize bench-memory clean-venv
+.PHONY: install demo test notebooks lab bench bench-read bench-summarize bench-memory bench-monitor bench-server bench-ray clean-venv
 
 install: $(STAMP)
 
@@ -45,7 +45,7 @@ notebooks: install
 lab: install
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks
 
-bench: bench-read bench-summarize bench-memory
+bench: bench-read bench-summarize bench-memory bench-monitor bench-server bench-ray
 
 bench-read: install
 	$(PY) -m apiana_lab.bench.read --size-mb 200
@@ -55,6 +55,16 @@ bench-summarize: install
 
 bench-memory: install
 	$(PY) -m apiana_lab.bench.memory
+
+bench-monitor: install
+	$(PY) -m apiana_lab.bench.monitor
+	$(PY) -m apiana_lab.bench.monitor --stats-cost
+
+bench-server: install
+	$(PY) -m apiana_lab.bench.server
+
+bench-ray: install
+	$(PY) -m apiana_lab.bench.ray_scaling
 
 clean-venv:
 	rm -rf $(VENV)
