@@ -410,13 +410,17 @@ def _duration(seconds: float | None) -> str:
 def quiet_libraries() -> None:
     """Keep vLLM's and transformers' start-up chatter out of executed notebooks; errors still show.
 
-    Call it before the engines are imported: both read these variables once, at import.
+    Call it before the engines are imported: both read these variables once, at import. It
+    overrides what the kernel inherited (`apiana-lab -v` asks for vLLM's INFO lines in a terminal,
+    not in a notebook that a reviewer reads).
     """
     import os
 
     # vLLM's start-up warnings (eager mode on CPU, no Triton) say nothing about the run.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    # vLLM's engine runs in child processes, whose stderr lands in the cell: spare it torch's deprecation notices.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     # transformers' "Loading weights" bar would become a widget of its own in every cell that loads a model.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -432,10 +436,10 @@ def show(fig) -> None:
 def run_export_live(config, *, interval: float = 0.5, results_dir=None, redraw_every: float = 1.0, title: str = "") -> dict:
     """`run_export` with the progress widget and the live memory figure; returns run.json's figures.
 
-    The engine loads first, on the main thread (vLLM installs signal handlers, which only the
-    main thread may do), with the monitor already sampling, so its loading shows on the
-    timeline. vLLM is started with stats on, so the KV-cache panel has data. With
-    `results_dir`, memory.parquet, memory.png and memory.json are saved there.
+    The engine loads first, in this cell's own thread, with the monitor already sampling, so
+    its loading shows on the timeline; the bar says "loading" meanwhile. vLLM is started with
+    stats on, so the KV-cache panel has data. With `results_dir`, memory.parquet, memory.png
+    and memory.json are saved there. The engine is closed at the end, whatever happened.
     """
     from .pipeline import run_export
     from .providers.registry import check_options, get_provider, provider_class

@@ -180,7 +180,7 @@ def sweep_turn(rows: list[dict]) -> dict:
 
 
 def describe_sweep(sweep: dict) -> str:
-    """The sweep's outcome in two sentences: the recommended batch size and where the curve turns."""
+    """The sweep's outcome in words: the recommended batch size, where the curve turns, which points failed."""
     turn = sweep_turn(sweep["rows"])
     limit = sweep["memory_limit_mb"]
     budget = f"{(1 - sweep['headroom']) * limit / 1e3:,.1f} GB ({1 - sweep['headroom']:.0%} of {limit / 1e3:,.1f} GB)" if limit else "no known limit"
