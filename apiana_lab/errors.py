@@ -92,3 +92,13 @@ class ProviderOutOfMemoryError(ProviderError):
     def __init__(self, message: str = "out of memory", *, batch_size: int | None = None):
         self.batch_size = batch_size
         super().__init__(message if batch_size is None else f"{message} (batch size {batch_size})")
+
+
+class ParameterError(ConfigError):
+    """A parameter (of a notebook, say) that cannot take its value; the message names it and what is allowed."""
+
+    def __init__(self, name: str, value, problem: str, allowed: str):
+        self.name = name
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"parameter {name} = {value!r}: {problem}. Allowed: {allowed}.")

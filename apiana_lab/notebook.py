@@ -404,3 +404,285 @@ def _duration(seconds: float | None) -> str:
         return f"{minutes}m {seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m"
+
+
+# -- the five notebooks' pieces -------------------------------------------------------------
+def quiet_libraries() -> None:
+    """Keep vLLM's and transformers' start-up chatter out of executed notebooks; errors still show.
+
+    Call it before the engines are imported: both read these variables once, at import. It
+    overrides what the kernel inherited (`apiana-lab -v` asks for vLLM's INFO lines in a terminal,
+    not in a notebook that a reviewer reads).
+    """
+    import os
+
+    # vLLM's start-up warnings (eager mode on CPU, no Triton) say nothing about the run.
+    os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    # vLLM's engine runs in child processes, whose stderr lands in the cell: spare it torch's deprecation notices.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    # transformers' "Loading weights" bar would become a widget of its own in every cell that loads a model.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def show(fig) -> None:
+    """Display a figure built here (on its own canvas) as a PNG in the cell's output."""
+    from IPython.display import Image, display
+
+    display(Image(data=figure_png(fig), format="png"))
+
+
+def run_export_live(config, *, interval: float = 0.5, results_dir=None, redraw_every: float = 1.0, title: str = "") -> dict:
+    """`run_export` with the progress widget and the live memory figure; returns run.json's figures.
+
+    The engine loads first, in this cell's own thread, with the monitor already sampling, so
+    its loading shows on the timeline; the bar says "loading" meanwhile. vLLM is started with
+    stats on, so the KV-cache panel has data. With `results_dir`, memory.parquet, memory.png
+    and memory.json are saved there. The engine is closed at the end, whatever happened.
+    """
+    from .pipeline import run_export
+    from .providers.registry import check_options, get_provider, provider_class
+
+    options = dict(config.engine_options)
+    if "stats" in provider_class(config.backend).engine_option_names():
+        options.setdefault("stats", True)
+    check_options(config.backend, options)
+    progress = auto_progress()
+    if isinstance(progress, WidgetProgress):
+        progress.label.value = f"loading the {config.backend} engine"
+    monitor = MemoryMonitor(interval=interval).start()
+    monitor.mark(f"{config.backend}: loading")
+    start = time.perf_counter()
+    try:
+        provider = get_provider(config.backend, model=config.model, **options)
+    except BaseException as e:
+        monitor.stop()
+        if isinstance(progress, WidgetProgress):
+            progress.finish(_error_text(e))
+            progress.close()
+        raise
+    load_seconds = time.perf_counter() - start
+    monitor.attach(provider)
+    try:
+        result = run_live(lambda progress, cancel: run_export(config, provider=provider, progress=progress, cancel=cancel),
+                          monitor=monitor, progress=progress, results_dir=results_dir, redraw_every=redraw_every, title=title)
+        # run_export was handed a loaded engine, so its own load_seconds is ~0; the load happened here.
+        return {**result, "load_seconds": round(load_seconds, 3)}
+    finally:
+        monitor.stop()
+        provider.close()
+
+
+def summary_browser(frame):
+    """A conversation picker and a date range over a summaries table; the matching rows show below them."""
+    try:
+        import ipywidgets as w
+    except ImportError as e:
+        raise MissingDependencyError("ipywidgets", "notebooks") from e
+    from IPython.display import display
+
+    from .experiments.summaries import filter_summaries
+
+    titles = frame.drop_duplicates("conversation_id")
+    choices = [("all conversations", "")] + [(f"{t or '(untitled)'} [{c[:8]}]", c) for t, c in zip(titles["title"], titles["conversation_id"])]
+    pick = w.Dropdown(options=choices, description="conversation", style={"description_width": "initial"})
+    start = w.DatePicker(description="from")
+    end = w.DatePicker(description="to")
+    out = w.Output()
+
+    def refresh(_=None) -> None:
+        shown = filter_summaries(frame, pick.value or None, start.value and start.value.isoformat(),
+                                 end.value and end.value.isoformat())
+        with out:  # widget callbacks run on the kernel's main thread, where writing to an Output is safe
+            out.clear_output(wait=True)
+            display({"text/plain": f"{len(shown)} of {len(frame)} summaries"}, raw=True)
+            if len(shown) < len(frame):
+                display(shown)
+
+    for control in (pick, start, end):
+        control.observe(refresh, "value")
+    refresh()
+    box = w.VBox([w.HBox([pick, start, end]), out])
+    display(box)
+    return box
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _no_data(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize="small", color="dimgray")
+
+
+def plot_per_month(months):
+    """Bars of conversations and of dialogue messages per month (a table from ExportProfile.per_month)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _figure(2, 1, (10, 5.5))
+    (ax_conv,), (ax_msg,) = axes
+    fig.suptitle("Conversations and messages per month (by the conversation's creation date)")
+    for ax, column, label, color in ((ax_conv, "conversations", "conversations", "tab:blue"),
+                                     (ax_msg, "messages", "dialogue messages", "tab:orange")):
+        ax.set_ylabel(label)
+        ax.set_xlabel("month (YYYY-MM, UTC)")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if months.empty:
+            _no_data(ax, "no conversations")
+            continue
+        x = range(len(months))
+        ax.bar(x, months[column], color=color)
+        step = max(1, len(months) // 40)  # past ~40 labels they overlap; label every step-th month
+        ax.set_xticks(list(x)[::step], months["month"][::step], rotation=90 if len(months) > 12 else 0, fontsize="small")
+    return fig
+
+
+def plot_token_distribution(profile):
+    """Histograms of tokens per conversation and per chunk, with the chunk size marked."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _figure(1, 2, (11, 4))
+    (ax_conv, ax_chunk) = axes[0]
+    fig.suptitle(f"Token counts at chunk size {profile.chunk_size} (the summarizing model's tokenizer)")
+    per_conversation = [row["tokens"] for row in profile.conversations if row["tokens"] > 0]
+    for ax, values, what in ((ax_conv, per_conversation, "conversation"), (ax_chunk, profile.chunk_tokens, "chunk")):
+        ax.set_xlabel(f"tokens per {what}")
+        ax.set_ylabel(f"{what}s")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if not values:
+            _no_data(ax, f"no {what}s with dialogue")
+            continue
+        low, high = min(values), max(values)
+        if what == "chunk":  # from 0 to the chunk size, so how full the chunks are shows at a glance
+            ax.hist(values, bins=np.linspace(0, max(high, profile.chunk_size), 36), color="tab:blue")
+        elif high / max(low, 1) > 50:  # real exports span 10 to 100,000 tokens a conversation: log bins keep both ends
+            ax.hist(values, bins=np.geomspace(max(low, 1), high, 30), color="tab:blue")
+            ax.set_xscale("log")
+        else:
+            ax.hist(values, bins=min(30, max(5, len(values))), color="tab:blue")
+    ax_conv.set_title(f"{len(per_conversation)} conversations with dialogue", loc="left", fontsize="small")
+    ax_chunk.axvline(profile.chunk_size, color="tab:red", ls="--", lw=1, label=f"chunk size {profile.chunk_size}")
+    ax_chunk.legend(fontsize="x-small")
+    ax_chunk.set_title(f"{len(profile.chunk_tokens)} chunks", loc="left", fontsize="small")
+    return fig
+
+
+def plot_comparison(table):
+    """Bars per backend: output and prompt tokens/s, load and run seconds, peak memory (a comparison_table)."""
+    import numpy as np
+
+    fig, axes = _figure(2, 2, (11, 7))
+    fig.suptitle("Backends on the same chunks")
+    names = list(table["backend"])
+    x = np.arange(len(names))
+    failed = table["error"].notna() if "error" in table else [False] * len(names)
+    panels = [
+        (axes[0][0], [("completion_tokens_per_s", "output")], "output tokens/s", "Generation speed"),
+        (axes[0][1], [("prompt_tokens_per_s", "prompt")], "prompt tokens/s", "Prompt processing speed"),
+        (axes[1][0], [("load_s", "load"), ("wall_s", "run")], "seconds", "Load time and run time"),
+        (axes[1][1], [(c, c.removeprefix("peak_").removesuffix("_mb")) for c in table.columns
+                      if c.startswith("peak_") and c.endswith("_mb")], "peak memory (MB)", "Peak memory per source"),
+    ]
+    for ax, series, unit, title in panels:
+        ax.set_title(title, loc="left", fontsize="small")
+        ax.set_ylabel(unit)
+        ax.set_xticks(x, names)
+        if not series:
+            _no_data(ax, "not measured")
+            continue
+        width = 0.8 / len(series)
+        for k, (column, label) in enumerate(series):
+            values = table[column].astype(float).fillna(0.0) if column in table else np.zeros(len(names))
+            bars = ax.bar(x + (k - (len(series) - 1) / 2) * width, values, width, label=label)
+            ax.bar_label(bars, fmt=lambda v: f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}", fontsize="x-small")
+        if len(series) > 1:
+            ax.legend(fontsize="x-small")
+        for i, bad in enumerate(failed):
+            if bad:
+                ax.text(x[i], 0, "failed", ha="center", va="bottom", color="tab:red", fontsize="small")
+    return fig
+
+
+def plot_sweep(sweep: dict):
+    """Throughput and peak memory against batch size, failed or out-of-memory points marked, the recommendation drawn."""
+    fig, axes = _figure(2, 1, (9, 7))
+    (ax_tok,), (ax_mem,) = axes
+    rows = sorted(sweep["rows"], key=lambda r: r["batch_size"])
+    key = sweep["memory_key"]
+    fig.suptitle("Batch-size sweep: same chunks, one loaded engine")
+    ok = [r for r in rows if "error" not in r]
+    bad = [r for r in rows if "error" in r or r.get("oom") or r.get("failed")]
+    for ax, column, unit, scale in ((ax_tok, "completion_tokens_per_s", "output tokens/s", 1.0),
+                                    (ax_mem, key, "peak memory (GB)", 1e3)):
+        ax.set_ylabel(unit)
+        ax.set_xscale("log", base=2)
+        points = [(r["batch_size"], r.get(column, 0.0) / scale) for r in ok]
+        if points:
+            ax.plot(*zip(*points), "o-", color="tab:blue", label=unit.split(" (")[0])
+        if bad:
+            ax.plot([r["batch_size"] for r in bad], [(r.get(column) or 0.0) / scale for r in bad], "x", color="tab:red",
+                    markersize=12, mew=2.5, label="out of memory or failed")
+        if sweep["recommended_batch_size"] is not None:
+            ax.axvline(sweep["recommended_batch_size"], color="tab:green", ls="--", lw=1,
+                       label=f"recommended: {sweep['recommended_batch_size']}")
+        ax.set_xticks([r["batch_size"] for r in rows], [str(r["batch_size"]) for r in rows])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize="x-small", loc="best")
+    ax_tok.set_title("Throughput", loc="left", fontsize="small")
+    limit = sweep["memory_limit_mb"]
+    source = key.removeprefix("peak_").removesuffix("_mb")
+    title = "Peak memory: " + ("CPU RSS of this process + children" if source == "rss" else
+                               f"GPU {source.removeprefix('gpu').removesuffix('_used')}, used by all processes" if source.startswith("gpu") else source)
+    ax_mem.set_ylim(0, max([(r.get(key) or 0.0) / 1e3 for r in rows], default=0.0) * 1.15 or 1.0)
+    if limit:
+        budget = limit * (1 - sweep["headroom"]) / 1e3
+        peak = max([(r.get(key) or 0.0) / 1e3 for r in rows], default=0.0)
+        if budget <= 3 * max(peak, 1e-9):
+            ax_mem.axhline(budget, color="tab:orange", ls=":", label=f"budget {budget:,.1f} GB")
+            ax_mem.legend(fontsize="x-small", loc="best")
+        else:  # drawn to scale it would flatten the curve
+            title += f"; budget {budget:,.1f} GB, far above"
+    ax_mem.set_title(title, loc="left", fontsize="small")
+    ax_mem.set_xlabel("batch size (log scale)")
+    return fig
+
+
+def plot_similarity(rows: list[dict], thresholds=None):
+    """The A/B check per chunk: a histogram of similarity and one of the new/old length ratio, thresholds marked."""
+    fig, axes = _figure(1, 2, (11, 4))
+    ax_sim, ax_len = axes[0]
+    compared = [r for r in rows if "similarity" in r]
+    fig.suptitle(f"Old against new, per chunk ({len(compared)} compared)")
+    ax_sim.set_xlabel("similarity (rapidfuzz ratio, 1 = identical)")
+    ax_sim.set_ylabel("chunks")
+    ax_len.set_xlabel("completion tokens, new / old")
+    ax_len.set_ylabel("chunks")
+    if not compared:
+        _no_data(ax_sim, "no chunk summarized on both sides")
+        _no_data(ax_len, "no chunk summarized on both sides")
+        return fig
+    ax_sim.hist([r["similarity"] for r in compared], bins=[i / 20 for i in range(21)], color="tab:blue")
+    ax_sim.set_xlim(0, 1.02)
+    ratios = [r["length_ratio"] for r in compared if r.get("length_ratio") is not None]
+    if ratios:
+        ax_len.hist(ratios, bins=20, color="tab:purple")
+    if thresholds is not None:
+        ax_sim.axvline(thresholds.min_similarity_median, color="tab:orange", ls="--", lw=1,
+                       label=f"median must reach {thresholds.min_similarity_median}")
+        ax_sim.axvline(thresholds.min_similarity_p10, color="tab:red", ls=":", lw=1,
+                       label=f"p10 must reach {thresholds.min_similarity_p10}")
+        ax_sim.legend(fontsize="x-small", loc="upper left")
+        lo, hi = thresholds.length_ratio_range
+        ax_len.axvspan(lo, hi, color="tab:green", alpha=0.15, label=f"median allowed in [{lo}, {hi}]")
+        ax_len.legend(fontsize="x-small")
+    ax_sim.set_title("Similarity", loc="left", fontsize="small")
+    ax_len.set_title("Length ratio", loc="left", fontsize="small")
+    return fig

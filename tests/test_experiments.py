@@ -10,10 +10,15 @@ import pytest
 from apiana_lab.cli import export_v2_main, main
 from apiana_lab.errors import ConfigError
 from apiana_lab.experiments import ab
+from apiana_lab.experiments.compare import (compare_backends, comparison_table, describe_sweep, sweep_batch_sizes,
+                                           sweep_table, sweep_turn)
 from apiana_lab.experiments.measure import sample_chunks
-from apiana_lab.experiments.plan import plan_export
+from apiana_lab.experiments.plan import format_plan, plan_export, project_rate
 from apiana_lab.experiments.profile import profile_export
 from apiana_lab.experiments.results import ResultsRun, list_runs, run_id, write_index
+from apiana_lab.experiments.summaries import filter_summaries, load_summaries
+from apiana_lab.notebook import (figure_png, plot_comparison, plot_per_month, plot_similarity, plot_sweep,
+                                 plot_token_distribution)
 from apiana_lab.pipeline import RunConfig, run_export
 from apiana_lab.providers.fake import FakeProvider
 
@@ -142,3 +147,140 @@ def test_results_runs_are_listed_and_indexed(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)) == 2
     metrics = json.loads((first.folder / "metrics.json").read_text())
     assert metrics["parameters"] == params and "python" in metrics["versions"] and metrics["machine"]["cores"] >= 1
+
+
+# -- what the notebooks show ---------------------------------------------------------------------
+def write_mixed_export(path):
+    """The dialogue export with one conversation moved to February 2024 and two malformed ones added."""
+    from conftest import write_dialogue_export
+
+    write_dialogue_export(path)
+    data = json.loads(path.read_text())
+    data[0]["create_time"] = 1707000000  # 2024-02-03; the rest are in November 2023
+    data += [17, {"id": "no-map", "title": "x"}]
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_profile_tables_per_month_chunks_longest_and_skipped(tmp_path):
+    profile = profile_export(write_mixed_export(tmp_path / "conversations.json"), chunk_size=64)
+    months = profile.per_month()
+    assert list(months["month"]) == ["2023-11", "2023-12", "2024-01", "2024-02"]  # the empty months are there, as zeros
+    assert list(months["conversations"]) == [11, 0, 0, 1] and months["messages"].sum() == 144
+    stats = profile.chunk_stats()
+    assert (stats["chunks"], stats["tokens"]) == (144, profile.totals["tokens"])
+    assert stats["max_chunk_tokens"] <= 64 and stats["conversations_in_several_chunks"] == 12
+    assert 0 < stats["median_chunk_tokens"] <= stats["p90_chunk_tokens"] <= stats["max_chunk_tokens"]
+    longest = profile.longest(3)
+    assert len(longest) == 3 and list(longest["tokens"]) == sorted(longest["tokens"], reverse=True)
+    assert longest["tokens"].iloc[0] == max(r["tokens"] for r in profile.conversations)
+    skipped = profile.skipped_table()
+    assert list(skipped["reason"]) == ["not_an_object", "no_mapping"] and list(skipped["index"]) == [12, 13]
+
+
+def test_project_rate_from_a_known_rate(dialogue_export):
+    profile = profile_export(dialogue_export, chunk_size=64)
+    plan = project_rate(profile, 100.0, 10)
+    assert plan["projection"]["generate_seconds"] == 14.4  # 144 chunks x 10 tokens / 100 tok/s
+    assert plan["projection"]["seconds"] >= 14.4 and plan["sample"] is None
+    text = format_plan(plan)
+    assert "rate:        100.0 output tok/s given, 10 tokens per summary" in text and "target:" in text
+    with pytest.raises(ValueError, match="positive rate"):
+        project_rate(profile, 0.0, 10)
+
+
+def test_sweep_marks_the_out_of_memory_point_and_recommends_within_it(dialogue_export):
+    """The fake runs out of memory above batch 2: that point is a marked row, not a crash."""
+    chunks = sample_chunks(dialogue_export, 8, chunk_size=64)
+    sweep = sweep_batch_sizes(chunks, "fake", [4, 1, 2], max_length=8, engine_options={"oom_above": 2, "latency": 0.02},
+                              interval=0.05)
+    rows = {r["batch_size"]: r for r in sweep["rows"]}
+    assert sorted(rows) == [1, 2, 4] and rows[4]["oom"] and not rows[2]["oom"] and not rows[1]["oom"]
+    assert rows[4]["failed"] == 0  # it shrank and finished
+    assert sweep["recommended_batch_size"] == 2  # batches of 2 take half the calls of 1, and fit
+    table = sweep_table(sweep)
+    assert list(table["recommended"]) == [False, True, False] and "peak_kv_cache_pct" not in table
+    text = describe_sweep(sweep)
+    assert text.startswith("Recommended batch size: 2 (") and "Out of memory or failed at batch size 4 (marked)" in text
+    fig = plot_sweep(sweep)
+    assert fig._suptitle.get_text() and all(ax.get_ylabel() for ax in fig.axes)
+    assert figure_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_turn_finds_where_throughput_peaks():
+    rows = [{"batch_size": b, "completion_tokens_per_s": t, "failed": 0, "oom": False} for b, t in ((1, 10.0), (2, 20.0), (4, 15.0))]
+    turn = sweep_turn(rows + [{"batch_size": 8, "error": "RuntimeError: boom", "oom": False}])
+    assert (turn["peak_batch_size"], turn["turns"], turn["largest_batch_size"], turn["largest_vs_peak"]) == (2, True, 4, 0.75)
+    rising = sweep_turn(rows[:2])
+    assert rising["peak_batch_size"] == 2 and not rising["turns"]
+    sweep = {"rows": rows, "recommended_batch_size": 2, "recommended_tokens_per_s": 20.0, "memory_limit_mb": 10_000.0,
+             "headroom": 0.2, "memory_key": "peak_rss_mb"}
+    assert "peaks at batch size 2 and falls beyond it: batch size 4 reaches 75% of the peak" in describe_sweep(sweep)
+
+
+def test_comparison_table_and_chart_keep_a_failed_backend_as_a_row(dialogue_export):
+    chunks = sample_chunks(dialogue_export, 4, chunk_size=64)
+    result = compare_backends(chunks, ["fake"], max_length=8, engine_options={"fake": {"latency": 0.01}}, interval=0.05)
+    rows = result["rows"] + [{"backend": "broken", "model": None, "dtype": None, "error": "ConfigError: no engine"}]
+    table = comparison_table(rows)
+    assert list(table["backend"]) == ["fake", "broken"] and table["error"].isna().tolist() == [True, False]
+    assert table.loc[0, "completion_tokens_per_s"] > 0 and table.loc[0, "peak_rss_mb"] > 0 and table.loc[0, "load_s"] >= 0
+    for column in ("prompt_tokens_per_s", "chunks_per_s", "latency_p50_s", "latency_p90_s", "wall_s", "failed"):
+        assert column in table
+    fig = plot_comparison(table)
+    assert fig._suptitle.get_text() == "Backends on the same chunks" and all(ax.get_ylabel() for ax in fig.axes)
+    assert result["monitors"]["fake"].sources["engine"].startswith("FakeProvider reports no engine metrics")
+
+
+def test_summaries_table_is_filtered_by_conversation_and_date(tmp_path):
+    run_export(RunConfig(input=str(SAMPLE), output=str(tmp_path / "out"), backend="fake", chunk_size=300, max_length=16))
+    table = load_summaries(tmp_path / "out")
+    assert len(table) == 27 and table["summary"].str.startswith("summary-").all()
+    assert str(table["date"].dtype).startswith("datetime64") and table["date"].notna().all()
+    japan = filter_summaries(table, "JAPAN itinerary")  # words of the title, any case
+    assert set(japan["title"]) == {"Two Weeks in Japan Itinerary"} and list(japan["chunk"]) == [0, 1]
+    by_id = filter_summaries(table, japan["conversation_id"].iloc[0])
+    assert len(by_id) == 2
+    day = japan["date"].iloc[0].date().isoformat()
+    assert len(filter_summaries(table, start=day, end=day)) == 2  # the end day counts whole
+    assert filter_summaries(table, start="2030-01-01").empty
+    older = filter_summaries(table, end="2023-12-31")
+    assert len(older) > 0 and (older["date"] < "2024-01-01").all()
+    with pytest.raises(ConfigError, match="holds no finished run"):
+        load_summaries(tmp_path / "nothing")
+
+
+def test_run_export_live_outside_a_kernel_returns_the_run_and_saves_memory(tmp_path):
+    from apiana_lab.notebook import run_export_live
+
+    config = RunConfig(input=str(SAMPLE), output=str(tmp_path / "out"), backend="fake", chunk_size=600, max_length=8,
+                       engine_options={"latency": 0.05})
+    result = run_export_live(config, interval=0.05, results_dir=tmp_path / "run")
+    assert result["chunks_total"] == 13 and result["summaries_computed"] == 13 and result["load_seconds"] >= 0
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["chunks_total"] == 13
+    memory = json.loads((tmp_path / "run" / "memory.json").read_text())
+    assert memory["events"][0]["event"] == "fake: loading" and (tmp_path / "run" / "memory.png").stat().st_size > 0
+
+
+def test_ab_sides_read_both_kinds_of_result(tokenizer):
+    from apiana_lab.chunking import Chunker, ChunkingOptions
+    from apiana_lab.export import read_export
+
+    chunks = list(Chunker(ChunkingOptions(chunk_size=300), tokenizer).chunk_all(read_export(SAMPLE)))[:4]
+    result = ab.run_ab_on_backend(chunks, "fake", engine_options={"latency": 0.01}, batch_size=2, max_length=16,
+                                  new_max_length=8, thresholds=ab.Thresholds(min_speedup=0.0))
+    old, new = ab.sides(result)
+    assert (old["side"], old["mode"], old["chunks"], old["max_length"]) == ("old", "sequential", 4, 16)
+    assert (new["side"], new["batch_size"], new["max_length"]) == ("new", 2, 8) and new["seconds"] > 0
+    assert not result["verdict"].go
+    fig = plot_similarity(result["rows"], ab.Thresholds())
+    assert fig._suptitle.get_text().startswith("Old against new, per chunk (4 compared)")
+    runs = {"old": {"mode": "sequential", "chunks_total": 9, "failed": 1, "summarize_seconds": 3.0, "max_length": 300},
+            "new": {"mode": "batch", "chunks_total": 9, "failed": 0, "summarize_seconds": 1.0, "max_length": 300}}
+    assert [(s["chunks"], s["failed"], s["seconds"]) for s in ab.sides(runs)] == [(9, 1, 3.0), (9, 0, 1.0)]
+
+
+def test_explore_plots_have_titles_and_units(tmp_path):
+    profile = profile_export(write_mixed_export(tmp_path / "conversations.json"), chunk_size=64)
+    for fig in (plot_per_month(profile.per_month()), plot_token_distribution(profile)):
+        assert fig._suptitle.get_text() and all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)

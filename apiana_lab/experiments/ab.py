@@ -184,6 +184,35 @@ def run_ab(chunks, provider, *, batch_size: int | None = None, max_workers: int 
     return {"rows": rows, "verdict": result, "old": old_fig, "new": new_fig}
 
 
+def run_ab_on_backend(chunks, backend: str, *, model: str | None = None, dtype: str | None = None,
+                      engine_options: dict | None = None, **kwargs) -> dict:
+    """`run_ab` on a backend loaded here and freed afterwards; `kwargs` go to run_ab."""
+    from ..providers.registry import get_provider
+    from .compare import backend_options
+
+    with get_provider(backend, model=model, **backend_options(backend, dtype, engine_options)) as provider:
+        return run_ab(chunks, provider, **kwargs)
+
+
+def sides(result: dict) -> list[dict]:
+    """Old and new side by side: chunks, failures, seconds, output tokens/s (from a run_ab or compare_outputs result)."""
+    out = []
+    for side in ("old", "new"):
+        figures = result[side]
+        out.append({
+            "side": side,
+            "mode": figures.get("mode"),
+            # run_ab measures the transform; compare_outputs reads run.json, which names them differently.
+            "chunks": figures.get("chunks", figures.get("chunks_total")),
+            "failed": figures.get("failed"),
+            "seconds": figures.get("wall_s", figures.get("summarize_seconds")),
+            "completion_tokens_per_s": figures.get("completion_tokens_per_s"),
+            "batch_size": figures.get("batch_size"),
+            "max_length": figures.get("max_tokens", figures.get("max_length")),
+        })
+    return out
+
+
 def compare_outputs(old_dir: str | Path, new_dir: str | Path, thresholds: Thresholds | None = None) -> dict:
     """Compare two finished runs' output folders by chunk id, without recomputing anything.
 

@@ -15,11 +15,14 @@ from .measure import measure
 logger = logging.getLogger(__name__)
 
 
-def _options_for(backend: str, model: str | None, dtype: str | None, extra: dict | None) -> dict:
-    """Constructor arguments for one backend: dtype only where the backend takes one."""
+def backend_options(backend: str, dtype: str | None = None, extra: dict | None = None, *, stats: bool = False) -> dict:
+    """Constructor arguments for one backend: dtype (and engine stats) only where the backend takes them."""
     options = dict(extra or {})
-    if dtype and "dtype" in provider_class(backend).engine_option_names():
+    accepted = provider_class(backend).engine_option_names()
+    if dtype and "dtype" in accepted:
         options.setdefault("dtype", dtype)
+    if stats and "stats" in accepted:
+        options.setdefault("stats", True)  # vLLM's KV-cache gauges, for the memory timeline
     if backend == "vllm":
         # The same chunks run once per configuration: cached prefixes would flatter whoever runs second.
         options.setdefault("enable_prefix_caching", False)
@@ -37,7 +40,7 @@ def compare_backends(chunks, backends: list[str], *, model: str | None = None, m
     """
     rows, monitors = [], {}
     for backend in backends:
-        options = _options_for(backend, model, dtype, (engine_options or {}).get(backend))
+        options = backend_options(backend, dtype, (engine_options or {}).get(backend), stats=monitor)
         row = {"backend": backend, "model": model, "dtype": dtype}
         mon = None
         provider = None
@@ -86,9 +89,9 @@ def sweep_batch_sizes(chunks, backend: str, batch_sizes: list[int], *, model: st
 
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes must be a non-empty list of positive integers, not {batch_sizes!r}")
-    options = _options_for(backend, model, dtype, engine_options)
-    if backend == "transformers":
-        # The point is to see what batch size does; the token budget would cap it, so lift it.
+    options = backend_options(backend, dtype, engine_options, stats=True)
+    if "max_batch_tokens" in provider_class(backend).engine_option_names():
+        # The point is to see what batch size does; a token budget would cap it, so lift it.
         options.setdefault("max_batch_tokens", 10**9)
     rows = []
     with MemoryMonitor(interval=interval) as mon:
@@ -133,3 +136,67 @@ def _memory_limit_mb(mon) -> float | None:
         return psutil.virtual_memory().total / 1e6
     except ImportError:
         return None
+
+
+def comparison_table(rows: list[dict]):
+    """One row per backend with the figures the comparison notebook shows, as a pandas DataFrame."""
+    import pandas as pd
+
+    columns = ["backend", "model", "dtype", "load_s", "wall_s", "prompt_tokens_per_s", "completion_tokens_per_s",
+               "chunks_per_s", "latency_p50_s", "latency_p90_s", "chunks", "failed", "error"]
+    peaks = sorted({k for r in rows for k in r if k.startswith("peak_")})
+    table = pd.DataFrame(rows).reindex(columns=columns[:-1] + peaks + columns[-1:])
+    table["model"] = table["model"].map(lambda m: str(m).rstrip("/").rsplit("/", 1)[-1] if isinstance(m, str) else m)
+    return table
+
+
+def sweep_table(sweep: dict):
+    """One row per batch size: throughput, wall time, peak memory, and whether it ran out of memory or failed."""
+    import pandas as pd
+
+    kv = ["peak_kv_cache_pct"] if any("peak_kv_cache_pct" in r for r in sweep["rows"]) else []
+    columns = ["batch_size", "completion_tokens_per_s", "prompt_tokens_per_s", "chunks_per_s", "wall_s",
+               "latency_p50_s", sweep["memory_key"], *kv, "oom", "failed", "batch_size_changes", "error"]
+    table = pd.DataFrame(sweep["rows"]).reindex(columns=list(dict.fromkeys(columns)))
+    table["recommended"] = table["batch_size"] == sweep["recommended_batch_size"]
+    return table
+
+
+def sweep_turn(rows: list[dict]) -> dict:
+    """Where throughput peaks across batch sizes, and how much the largest batch size loses against that peak."""
+    ok = sorted((r for r in rows if "error" not in r and not r.get("oom") and not r.get("failed")), key=lambda r: r["batch_size"])
+    if not ok:
+        return {"peak_batch_size": None, "turns": False, "largest_vs_peak": None}
+    peak = max(ok, key=lambda r: r["completion_tokens_per_s"])
+    largest = ok[-1]
+    return {
+        "peak_batch_size": peak["batch_size"],
+        "peak_tokens_per_s": peak["completion_tokens_per_s"],
+        # The curve turns when a batch size beyond the peak was measured and came out slower.
+        "turns": largest["batch_size"] > peak["batch_size"],
+        "largest_batch_size": largest["batch_size"],
+        "largest_vs_peak": largest["completion_tokens_per_s"] / peak["completion_tokens_per_s"] if peak["completion_tokens_per_s"] else None,
+    }
+
+
+def describe_sweep(sweep: dict) -> str:
+    """The sweep's outcome in words: the recommended batch size, where the curve turns, which points failed."""
+    turn = sweep_turn(sweep["rows"])
+    limit = sweep["memory_limit_mb"]
+    budget = f"{(1 - sweep['headroom']) * limit / 1e3:,.1f} GB ({1 - sweep['headroom']:.0%} of {limit / 1e3:,.1f} GB)" if limit else "no known limit"
+    if sweep["recommended_batch_size"] is None:
+        first = f"No batch size ran cleanly within {budget}: nothing to recommend."
+    else:
+        first = (f"Recommended batch size: {sweep['recommended_batch_size']} "
+                 f"({sweep['recommended_tokens_per_s']:.1f} output tokens/s, the best that stayed within {budget}).")
+    if turn["peak_batch_size"] is None:
+        return first
+    if turn["turns"]:
+        second = (f"Throughput peaks at batch size {turn['peak_batch_size']} and falls beyond it: batch size "
+                  f"{turn['largest_batch_size']} reaches {turn['largest_vs_peak']:.0%} of the peak.")
+    else:
+        second = (f"Throughput still rises at the largest batch size that ran cleanly ({turn['peak_batch_size']}): "
+                  "no turn within this range.")
+    bad = [r["batch_size"] for r in sweep["rows"] if "error" in r or r.get("oom") or r.get("failed")]
+    third = f" Out of memory or failed at batch size {', '.join(map(str, bad))} (marked)." if bad else ""
+    return f"{first} {second}{third}"

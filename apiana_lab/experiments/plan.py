@@ -134,19 +134,59 @@ def project(profile, chunks, full: dict, prefill: dict, records, *, window: int,
     }
 
 
+def project_rate(profile, output_tokens_per_s: float, summary_tokens: int) -> dict:
+    """A projection from a rate already known (run.json's completion_tokens_per_s), without running anything.
+
+    Every chunk is taken to write `summary_tokens` new tokens at `output_tokens_per_s`. A rate
+    from a whole run already includes its prefill, so it holds for prompts of similar length;
+    for a range and a split into prefill and decode, measure a sample (`plan_export`).
+    """
+    if not output_tokens_per_s > 0 or summary_tokens < 1:
+        raise ValueError(f"need a positive rate and summary length, not {output_tokens_per_s!r} tok/s and {summary_tokens!r} tokens")
+    n_all = len(profile.chunk_tokens)
+    ingest_s = profile.seconds * 1.1
+    generate_s = n_all * summary_tokens / output_tokens_per_s
+    mb = profile.bytes / 1e6
+    at_target = (TARGET_MB / mb if mb else 0.0) * (ingest_s + generate_s)
+    return {
+        "backend": None,
+        "model": None,
+        "export": {"inputs": profile.inputs, "megabytes": round(mb, 2), "conversations": profile.totals["conversations"],
+                   "chunks": n_all, "chunk_tokens": sum(profile.chunk_tokens), "prompt_tokens": sum(profile.chunk_tokens),
+                   "read_and_chunk_seconds": round(profile.seconds, 2)},
+        "sample": None,
+        "rate": {"output_tokens_per_s": output_tokens_per_s, "summary_tokens": summary_tokens},
+        "projection": {"seconds": round(ingest_s + generate_s, 1), "read_and_chunk_seconds": round(ingest_s, 1),
+                       "generate_seconds": round(generate_s, 1), "completion_tokens": n_all * summary_tokens,
+                       "peak_memory": {}},
+        "target": {"megabytes": TARGET_MB, "seconds": TARGET_SECONDS, "projected_seconds": round(at_target, 1),
+                   "met": at_target <= TARGET_SECONDS},
+        "settings": {"chunk_size": profile.chunk_size},
+    }
+
+
 def format_plan(plan: dict) -> str:
     """The plan as the short table `apiana-lab plan` prints."""
     e, s, p, t = plan["export"], plan["sample"], plan["projection"], plan["target"]
     lines = [
         f"export:      {e['megabytes']} MB, {e['conversations']} conversations, {e['chunks']} chunks, "
         f"{e['prompt_tokens']:,} prompt tokens (read and chunked in {e['read_and_chunk_seconds']} s)",
-        f"sample:      {s['chunks']} chunks ({min(s['chunk_tokens'])}-{max(s['chunk_tokens'])} tokens) on "
-        f"{plan['backend']}: {s['wall_s']} s; prefill {s['prefill_tokens_per_s']:,} tok/s, "
-        f"decode {s['decode_tokens_per_s']:,} tok/s, {s['mean_completion_tokens']} tokens per summary",
-        f"projection:  {_duration(p['seconds'])} (range {_duration(p['low_seconds'])} to {_duration(p['high_seconds'])}): "
-        f"load {p['load_seconds']} s + read {p['read_and_chunk_seconds']} s + prefill {p['prefill_seconds']} s "
-        f"+ decode {p['decode_seconds']} s",
     ]
+    if s is None:  # from a given rate (project_rate)
+        r = plan["rate"]
+        lines += [
+            f"rate:        {r['output_tokens_per_s']:,} output tok/s given, {r['summary_tokens']} tokens per summary",
+            f"projection:  {_duration(p['seconds'])}: read {p['read_and_chunk_seconds']} s + generate {p['generate_seconds']} s",
+        ]
+    else:
+        lines += [
+            f"sample:      {s['chunks']} chunks ({min(s['chunk_tokens'])}-{max(s['chunk_tokens'])} tokens) on "
+            f"{plan['backend']}: {s['wall_s']} s; prefill {s['prefill_tokens_per_s']:,} tok/s, "
+            f"decode {s['decode_tokens_per_s']:,} tok/s, {s['mean_completion_tokens']} tokens per summary",
+            f"projection:  {_duration(p['seconds'])} (range {_duration(p['low_seconds'])} to {_duration(p['high_seconds'])}): "
+            f"load {p['load_seconds']} s + read {p['read_and_chunk_seconds']} s + prefill {p['prefill_seconds']} s "
+            f"+ decode {p['decode_seconds']} s",
+        ]
     peaks = p["peak_memory"]
     if peaks:
         lines.append("memory:      " + ", ".join(f"{k.removeprefix('peak_')} {v:,.0f}" for k, v in peaks.items())

@@ -41,6 +41,58 @@ class ExportProfile:
             df["month"] = df["created"].dt.strftime("%Y-%m")
         return df
 
+    def per_month(self):
+        """Conversations, dialogue messages and tokens per month of creation ("unknown" when undated)."""
+        df = self.to_pandas()
+        if df.empty:
+            return df.reindex(columns=["month", "conversations", "messages", "user_messages", "tokens", "chunks"])
+        import pandas as pd
+
+        df["month"] = df["month"].fillna("unknown")
+        out = df.groupby("month", sort=True).agg(conversations=("id", "size"), messages=("dialogue_messages", "sum"),
+                                                  user_messages=("user_messages", "sum"), tokens=("tokens", "sum"),
+                                                  chunks=("chunks", "sum"))
+        dated = [m for m in out.index if m != "unknown"]
+        if dated:
+            # Months with nothing in them are rows of zeros, so a gap in the history shows as a gap.
+            every = pd.period_range(min(dated), max(dated), freq="M").strftime("%Y-%m")
+            out = out.reindex(list(every) + (["unknown"] if "unknown" in out.index else []), fill_value=0)
+        return out.rename_axis("month").reset_index()
+
+    def chunk_stats(self) -> dict:
+        """Chunks and tokens at this chunk size: counts, the spread of chunk lengths, how many are full."""
+        import statistics
+
+        tokens = sorted(self.chunk_tokens)
+        per_conversation = [row["chunks"] for row in self.conversations]
+        return {
+            "chunk_size": self.chunk_size,
+            "chunks": len(tokens),
+            "tokens": sum(tokens),
+            "mean_chunk_tokens": round(statistics.fmean(tokens), 1) if tokens else 0.0,
+            "median_chunk_tokens": statistics.median(tokens) if tokens else 0,
+            "p90_chunk_tokens": tokens[int(0.9 * (len(tokens) - 1))] if tokens else 0,
+            "max_chunk_tokens": tokens[-1] if tokens else 0,
+            # A chunk within 5% of the limit was cut there: the conversation went on in the next one.
+            "full_chunks": sum(t >= 0.95 * self.chunk_size for t in tokens),
+            "conversations_in_several_chunks": sum(n > 1 for n in per_conversation),
+            "most_chunks_in_one_conversation": max(per_conversation, default=0),
+        }
+
+    def longest(self, n: int = 10):
+        """The n conversations with the most tokens: title, date, messages, chunks, tokens."""
+        df = self.to_pandas()
+        columns = ["title", "created", "dialogue_messages", "other_entries", "chunks", "tokens", "id"]
+        if df.empty:
+            return df.reindex(columns=columns)
+        return df.nlargest(n, "tokens")[columns].reset_index(drop=True)
+
+    def skipped_table(self):
+        """What the reader skipped: one row per conversation with its input, position, id, reason and detail."""
+        import pandas as pd
+
+        return pd.DataFrame(self.skipped, columns=["input", "index", "id", "reason", "detail"])
+
     def inspect_json(self) -> dict:
         """The document `apiana-lab inspect --json` prints."""
         rows = [{k: row[k] for k in INSPECT_FIELDS} for row in self.conversations]

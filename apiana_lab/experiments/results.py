@@ -133,6 +133,38 @@ def machine() -> dict:
             "gpu": gpu, "platform": platform.platform(), "loadavg": os.getloadavg()}
 
 
+def kernel_manager_class():
+    """A kernel manager that talks to kernels over Unix sockets instead of TCP ports (on POSIX).
+
+    With TCP, jupyter_client picks free ports, closes them and hands them to the kernel; on a
+    busy machine another process can take one in between and the kernel dies at start
+    ("Address already in use"). Unix sockets cannot collide: each kernel's sockets get a
+    unique absolute path in Jupyter's runtime folder (jupyter_client's own default is a
+    relative path, which breaks when the kernel runs in another folder than its client).
+    """
+    import uuid
+
+    from jupyter_client import AsyncKernelManager
+
+    if os.name != "posix":
+        return AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets import default
+
+    class UnixSocketKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self) -> str:
+            return "ipc"
+
+        @default("ip")
+        def _default_ip(self) -> str:
+            folder = jupyter_runtime_dir()
+            os.makedirs(folder, exist_ok=True)
+            return os.path.join(folder, f"kernel-{uuid.uuid4().hex[:16]}-ipc")
+
+    return UnixSocketKernelManager
+
+
 def execute(notebook: str, parameters: dict | None = None, root: str | Path | None = None, *, kernel: str = "python3",
             timeout: int | None = None) -> Path:
     """Run notebooks/<notebook>.ipynb with papermill into results/<notebook>/<run-id>/<notebook>.ipynb.
@@ -157,7 +189,8 @@ def execute(notebook: str, parameters: dict | None = None, root: str | Path | No
     start = time.perf_counter()
     try:
         papermill.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=kernel,
-                                   cwd=str(source.parent), execution_timeout=timeout, progress_bar=False)
+                                   cwd=str(source.parent), execution_timeout=timeout, progress_bar=False,
+                                   kernel_manager_class=kernel_manager_class())
     finally:
         logger.info("%s: %.1f s -> %s", name, time.perf_counter() - start, output)
         write_index(root)
