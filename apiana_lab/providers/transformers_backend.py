@@ -20,12 +20,13 @@ from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_message
 logger = logging.getLogger(__name__)
 
 # The CPU budget: a micro-batch's KV cache at its end (rows x (longest prompt + max_tokens))
-# may hold this many times the model's weight bytes. Decoding on a CPU is bound by memory
+# may hold this share of the model's weight bytes. Decoding on a CPU is bound by memory
 # traffic: each step reads the weights once for the whole batch but the KV cache of every
-# row (three times over for a grouped-query model, whose padded batches skip SDPA's GQA path).
-# Past the point where the cache outweighs the weights, batching stops paying and long
-# prompts run slower than one at a time. Measured in apiana_lab.bench.transformers_batching.
-CPU_KV_PER_WEIGHT = 1.0
+# row, so past some cache size batching stops paying, and long prompts, whose padded prefill
+# also costs more per token, run slower than one at a time. In a short sweep (1,300-token
+# prompts, 128 new tokens, 1 thread; apiana_lab.bench.transformers_batching) 4 rows (KV about
+# half the weights) beat 2, 7 and 8 rows; the budget scales with dtype like the weights do.
+CPU_KV_PER_WEIGHT = 0.5
 # On a GPU the budget is about memory: this share of the free memory left after loading goes
 # to the KV cache and activations of one micro-batch.
 GPU_MEMORY_SHARE = 0.5

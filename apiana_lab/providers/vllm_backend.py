@@ -133,6 +133,7 @@ class VLLMProvider(LLMProvider):
     @property
     def default_window(self) -> int:
         """Twice the engine's sequence slots (`max_num_seqs`: 256 on CPU, 1024 on an H100/H200)."""
+        self._check_open()
         scheduler = getattr(getattr(self.llm.llm_engine, "vllm_config", None), "scheduler_config", None)
         return WINDOW_PER_SEQ * int(getattr(scheduler, "max_num_seqs", None) or 256)
 
