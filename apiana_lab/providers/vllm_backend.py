@@ -231,7 +231,7 @@ class VLLMProvider(LLMProvider):
                     except Exception as e:
                         _raise_provider_error(e, len(in_flight))
                     for output in outputs:
-                        # Outputs of requests aborted by an earlier stream may still arrive: skip them.
+                        # FINAL_ONLY sends finished requests only; an id not ours (none expected) is skipped.
                         if output.finished and output.request_id in in_flight:
                             yield in_flight.pop(output.request_id), _completion(output)
             finally:
