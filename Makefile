@@ -34,7 +34,7 @@ demo: install
 	$(VENV)/bin/chatgpt-export-v2 -i apiana_lab/data/sample_export.json -o out/demo
 
 test: install
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra tests --ignore=tests/browser
 
 # Execute the five notebooks with papermill into results/<notebook>/<run-id>/, then rewrite results/README.md.
 notebooks: install

@@ -21,15 +21,91 @@ def provider(model_dir):
     p.close()
 
 
-def test_batched_equals_one_by_one_in_fp32(provider):
-    """Left padding with an attention mask changes nothing under greedy decoding in float32."""
+@pytest.fixture
+def generate_calls(provider, monkeypatch):
+    """(rows, padded prompt length, max_new_tokens) of every real `generate` call the model gets."""
+    calls = []
+    model = provider.models[0]
+    real = model.generate
+
+    def recording(*args, **kwargs):
+        rows, cols = kwargs["input_ids"].shape
+        calls.append((rows, cols, kwargs["max_new_tokens"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    return calls
+
+
+def test_batched_equals_one_by_one_in_fp32(provider, generate_calls, monkeypatch):
+    """Left padding with an attention mask changes nothing under greedy decoding in float32, split or not.
+
+    On CPU the padded batches go through the grouped-query SDPA path, one prompt alone through
+    transformers' own: the texts must still be the same.
+    """
+    assert provider.models[0].config._attn_implementation == "apiana_grouped_sdpa"
     s = SummarizerTransform(provider, max_length=24)
     prompts = [dialogue_prompt(s, name, pad) for name, pad in zip(NAMES, (0, 24, 6))]
-    batched = provider.complete_batch(prompts, s.options)
     single = [provider.complete(p, s.options) for p in prompts]
-    for b, one in zip(batched, single):
-        assert b.text == one.text
-        assert (b.prompt_tokens, b.completion_tokens, b.finish_reason) == (one.prompt_tokens, one.completion_tokens, one.finish_reason)
+    longest, middle, _ = sorted((provider.count_tokens(p) for p in prompts), reverse=True)
+    # One batch of three, then a budget that puts the longest alone and the other two together.
+    for budget, shapes in ((10**9, [(3, longest, 24)]), (2 * (middle + 24), [(1, longest, 24), (2, middle, 24)])):
+        monkeypatch.setattr(provider, "max_batch_tokens", budget)
+        generate_calls.clear()
+        batched = provider.complete_batch(prompts, s.options)
+        assert generate_calls == shapes
+        for b, one in zip(batched, single):
+            assert b.text == one.text
+            assert (b.prompt_tokens, b.completion_tokens, b.finish_reason) == (one.prompt_tokens, one.completion_tokens, one.finish_reason)
+
+
+def test_micro_batches_stay_within_the_token_budget(provider, generate_calls, monkeypatch):
+    prompts = [f"Repeat after me: {'one two three ' * k}" for k in (1, 40, 5, 25, 12, 3, 60)]
+    lengths = [provider.count_tokens(p) for p in prompts]
+    options = GenerationOptions(max_tokens=6)
+    budget = 3 * (sorted(lengths)[3] + 6)
+    monkeypatch.setattr(provider, "max_batch_tokens", budget)
+    results = provider.complete_batch(prompts, options)
+    assert [r.prompt_tokens for r in results] == lengths  # back in input order
+    assert sum(rows for rows, _, _ in generate_calls) == len(prompts)
+    assert len(generate_calls) > 1
+    for i, (rows, cols, new) in enumerate(generate_calls):
+        assert rows == 1 or rows * (cols + new) <= budget, generate_calls
+        if i + 1 < len(generate_calls):  # greedy: one more prompt would not have fitted
+            assert (rows + 1) * (cols + new) > budget, generate_calls
+    # A prompt longer than the whole budget still runs, alone.
+    monkeypatch.setattr(provider, "max_batch_tokens", 8)
+    generate_calls.clear()
+    assert provider.complete_batch(prompts[:2], options)[1].completion_tokens > 0
+    assert [rows for rows, _, _ in generate_calls] == [1, 1]
+
+
+def test_micro_batches_split_longest_first():
+    from apiana_lab.providers.transformers_backend import micro_batches
+
+    assert micro_batches([100, 90, 50, 50, 10], 10, 330) == [[0, 1, 2], [3, 4]]  # 3 x 110 fits, 4 x 110 does not
+    assert micro_batches([500, 20], 10, 100) == [[0], [1]]  # over budget alone: still one batch
+    assert micro_batches([], 10, 100) == []
+
+
+def test_default_budget_counts_the_kv_cache_against_the_weights(provider):
+    from apiana_lab.providers.transformers_backend import CPU_KV_PER_WEIGHT
+
+    cfg = provider.models[0].config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    weights = sum(p.numel() for p in provider.models[0].parameters()) * 4
+    assert provider.max_batch_tokens == int(CPU_KV_PER_WEIGHT * weights / kv_per_token)
+    # What it means for the benchmark's workloads: 16 short prompts with 256 new tokens share a
+    # batch; 1,400-token prompts with 128 new go at most three at a time.
+    assert provider.max_batch_tokens >= 16 * (100 + 256)
+    assert provider.max_batch_tokens < 4 * (1400 + 128)
+
+
+def test_max_batch_tokens_must_be_positive(model_dir):
+    from apiana_lab.providers.transformers_backend import TransformersProvider
+
+    with pytest.raises(ConfigError, match="max_batch_tokens"):
+        TransformersProvider(str(model_dir), device="cpu", max_batch_tokens=0)
 
 
 def test_rejects_8bit_on_cpu(model_dir):

@@ -3,9 +3,11 @@
 import pytest
 
 from contract import *  # noqa: F401,F403  the shared backend contract, run here on vLLM
+from contract import FRANCE, NAMES, dialogue_prompt
 
-from apiana_lab.errors import ConfigError
+from apiana_lab.errors import ConfigError, FatalProviderError
 from apiana_lab.providers import GenerationOptions
+from apiana_lab.summarize import SummarizerTransform
 
 pytestmark = pytest.mark.vllm
 
@@ -21,22 +23,16 @@ def provider(model_dir):
     p.close()
 
 
+@pytest.fixture
+def engine_unfinished(provider):
+    """The contract's streaming tests also check vLLM's own count of unfinished requests."""
+    return provider.llm.llm_engine.get_num_unfinished_requests
+
+
 def test_engine_arguments_reach_vllm(provider):
     assert provider.llm.llm_engine.model_config.max_model_len == 4096 == provider.max_context
     assert provider.engine_args["enforce_eager"] is True  # on CPU, graphs buy nothing
     assert provider.supports_batch
-
-
-def test_close_releases_the_engine(model_dir):
-    """A notebook can swap models: after close() the engine is gone and the provider says so."""
-    from apiana_lab.providers.vllm_backend import VLLMProvider
-
-    with VLLMProvider(str(model_dir), max_model_len=1024, load_format="dummy") as small:
-        out = small.complete("Hi", GenerationOptions(max_tokens=3))
-        assert out.completion_tokens == 3  # random weights rarely say EOS within three tokens
-    assert small.llm is None
-    with pytest.raises(ConfigError, match="closed"):
-        small.complete("Hi")
 
 
 def test_kv_cache_too_small_retries_with_the_length_the_engine_reports(model_dir, monkeypatch):
@@ -71,3 +67,58 @@ def test_engine_metrics_show_the_kv_cache_in_use_while_a_run_is_in_flight(provid
     assert samples["rss_children_mb"].max() > 500
     written = monitor.save(tmp_path)  # the figure's engine panel, drawn from real gauges
     assert written["figure"].stat().st_size > 0 and json.loads(written["summary"].read_text())["peaks"]["kv_cache_pct"] > 0
+
+
+def test_default_window_is_twice_the_engines_sequence_slots(provider):
+    slots = provider.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+    assert slots == 256  # vLLM's CPU default for the offline engine
+    assert provider.default_window == 2 * slots
+
+
+def test_stream_equals_llm_chat_under_greedy(provider):
+    """Our one tokenization (chat template in the tokenizer) gives what vLLM's own chat path gives."""
+    import vllm
+
+    s = SummarizerTransform(provider, max_length=32)
+    prompts = [dialogue_prompt(s, name, pad) for name, pad in zip(NAMES, (0, 24, 6))] + [FRANCE]
+    chats = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    reference = provider.llm.chat(chats, vllm.SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    streamed = dict(provider.stream(((str(i), p) for i, p in enumerate(prompts)), s.options))
+    for i, ref in enumerate(reference):
+        got = streamed[str(i)]
+        assert got.prompt_tokens == len(ref.prompt_token_ids)
+        assert got.text == ref.outputs[0].text.strip() and got.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_dead_engine_fails_fast_and_close_releases_it(model_dir):
+    """The engine process killed mid-stream (say by the OOM killer): FatalProviderError, not a hang.
+
+    vLLM's own client would wait forever for outputs; after close() the provider says it is closed.
+    """
+    import psutil
+
+    from apiana_lab.providers.vllm_backend import VLLMProvider
+
+    ours = psutil.Process()
+    before = {c.pid for c in ours.children(recursive=True)}
+    with VLLMProvider(str(model_dir), max_model_len=1024, load_format="dummy") as small:
+        out = small.complete("Hi", GenerationOptions(max_tokens=3))
+        assert out.completion_tokens == 3  # random weights rarely say EOS within three tokens
+        engine = [c for c in ours.children(recursive=True) if c.pid not in before and c.name().startswith("VLLM")]
+        assert engine, "the engine core runs in child processes"
+
+        def requests():
+            for i in range(6):
+                if i == 3:  # three requests are in flight: kill the engine under them
+                    for child in engine:
+                        child.kill()
+                yield f"r{i}", "Hello there"
+
+        with pytest.raises(FatalProviderError, match="engine process died"):
+            for _ in small.stream(requests(), GenerationOptions(max_tokens=500, ignore_eos=True), window=6):
+                pass
+        with pytest.raises(FatalProviderError, match="engine process died"):
+            small.complete("Hello")
+    assert small.llm is None
+    with pytest.raises(ConfigError, match="closed"):
+        small.complete("Hi")

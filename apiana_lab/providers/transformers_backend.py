@@ -1,4 +1,4 @@
-"""Hugging Face transformers: left-padded native batches, one replica per visible GPU."""
+"""Hugging Face transformers: left-padded micro-batches within a token budget, one replica per visible GPU."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_message
 
 logger = logging.getLogger(__name__)
 
+# The CPU budget: a micro-batch's KV cache at its end (rows x (longest prompt + max_tokens))
+# may hold this share of the model's weight bytes. Decoding on a CPU is bound by memory
+# traffic: each step reads the weights once for the whole batch but the KV cache of every
+# row, so past some cache size batching stops paying, and long prompts, whose padded prefill
+# also costs more per token, run slower than one at a time. In a short sweep (1,300-token
+# prompts, 128 new tokens, 1 thread; apiana_lab.bench.transformers_batching) 4 rows (KV about
+# half the weights) beat 2, 7 and 8 rows; the budget scales with dtype like the weights do.
+CPU_KV_PER_WEIGHT = 0.5
+# On a GPU the budget is about memory: this share of the free memory left after loading goes
+# to the KV cache and activations of one micro-batch.
+GPU_MEMORY_SHARE = 0.5
+
 
 class TransformersProvider(LLMProvider):
     """Local generation with transformers' `generate`.
@@ -29,6 +41,9 @@ class TransformersProvider(LLMProvider):
         dtype: "auto" (bfloat16 on GPU, float32 on CPU) or a torch dtype name.
         load_in_8bit: 8-bit weights through bitsandbytes (CUDA only).
         load_format: "auto", or "dummy" for random weights of the model's real shape.
+        max_batch_tokens: most padded tokens in one `generate` call, counted as rows x
+            (longest prompt + max_tokens); a prompt over it still runs, alone. Default: from
+            the device (`default_max_batch_tokens`).
     """
 
     name = "transformers"
@@ -43,6 +58,7 @@ class TransformersProvider(LLMProvider):
         dtype: str = "auto",
         load_in_8bit: bool = False,
         load_format: str = "auto",
+        max_batch_tokens: int | None = None,
     ):
         path = resolve_model(model)
         super().__init__(path, options)
@@ -51,6 +67,8 @@ class TransformersProvider(LLMProvider):
             raise ConfigError("load_in_8bit needs a CUDA GPU (bitsandbytes); on CPU leave it off.")
         if load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be 'auto' or 'dummy', not {load_format!r}")
+        if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+            raise ConfigError(f"max_batch_tokens must be a positive integer, not {max_batch_tokens!r}")
         self.dtype = _dtype(dtype, devices[0])
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -64,7 +82,8 @@ class TransformersProvider(LLMProvider):
         self.devices = devices
         self._locks = [threading.Lock() for _ in devices]
         self._context = int(getattr(self.models[0].config, "max_position_embeddings", 0) or 0) or None
-        logger.info("transformers: %s on %s (%s)", path, ", ".join(devices), self.dtype)
+        self.max_batch_tokens = max_batch_tokens or min(default_max_batch_tokens(m) for m in self.models)
+        logger.info("transformers: %s on %s (%s), up to %d padded tokens per batch", path, ", ".join(devices), self.dtype, self.max_batch_tokens)
 
     def _load(self, path: str, device: str, load_in_8bit: bool, load_format: str):
         kwargs = {"dtype": self.dtype}
@@ -85,6 +104,8 @@ class TransformersProvider(LLMProvider):
             raise ConfigError(hub_error_hint(path)) from e
         if not load_in_8bit:
             model = model.to(device)
+        if device == "cpu":
+            _keep_kv_heads_grouped(model)
         return model.eval()
 
     @property
@@ -116,7 +137,8 @@ class TransformersProvider(LLMProvider):
                 if len(ids) + options.max_tokens > self._context:
                     raise PermanentProviderError(
                         f"prompt {i} has {len(ids)} tokens; with max_tokens={options.max_tokens} it exceeds the "
-                        f"model's context of {self._context}. Use a smaller --chunk-size or --max-length."
+                        f"model's context of {self._context}. Use a smaller --chunk-size or --max-length.",
+                        reason="too_long",
                     )
         # Longest first, so padding is small within a batch and an OOM shows up at once.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -128,13 +150,21 @@ class TransformersProvider(LLMProvider):
         results: dict[int, Completion] = {}
         if len(shares) == 1:
             r, idx = shares[0]
-            results.update(zip(idx, self._generate(r, [encoded[i] for i in idx], options)))
+            results.update(self._generate_share(r, idx, encoded, options))
         else:
             with ThreadPoolExecutor(len(shares)) as pool:
-                futures = {pool.submit(self._generate, r, [encoded[i] for i in idx], options): idx for r, idx in shares}
-                for fut, idx in futures.items():
-                    results.update(zip(idx, fut.result()))
+                futures = [pool.submit(self._generate_share, r, idx, encoded, options) for r, idx in shares]
+                for fut in futures:
+                    results.update(fut.result())
         return [results[i] for i in range(len(encoded))]
+
+    def _generate_share(self, replica: int, idx: list[int], encoded: list[list[int]], options: GenerationOptions) -> dict[int, Completion]:
+        """One replica's prompts (longest first), in micro-batches within the token budget."""
+        results = {}
+        for group in micro_batches([len(encoded[i]) for i in idx], options.max_tokens, self.max_batch_tokens):
+            chosen = [idx[j] for j in group]
+            results.update(zip(chosen, self._generate(replica, [encoded[i] for i in chosen], options)))
+        return results
 
     def _generate(self, replica: int, batch: list[list[int]], options: GenerationOptions) -> list[Completion]:
         model = self.models[replica]
@@ -190,6 +220,93 @@ class TransformersProvider(LLMProvider):
 
 
 LocalTransformersLLM = TransformersProvider
+
+
+_GROUPED_SDPA = "apiana_grouped_sdpa"
+
+
+def _keep_kv_heads_grouped(model) -> None:
+    """On CPU, let SDPA read a grouped-query model's KV cache as it is, padding mask or not.
+
+    transformers' SDPA path copies every layer's keys and values out to one head per query
+    head (`repeat_kv`) whenever an attention mask is present, which a padded batch always
+    brings: at every decode step, the whole KV cache of the batch is copied (three times over
+    for SmolLM2). That copy was 58% of decode CPU time in a padded batch of four 1,300-token
+    prompts. torch's CPU kernel takes the mask and the grouped heads together
+    (`enable_gqa`) with the same result, so use it there. On CUDA that combination falls back
+    to the slow math kernel, so GPUs keep transformers' own path.
+    """
+    cfg = model.config.get_text_config()
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    if (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) == cfg.num_attention_heads:
+        return
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        transformers.AttentionInterface.register(_GROUPED_SDPA, _grouped_sdpa)
+        transformers.AttentionMaskInterface.register(_GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        model.set_attn_implementation(_GROUPED_SDPA)
+    except (AttributeError, ImportError, KeyError, ValueError) as e:  # an older transformers: keep its SDPA path
+        logger.debug("grouped SDPA not available (%s); using transformers' sdpa", e)
+
+
+def _grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention for decoder models, with grouped heads passed to torch as they are."""
+    if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # As transformers does: a causal prefill without a mask lets the kernel skip the masked half.
+    causal = query.shape[2] > 1 and attention_mask is None and causal
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        enable_gqa=getattr(module, "num_key_value_groups", 1) > 1,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def micro_batches(lengths: Sequence[int], max_new_tokens: int, max_batch_tokens: int) -> list[list[int]]:
+    """Split prompts sorted longest first into runs of positions whose padded size fits the budget.
+
+    A run's size is rows x (its first, longest prompt + max_new_tokens): what its KV cache
+    holds once generation ends. A prompt over the budget on its own still gets a run.
+    """
+    groups: list[list[int]] = []
+    for i in range(len(lengths)):
+        if groups and (len(groups[-1]) + 1) * (lengths[groups[-1][0]] + max_new_tokens) <= max_batch_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def default_max_batch_tokens(model) -> int:
+    """The padded-token budget per micro-batch for this loaded model on its device.
+
+    CPU: `CPU_KV_PER_WEIGHT` x the weights' bytes, in KV-cache tokens (decode is bound by
+    memory traffic). GPU: `GPU_MEMORY_SHARE` of the free memory, per token of KV cache plus
+    activations.
+    """
+    per_token = _kv_bytes_per_token(model)
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        # A token's transient activations in a layer: hidden states, attention output, MLP.
+        cfg = model.config.get_text_config()
+        activation = (4 * cfg.hidden_size + 2 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)) * model.dtype.itemsize
+        return max(1, int(GPU_MEMORY_SHARE * free / (per_token + activation)))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(1, int(CPU_KV_PER_WEIGHT * weights / per_token))
+
+
+def _kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token adds to the cache, over all layers."""
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
 
 
 def _devices(device: str) -> list[str]:

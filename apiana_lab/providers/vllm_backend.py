@@ -1,30 +1,49 @@
-"""vLLM's offline engine: the whole list goes in, continuous batching does the rest."""
+"""vLLM's offline engine: a list through `complete_batch`, or a stream of requests through `stream`."""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import logging
 import os
+import queue
 import re
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 try:
     import vllm
+    from vllm.sampling_params import RequestOutputKind
 except ImportError as e:  # the registry turns this into the install command
     raise ImportError("vllm is needed for the vllm backend", name="vllm") from e
 
-from ..errors import ConfigError, PermanentProviderError, ProviderOutOfMemoryError, TransientProviderError
+from ..errors import (
+    ConfigError,
+    FatalProviderError,
+    PermanentProviderError,
+    ProviderError,
+    ProviderOutOfMemoryError,
+    TransientProviderError,
+)
 from ..models import hub_error_hint, resolve_model
 from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_messages
 
 logger = logging.getLogger(__name__)
 
 _KV_TOO_SMALL = re.compile(r"max seq len \((\d+)\).*?estimated maximum model length is (\d+)", re.S)
+# In-flight window per engine sequence slot. Twice the slots keeps a queue of waiting requests
+# behind the running ones, so a finished sequence is replaced inside the engine's next step
+# instead of after a round trip to our loop (measured in apiana_lab.bench.vllm_window).
+WINDOW_PER_SEQ = 2
+# How long a stream with nothing in flight waits before asking its caller again.
+_IDLE_POLL_S = 0.02
+# How often a stream waiting for output checks that the engine process is still alive.
+_LIVENESS_POLL_S = 0.5
+_DEAD = "the vLLM engine process died; its log above says why. Start the run again: finished summaries are kept"
 
 
 class VLLMProvider(LLMProvider):
@@ -36,6 +55,7 @@ class VLLMProvider(LLMProvider):
 
     name = "vllm"
     supports_batch = True
+    supports_stream = True
 
     def __init__(
         self,
@@ -79,6 +99,7 @@ class VLLMProvider(LLMProvider):
         # vllm.LLM is not thread-safe: two threads in chat() steal each other's outputs and
         # hang. Workers take turns; the engine's continuous batching is the parallelism.
         self._lock = threading.Lock()
+        self._request_ids = itertools.count()
         self.llm = self._start()
         self._tokenizer = self.llm.get_tokenizer()
 
@@ -142,54 +163,142 @@ class VLLMProvider(LLMProvider):
         # One sample per engine (data parallel); usage is a mean, counts add up.
         return {k: (sum(v) / len(v) if k == "kv_cache_usage_perc" else sum(v)) for k, v in values.items()}
 
-    def count_tokens(self, prompt: Prompt) -> int:
+    @property
+    def default_window(self) -> int:
+        """Twice the engine's sequence slots (`max_num_seqs`: 256 on CPU, 1024 on an H100/H200)."""
+        self._check_open()
+        scheduler = getattr(getattr(self.llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+        return WINDOW_PER_SEQ * int(getattr(scheduler, "max_num_seqs", None) or 256)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        """The chat template applied and tokenized: the only time a prompt is tokenized."""
         ids = self._tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
-        return len(ids)
+        return list(ids)
 
-    def complete(self, prompt: Prompt, options: GenerationOptions | None = None) -> Completion:
-        return self.complete_batch([prompt], options)[0]
+    def count_tokens(self, prompt: Prompt) -> int:
+        return len(self._encode(prompt))
 
-    def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None) -> list[Completion]:
-        options = options or self.options
-        if self.llm is None:
-            raise ConfigError("This VLLMProvider was closed; create a new one.")
-        for i, p in enumerate(prompts):
-            n = self.count_tokens(p)
-            if n + options.max_tokens > self.max_context:
-                raise PermanentProviderError(
-                    f"prompt {i} has {n} tokens; with max_tokens={options.max_tokens} it exceeds max_model_len="
-                    f"{self.max_context}. Use a smaller --chunk-size or --max-length, or a larger max_model_len."
-                )
-        params = vllm.SamplingParams(
+    def _check_length(self, ids: list[int], options: GenerationOptions, what: str) -> None:
+        if len(ids) + options.max_tokens > self.max_context:
+            raise PermanentProviderError(
+                f"{what} has {len(ids)} tokens; with max_tokens={options.max_tokens} it exceeds max_model_len="
+                f"{self.max_context}. Use a smaller --chunk-size or --max-length, or a larger max_model_len.",
+                reason="too_long",
+            )
+
+    def _sampling_params(self, options: GenerationOptions):
+        return vllm.SamplingParams(
             max_tokens=options.max_tokens,  # vLLM's own default is 16: always pass ours
             temperature=options.temperature,
             top_p=options.top_p,
             seed=options.seed,
             stop=list(options.stop) or None,
             ignore_eos=options.ignore_eos,
+            # Only the finished text: no partial outputs to build and ship every step.
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
+
+    def complete(self, prompt: Prompt, options: GenerationOptions | None = None) -> Completion:
+        return self.complete_batch([prompt], options)[0]
+
+    def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None) -> list[Completion]:
+        options = options or self.options
+        self._check_open()
+        encoded = [self._encode(p) for p in prompts]
+        for i, ids in enumerate(encoded):
+            self._check_length(ids, options, f"prompt {i}")
         try:
             with self._lock:
-                outputs = self.llm.chat([as_messages(p) for p in prompts], params, use_tqdm=False)
-        except MemoryError as e:
-            raise ProviderOutOfMemoryError(str(e), batch_size=len(prompts)) from e
-        except RuntimeError as e:
-            if "out of memory" in str(e).lower():
-                raise ProviderOutOfMemoryError(str(e).splitlines()[0], batch_size=len(prompts)) from e
-            if "dead" in str(e).lower() or "engine" in str(e).lower():
-                raise TransientProviderError(str(e).splitlines()[0]) from e
-            raise
-        return [
-            Completion(
-                text=o.outputs[0].text.strip(),
-                prompt_tokens=len(o.prompt_token_ids),
-                completion_tokens=len(o.outputs[0].token_ids),
-                finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop",
-            )
-            for o in outputs
-        ]
+                outputs = self.llm.generate([_tokens(ids) for ids in encoded], self._sampling_params(options), use_tqdm=False)
+        except Exception as e:
+            _raise_provider_error(e, len(prompts))
+        return [_completion(o) for o in outputs]
+
+    def stream(
+        self,
+        requests: Iterable[tuple[str, Prompt] | None],
+        options: GenerationOptions | None = None,
+        *,
+        window: int | None = None,
+    ) -> Iterator[tuple[str, Completion | ProviderError]]:
+        """Yield `(key, completion)` as each request finishes; see `LLMProvider.stream` for the contract.
+
+        The thread iterating the generator owns the engine for the stream's life (other
+        calls on this provider wait), so close the generator, or run it to the end.
+        """
+        options = options or self.options
+        self._check_open()
+        window = self.default_window if window is None else window
+        if not isinstance(window, int) or window < 1:
+            raise ConfigError(f"window must be a positive integer, not {window!r}")
+        return self._stream(iter(requests), options, window)
+
+    def _stream(self, requests: Iterator, options: GenerationOptions, window: int) -> Iterator[tuple[str, Completion | ProviderError]]:
+        params = self._sampling_params(options)
+        engine = self.llm.llm_engine
+        in_flight: dict[str, str] = {}  # engine request id -> caller's key
+        exhausted = False
+        with self._lock:
+            try:
+                while True:
+                    while not exhausted and len(in_flight) < window:
+                        item = next(requests, _END)
+                        if item is _END:
+                            exhausted = True
+                        if item is _END or item is None:  # None: the caller has nothing to send now
+                            break
+                        key, prompt = item
+                        error = self._add(engine, key, prompt, params, options, in_flight)
+                        if error is not None:
+                            yield key, error
+                    if not in_flight:
+                        if exhausted:
+                            return
+                        time.sleep(_IDLE_POLL_S)  # stepping an idle engine would block: ask again shortly
+                        continue
+                    try:
+                        _wait_for_output(engine)
+                        outputs = engine.step()
+                    except Exception as e:
+                        _raise_provider_error(e, len(in_flight))
+                    for output in outputs:
+                        # FINAL_ONLY sends finished requests only; an id not ours (none expected) is skipped.
+                        if output.finished and output.request_id in in_flight:
+                            yield in_flight.pop(output.request_id), _completion(output)
+            finally:
+                # A consumer that stops early, or an engine error: leave nothing running for the next call.
+                if in_flight:
+                    try:
+                        engine.abort_request(list(in_flight))
+                    except Exception as e:  # a dead engine cannot abort; there is nothing left to free
+                        logger.debug("abort of %d requests failed: %s", len(in_flight), e)
+
+    def _add(self, engine, key: str, prompt: Prompt, params, options: GenerationOptions, in_flight: dict) -> ProviderError | None:
+        """Send one request to the engine; a request-level problem comes back as its error."""
+        try:
+            ids = self._encode(prompt)
+            self._check_length(ids, options, f"request {key!r}")
+        except PermanentProviderError as e:
+            return e
+        except (ConfigError, ValueError, TypeError) as e:  # a malformed chat, or a template that rejects it
+            return PermanentProviderError(f"request {key!r} cannot be rendered: {e}")
+        request_id = f"apiana-{next(self._request_ids)}"
+        try:
+            engine.add_request(request_id, _tokens(ids), params)
+        except Exception as e:
+            if _is_request_error(e):
+                return PermanentProviderError(f"vLLM rejected request {key!r}: {e}")
+            _raise_provider_error(e, len(in_flight))
+        in_flight[request_id] = key
+        return None
+
+    def _check_open(self) -> None:
+        if self.llm is None:
+            raise ConfigError("This VLLMProvider was closed; create a new one.")
+        if _engine_dead(self.llm.llm_engine):  # vLLM would wait forever for its outputs
+            raise FatalProviderError(_DEAD)
 
     def close(self) -> None:
         if getattr(self, "llm", None) is None:
@@ -207,6 +316,81 @@ class VLLMProvider(LLMProvider):
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+_END = object()
+
+
+def _tokens(ids: list[int]) -> dict:
+    """A prompt the engine takes as token ids, without tokenizing it again."""
+    return {"prompt_token_ids": ids}
+
+
+def _completion(output) -> Completion:
+    first = output.outputs[0]
+    return Completion(
+        text=first.text.strip(),
+        prompt_tokens=len(output.prompt_token_ids),
+        completion_tokens=len(first.token_ids),
+        finish_reason="length" if first.finish_reason == "length" else "stop",
+    )
+
+
+def _wait_for_output(engine) -> None:
+    """Return once `engine.step()` has output to read; raise if the engine process is gone.
+
+    vLLM's multiprocess client reads outputs from a queue that nobody fills once the engine
+    process is killed (SIGKILL, the kernel's OOM killer): its monitor marks the engine dead and
+    stops the reader, and a `step()` already waiting waits forever. So wait here, where the
+    flag can be seen. Clients without that queue (in-process engines) step synchronously.
+    """
+    client = getattr(engine, "engine_core", None)
+    pending, resources = getattr(client, "outputs_queue", None), getattr(client, "resources", None)
+    if not isinstance(pending, queue.Queue) or resources is None:
+        return
+    with pending.not_empty:  # put() notifies this condition; deque access is safe under its lock
+        while not pending.queue:
+            if _engine_dead(engine):
+                raise FatalProviderError(_DEAD)
+            pending.not_empty.wait(_LIVENESS_POLL_S)
+
+
+def _engine_dead(engine) -> bool:
+    """Whether vLLM's client has seen its engine process die (False where it cannot tell)."""
+    return bool(getattr(getattr(getattr(engine, "engine_core", None), "resources", None), "engine_dead", False))
+
+
+def _is_request_error(e: BaseException) -> bool:
+    """Whether vLLM blamed the request rather than itself (ValueError in older vLLM, VLLMClientError now)."""
+    return isinstance(e, (ValueError, TypeError)) or _named(e, "VLLMClientError")
+
+
+def _named(e: BaseException, name: str) -> bool:
+    # Matched by name: vLLM's exception classes moved between versions.
+    return any(c.__name__ == name for c in type(e).__mro__)
+
+
+def _raise_provider_error(e: BaseException, in_flight: int):
+    """Raise an engine failure as the ProviderError that says whether retrying can help; anything else unchanged."""
+    error = _engine_error(e, in_flight)
+    if error is e:
+        raise e
+    raise error from e
+
+
+def _engine_error(e: BaseException, in_flight: int) -> BaseException:
+    if isinstance(e, ProviderError):
+        return e
+    first = (str(e).splitlines() or [""])[0] or type(e).__name__
+    if isinstance(e, MemoryError) or "out of memory" in first.lower():
+        return ProviderOutOfMemoryError(first, batch_size=in_flight)
+    if _named(e, "EngineDeadError"):
+        return FatalProviderError(f"{_DEAD} ({first})")
+    if _is_request_error(e):
+        return PermanentProviderError(f"vLLM rejected the request: {first}")
+    if isinstance(e, RuntimeError) or _named(e, "VLLMServerError"):
+        return TransientProviderError(f"vLLM engine error: {first}")
+    return e  # not an engine failure we know: a bug to see, not to retry
 
 
 class _Seen:
