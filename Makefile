@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test notebooks lab bench bench-read bench-summarize bench-memory bench-monitor bench-server bench-ray clean-venv
+.PHONY: install demo test test-browser notebooks lab bench bench-read bench-ceiling bench-plan bench-summarize bench-memory bench-monitor bench-server bench-ray bench-window bench-batching clean-venv
 
 install: $(STAMP)
 
@@ -36,19 +36,44 @@ demo: install
 test: install
 	$(PY) -m pytest -q -ra tests --ignore=tests/browser
 
+# JupyterLab in headless Chromium: Debian's chromium (installed here when missing, which needs root),
+# Playwright's Python driver in the venv. Nothing downloads a browser build.
+test-browser: install
+	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }; \
+		else echo "chromium is missing: run 'sudo apt-get install chromium' (or set APIANA_CHROMIUM to a Chromium binary)"; exit 1; fi; }
+	$(PY) -c "import playwright" 2>/dev/null || $(PIP) install -q -e '.[browser]'
+	$(PY) -m pytest -q -ra tests/browser
+
 # Execute the five notebooks with papermill into results/<notebook>/<run-id>/, then rewrite results/README.md.
 notebooks: install
 	$(VENV)/bin/apiana-lab notebook all
 	$(VENV)/bin/apiana-lab results
 
-# JupyterLab on notebooks/ with the project's kernel (the venv's python3).
+# JupyterLab on the checkout (notebooks/, results/) with the project's kernel (the venv's python3); the executed notebooks in
+# results/ are trusted first, so their saved widgets render.
 lab: install
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks
+	$(VENV)/bin/apiana-lab results --trust >/dev/null
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=.
 
-bench: bench-read bench-summarize bench-memory bench-monitor bench-server bench-ray
+bench: bench-read bench-ceiling bench-memory bench-plan bench-summarize bench-monitor bench-server bench-ray
 
 bench-read: install
 	$(PY) -m apiana_lab.bench.read --size-mb 200
+
+# vLLM against its own ceiling (LLM.chat with every prompt at once), and transformers parallel against sequential.
+bench-ceiling: install
+	$(PY) -m apiana_lab.bench.ceiling
+
+# `apiana-lab plan` on a 2 MB export against the real run.
+bench-plan: install
+	$(PY) -m apiana_lab.bench.plan
+
+# The sweeps behind two defaults: vLLM's in-flight window, transformers' max_batch_tokens.
+bench-window: install
+	$(PY) -m apiana_lab.bench.vllm_window
+
+bench-batching: install
+	$(PY) -m apiana_lab.bench.transformers_batching
 
 bench-summarize: install
 	$(PY) -m apiana_lab.bench.summarize

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import ApianaError, ExportError
 
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("results", help="list notebook runs under results/ with key figures and verdicts; rewrite results/README.md")
     r.add_argument("--json", action="store_true")
     r.add_argument("--root", default=None, help="the results folder (default: the checkout's results/)")
+    r.add_argument("--trust", action="store_true", help="sign every executed notebook there as trusted, so JupyterLab "
+                                                        "renders its saved widgets (as `jupyter trust` does)")
     r.add_argument("-v", "--verbose", action="store_true")
     n = sub.add_parser("notebook", help="execute notebooks with papermill into results/<notebook>/<run-id>/")
     n.add_argument("name", nargs="+", help="explore_export, summarize_export, backend_comparison, batch_size_sweep, "
@@ -171,8 +174,11 @@ def _plan(args) -> int:
 
 
 def _results(args) -> int:
-    from .experiments.results import list_runs, write_index
+    from .experiments.results import default_root, list_runs, trust, write_index
 
+    if args.trust:
+        signed = trust(sorted(Path(args.root or default_root()).glob("*/*/*.ipynb")))
+        print(f"trusted {len(signed)} executed notebooks", file=sys.stderr)
     runs = list_runs(args.root)
     index = write_index(args.root)
     if args.json:

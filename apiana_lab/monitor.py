@@ -214,6 +214,8 @@ class MemoryMonitor:
             # A new run (a sweep feeds several through one monitor) restarts the counters.
             new_run = previous is None or p.event == "start" or p.elapsed < previous.elapsed or p.done < previous.done
             dt = None if new_run else p.elapsed - previous.elapsed
+            if p.finished and previous is not None and p.completion_tokens == previous.completion_tokens:
+                dt = None  # the closing snapshot adds no work: no rate, rather than a drop to zero
             rate = (p.completion_tokens - previous.completion_tokens) / dt if dt else math.nan
             in_rate = (p.prompt_tokens - previous.prompt_tokens) / dt if dt else math.nan
             rows.append({

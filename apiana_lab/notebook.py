@@ -133,10 +133,15 @@ class WidgetProgress:
             self.label.value = describe(p)
 
     def finish(self, error: str = "") -> None:
-        """End the bar from the newest snapshot, for a job that stopped without sending a finished one."""
+        """End the bar from the newest snapshot, for a job that stopped without sending a finished one.
+
+        An error overrides a finished state that had none: a job can fail after its transform
+        ended well (writing the results, say), and the bar must not stay green then.
+        """
         with self._lock:
-            if self._final is not None:
+            if self._final is not None and (not error or self._final.error):
                 return
+            self._final, self._summary_shown = None, False
             last = self.last or Progress(0, 0, 0, 0, 0, 0, 0.0, 0, 0)
             self._apply(dataclasses.replace(last, finished=True, error=error, event=""), time.monotonic())
 
@@ -252,15 +257,23 @@ def plot_monitor(monitor: MemoryMonitor, title: str = ""):
         ax_tok.text(0.5, 0.5, "no progress snapshots with new tokens yet", transform=ax_tok.transAxes,
                     ha="center", va="center", fontsize="small", color="dimgray")
 
-    # Events: a marker on every panel, the label once at the top.
+    # Events: a marker on every panel, the label once at the top. Events within 2% of the time
+    # span of each other share one label ("end · finished"), which would otherwise overprint.
     label_at = blended_transform_factory(ax_mem.transData, ax_mem.transAxes)
-    for k, e in enumerate(events):
+    span = max([e["t_s"] for e in events] + [float(samples["t_s"].max()) if not samples.empty else 0.0, 1.0])
+    labels: list[list] = []  # [t, [names]]
+    for e in events:
         for ax in (ax_mem, ax_kv, ax_tok):
             ax.axvline(e["t_s"], color="gray", ls="--", lw=0.8)
-        if k < 20:  # beyond that the labels only overlap; the full list is in memory.json
-            text = e["event"] if len(e["event"]) <= 40 else e["event"][:39] + "…"
-            ax_mem.text(e["t_s"], 0.98, " " + text, transform=label_at, rotation=90, va="top", ha="right",
-                        fontsize="x-small", color="dimgray")
+        if labels and e["t_s"] - labels[-1][0] < 0.02 * span:
+            labels[-1][1].append(e["event"])
+        else:
+            labels.append([e["t_s"], [e["event"]]])
+    for t, names in labels[:20]:  # beyond that the labels only overlap; the full list is in memory.json
+        text = " · ".join(dict.fromkeys(names))
+        text = text if len(text) <= 40 else text[:39] + "…"
+        ax_mem.text(t, 0.98, " " + text, transform=label_at, rotation=90, va="top", ha="right",
+                    fontsize="x-small", color="dimgray")
     return fig
 
 

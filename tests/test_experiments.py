@@ -47,7 +47,7 @@ def test_sample_spans_short_median_and_long_chunks():
 def test_plan_projects_a_run_within_a_quarter_of_what_it_takes(dialogue_export, tmp_path):
     """A latency-bound fake: the projection from 12 sampled chunks against the real run of all 144."""
     def slow():
-        return FakeProvider(batch=False, latency=0.02)
+        return FakeProvider(batch=False, latency=0.1)  # long enough that thread start-up is not what is measured
 
     plan = plan_export(dialogue_export, "fake", sample=12, chunk_size=64, max_length=16, max_workers=4, provider=slow())
     result = run_export(RunConfig(input=str(dialogue_export), output=str(tmp_path / "out"), backend="fake", chunk_size=64,

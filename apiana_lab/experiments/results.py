@@ -193,8 +193,30 @@ def execute(notebook: str, parameters: dict | None = None, root: str | Path | No
                                    kernel_manager_class=kernel_manager_class())
     finally:
         logger.info("%s: %.1f s -> %s", name, time.perf_counter() - start, output)
+        if output.is_file():
+            trust([output])
         write_index(root)
     return output
+
+
+def trust(paths) -> list[Path]:
+    """Sign notebooks as trusted for this user's Jupyter (what `jupyter trust` does); returns them.
+
+    JupyterLab renders a widget from saved state only in a trusted notebook; an untrusted one
+    shows the widget's plain-text line instead. An executed notebook is signed where it was run;
+    a clone of the repository trusts its results/ with `apiana-lab results --trust` (`make lab`).
+    """
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    notary = NotebookNotary()
+    signed = []
+    for path in map(Path, paths):
+        nb = nbformat.read(path, as_version=4)
+        if not notary.check_signature(nb):
+            notary.sign(nb)
+        signed.append(path)
+    return signed
 
 
 def list_runs(root: str | Path | None = None) -> list[dict]:

@@ -1,0 +1,218 @@
+"""Our pipeline against the engine's own ceiling, and batched transformers against one at a time.
+
+    python -m apiana_lab.bench.ceiling [--chunks-a 64] [--chunks-b 96] [--transformers-chunks 32] [--quick]
+
+Two workloads from a synthetic export:
+  (a) real-length chunks (1000-1400 tokens), summaries at their natural length (up to 300 new tokens):
+      prefill-bound on a CPU;
+  (b) short chunks (200-300 tokens), up to 256 new tokens at their natural length: decode-heavy,
+      the shape of a GPU run.
+
+vLLM, one engine for every configuration, in this order on each workload:
+  - ceiling: `vllm.LLM.chat` with every prompt at once, nothing of ours around it;
+  - pipeline defaults: `ParallelSummarizerTransform(provider)`, what `chatgpt-export-v2` runs;
+  - `--batch-size 16`: the same streaming path with a window of 16;
+  - batch path: `stream=False`, batches of 16 from 2 workers (what ran before streaming).
+The prefix cache is reset before each one. Also the time to the first finished summary.
+
+Transformers: sequential (`--sequential`) against the default parallel transform on the first
+`--transformers-chunks` chunks of each workload.
+
+Writes results/bench-ceiling/ceiling.json and .md (ceiling-quick.* with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+import time
+
+from apiana_lab.experiments.measure import measure, reset_engine_cache, workload_chunks
+
+from .common import machine, markdown_table, write_results
+
+logger = logging.getLogger("apiana_lab.bench.ceiling")
+
+TARGET_CEILING = 0.95  # default settings against the engine's ceiling, output tokens/s
+TARGET_TRANSFORMERS = {"a": 0.95, "b": 3.0}  # parallel against sequential, wall time
+
+
+def workloads(n_a: int, n_b: int) -> dict:
+    """name -> (chunks, max new tokens)."""
+    real, _ = workload_chunks(n_a)
+    _, short = workload_chunks(n_b, short_tokens=(200, 300))
+    return {"a": (real, 300), "b": (short, 256)}
+
+
+def ceiling(provider, transform, chunks: list, workload: str) -> dict:
+    """`LLM.chat` with every prompt at once: the engine alone, with our prompts and sampling."""
+    reset_engine_cache(provider)
+    gc.collect()
+    load_before = os.getloadavg()[0]
+    params = provider._sampling_params(transform.options)
+    conversations = [transform.prompt(c) for c in chunks]
+    start = time.perf_counter()
+    outputs = provider.llm.chat(conversations, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    completion = sum(len(o.outputs[0].token_ids) for o in outputs)
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    return {
+        "workload": workload,
+        "config": "ceiling: LLM.chat(all)",
+        "chunks": len(chunks),
+        "failed": 0,
+        "wall_s": wall,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "completion_tokens_per_s": completion / wall,
+        "first_result_s": wall,  # everything comes back together
+        "load_1m": "{:.1f}→{:.1f}".format(load_before, os.getloadavg()[0]),
+    }
+
+
+def echo(row: dict) -> dict:
+    print(f"  [{row['workload']}] {row['config']:<34} {row['wall_s']:8.1f} s  {row['completion_tokens']:6d} new tokens  "
+          f"{row['completion_tokens_per_s']:7.1f} tok/s  first {row['first_result_s'] or 0:6.1f} s  {row['failed']} failed",
+          file=sys.stderr, flush=True)
+    return row
+
+
+def run_vllm(loads: dict, rows: list, facts: dict, checkpoint) -> None:
+    from apiana_lab.providers import GenerationOptions, get_provider
+    from apiana_lab.summarize import ParallelSummarizerTransform
+
+    start = time.perf_counter()
+    provider = get_provider("vllm")
+    facts["vllm_load_s"] = round(time.perf_counter() - start, 1)
+    facts["vllm_default_window"] = provider.default_window
+    provider.complete("Say hello.", GenerationOptions(max_tokens=4))  # warm-up
+    try:
+        for workload, (chunks, max_tokens) in loads.items():
+            configs = [
+                ("pipeline defaults", ParallelSummarizerTransform(provider, max_length=max_tokens)),
+                ("pipeline --batch-size 16", ParallelSummarizerTransform(provider, batch_size=16, max_length=max_tokens)),
+                ("batch path (16 x 2 workers)", ParallelSummarizerTransform(
+                    provider, batch_size=16, max_workers=2, stream=False, max_length=max_tokens)),
+            ]
+            rows.append(echo(ceiling(provider, configs[0][1], chunks, workload)))
+            checkpoint()
+            for config, transform in configs:
+                row, _ = measure(transform, chunks, config=config, workload=workload)
+                row["engine"] = "vllm"
+                rows.append(echo(row))
+                checkpoint()
+    finally:
+        provider.close()
+        del provider
+        gc.collect()
+
+
+def run_transformers(loads: dict, n: int, rows: list, facts: dict, checkpoint) -> None:
+    from apiana_lab.providers import GenerationOptions, get_provider
+    from apiana_lab.summarize import ParallelSummarizerTransform, SummarizerTransform
+
+    provider = get_provider("transformers")
+    facts["transformers_max_batch_tokens"] = provider.max_batch_tokens
+    facts["transformers_default_window"] = provider.default_window
+    provider.complete("Say hello.", GenerationOptions(max_tokens=4))
+    try:
+        for workload, (chunks, max_tokens) in loads.items():
+            chunks = chunks[:n]
+            for config, transform in (
+                ("transformers sequential", SummarizerTransform(provider, max_length=max_tokens)),
+                ("transformers parallel (defaults)", ParallelSummarizerTransform(provider, max_length=max_tokens)),
+            ):
+                row, _ = measure(transform, chunks, config=config, workload=workload)
+                row["engine"] = "transformers"
+                rows.append(echo(row))
+                checkpoint()
+    finally:
+        provider.close()
+        gc.collect()
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Each vLLM configuration against the ceiling, parallel transformers against sequential."""
+    out = {}
+    for workload in ("a", "b"):
+        top = next((r for r in rows if r["workload"] == workload and r["config"].startswith("ceiling")), None)
+        for row in rows:
+            if row["workload"] != workload or top is None or row is top or row.get("engine") != "vllm":
+                continue
+            row["vs_ceiling"] = row["completion_tokens_per_s"] / top["completion_tokens_per_s"]
+            out[f"{workload}: {row['config']} / ceiling"] = round(row["vs_ceiling"], 3)
+        stream = next((r for r in rows if r["workload"] == workload and r["config"] == "pipeline defaults"), None)
+        batch = next((r for r in rows if r["workload"] == workload and r["config"].startswith("batch path")), None)
+        if stream and batch and stream["first_result_s"] and batch["first_result_s"]:
+            out[f"{workload}: first summary, batch path / streaming"] = round(batch["first_result_s"] / stream["first_result_s"], 2)
+        seq = next((r for r in rows if r["workload"] == workload and r["config"] == "transformers sequential"), None)
+        par = next((r for r in rows if r["workload"] == workload and r["config"].startswith("transformers parallel")), None)
+        if seq and par:
+            par["speedup_wall"] = seq["wall_s"] / par["wall_s"]
+            out[f"{workload}: transformers parallel / sequential (wall)"] = round(par["speedup_wall"], 2)
+    return out
+
+
+def targets(found: dict) -> dict:
+    met = {}
+    for workload in ("a", "b"):
+        key = f"{workload}: pipeline defaults / ceiling"
+        if key in found:
+            met[key] = {"target_min": TARGET_CEILING, "measured": found[key], "met": found[key] >= TARGET_CEILING}
+        key = f"{workload}: transformers parallel / sequential (wall)"
+        if key in found:
+            goal = TARGET_TRANSFORMERS[workload]
+            met[key] = {"target_min": goal, "measured": found[key], "met": found[key] >= goal}
+    return met
+
+
+def render(results: dict) -> str:
+    columns = [("workload", "workload"), ("config", "configuration"), ("chunks", "chunks"), ("wall_s", "wall s"),
+               ("completion_tokens", "new tokens"), ("completion_tokens_per_s", "new tok/s"),
+               ("vs_ceiling", "× ceiling"), ("speedup_wall", "× sequential"), ("first_result_s", "first summary s"),
+               ("failed", "failed"), ("load_1m", "load")]
+    lines = [f"# Ceiling benchmark{' (quick)' if results['quick'] else ''}", "",
+             f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['when']}.",
+             f"Engine facts: {results['facts']}", "", markdown_table(results["rows"], columns), "", "## Ratios", ""]
+    lines += [f"- {k}: {v}" for k, v in results["ratios"].items()]
+    lines += ["", "## Targets", ""]
+    lines += [f"- {k}: {v['measured']} (target ≥ {v['target_min']}) {'met' if v['met'] else 'NOT met'}" for k, v in results["targets"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunks-a", type=int, default=64)
+    parser.add_argument("--chunks-b", type=int, default=96)
+    parser.add_argument("--transformers-chunks", type=int, default=32, help="chunks per workload for transformers (0: skip)")
+    parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="8 and 12 chunks, 4 for transformers: a smoke run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.quick:
+        args.chunks_a, args.chunks_b, args.transformers_chunks = 8, 12, 4
+    stem = "ceiling-quick" if args.quick else "ceiling"
+    results = {"quick": args.quick, "machine": machine(), "facts": {}, "rows": [], "ratios": {}, "targets": {}}
+
+    def checkpoint():
+        results["ratios"] = ratios(results["rows"])
+        results["targets"] = targets(results["ratios"])
+        write_results("bench-ceiling", stem, results, render(results))
+
+    loads = workloads(args.chunks_a, args.chunks_b)
+    results["facts"]["workloads"] = {k: {"chunks": len(c), "prompt_tokens_per_chunk": round(sum(x.token_count for x in c) / len(c)),
+                                         "max_new_tokens": m} for k, (c, m) in loads.items()}
+    if not args.skip_vllm:
+        run_vllm(loads, results["rows"], results["facts"], checkpoint)
+    if args.transformers_chunks:
+        run_transformers(loads, args.transformers_chunks, results["rows"], results["facts"], checkpoint)
+    checkpoint()
+    print(render(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
