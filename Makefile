@@ -49,11 +49,11 @@ notebooks: install
 	$(VENV)/bin/apiana-lab notebook all
 	$(VENV)/bin/apiana-lab results
 
-# JupyterLab on the checkout (notebooks/, results/) with the project's kernel (the venv's python3); the executed notebooks in
+# JupyterLab on the checkout, opening at notebooks/ (results/ is one folder up), with the project's kernel (the venv's python3); the executed notebooks in
 # results/ are trusted first, so their saved widgets render.
 lab: install
 	$(VENV)/bin/apiana-lab results --trust >/dev/null
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=.
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --FileContentsManager.preferred_dir=notebooks
 
 bench: bench-read bench-ceiling bench-memory bench-plan bench-summarize bench-monitor bench-server bench-ray
 

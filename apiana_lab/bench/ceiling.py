@@ -3,7 +3,7 @@
     python -m apiana_lab.bench.ceiling [--chunks-a 64] [--chunks-b 96] [--transformers-chunks 32] [--quick]
 
 Two workloads from a synthetic export:
-  (a) real-length chunks (1000-1400 tokens), summaries at their natural length (up to 300 new tokens):
+  (a) real-length chunks (1000-1400 tokens), summaries at their natural length (up to 128 new tokens):
       prefill-bound on a CPU;
   (b) short chunks (200-300 tokens), up to 256 new tokens at their natural length: decode-heavy,
       the shape of a GPU run.
@@ -44,7 +44,7 @@ def workloads(n_a: int, n_b: int) -> dict:
     """name -> (chunks, max new tokens)."""
     real, _ = workload_chunks(n_a)
     _, short = workload_chunks(n_b, short_tokens=(200, 300))
-    return {"a": (real, 300), "b": (short, 256)}
+    return {"a": (real, 128), "b": (short, 256)}
 
 
 def ceiling(provider, transform, chunks: list, workload: str) -> dict:

@@ -47,6 +47,7 @@ class FakeProvider(LLMProvider):
         stream: bool = False,
         steps: Callable[[str], int] | None = None,
         window: int = 16,
+        history: bool = True,
     ):
         super().__init__(model or "fake-model", options)
         self.supports_stream = stream
@@ -57,7 +58,10 @@ class FakeProvider(LLMProvider):
         self.oom_above = oom_above
         self.fail = fail
         self.sleep = sleep
-        self.history: list[dict] = []  # one entry per call: prompts, start, end, thread
+        # One entry per call (prompts, start, end, thread), for tests that check the orchestration.
+        # It keeps every prompt's text: a long run turns it off (`--engine-arg history=false`).
+        self.keep_history = history
+        self.history: list[dict] = []
         self._scripted: list[str] = []
         self._lock = threading.Lock()
         # Instance attribute shadows the class default so one class serves both shapes.
@@ -99,9 +103,10 @@ class FakeProvider(LLMProvider):
                 else:
                     key, prompt = item
                     text = as_messages(prompt)[-1]["content"]
-                    with self._lock:
-                        self.history.append({"prompts": [text], "start": time.perf_counter(), "end": None,
-                                             "thread": threading.get_ident(), "error": None, "key": key})
+                    if self.keep_history:
+                        with self._lock:
+                            self.history.append({"prompts": [text], "start": time.perf_counter(), "end": None,
+                                                 "thread": threading.get_ident(), "error": None, "key": key})
                     flying[key] = [self.steps(text), prompt, text]
             self.max_in_flight = max(self.max_in_flight, len(flying))
             if not flying:
@@ -136,7 +141,8 @@ class FakeProvider(LLMProvider):
             return [self._answer(p, text, options) for p, text in zip(prompts, texts)]
         record = {"prompts": texts, "start": started, "end": None, "thread": threading.get_ident(), "error": None}
         with self._lock:
-            self.history.append(record)
+            if self.keep_history:
+                self.history.append(record)
             scripted = self._scripted.pop(0) if self._scripted else None
         if self.latency:
             self.sleep(self.latency)
