@@ -29,6 +29,14 @@ def engine_unfinished(provider):
     return provider.llm.llm_engine.get_num_unfinished_requests
 
 
+def test_auto_dtype_is_float32_on_a_cpu_without_native_bfloat16():
+    from apiana_lab.providers import vllm_backend
+
+    with open("/proc/cpuinfo") as f:
+        native = any(flag in f.read() for flag in ("avx512_bf16", "amx_bf16"))
+    assert vllm_backend.cpu_has_native_bf16() is native
+
+
 def test_engine_arguments_reach_vllm(provider):
     assert provider.llm.llm_engine.model_config.max_model_len == 4096 == provider.max_context
     assert provider.engine_args["enforce_eager"] is True  # on CPU, graphs buy nothing
@@ -42,7 +50,8 @@ def test_kv_cache_too_small_retries_with_the_length_the_engine_reports(model_dir
     # 1 GiB of KV cache holds ~46k tokens of this model; ask for 100k (config stretched to allow it).
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     with VLLMProvider(str(model_dir), max_model_len=100_000, hf_overrides={"max_position_embeddings": 131072}, load_format="dummy") as p:
-        assert len(p.adjustments) == 1 and "retried with max_model_len=" in p.adjustments[0]
+        retried = [a for a in p.adjustments if "retried with max_model_len=" in a]
+        assert len(retried) == 1
         assert 8192 < p.max_context < 100_000
         assert p.llm.llm_engine.model_config.max_model_len == p.max_context
 

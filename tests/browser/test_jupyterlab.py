@@ -74,6 +74,11 @@ def run_all(page) -> None:
     page.click('li[data-command="runmenu:run-all"]', timeout=10_000)
 
 
+def show_cell(page, text: str) -> None:
+    """Scroll the code cell holding `text` into view, as a person watching it would (Run All scrolls to the last cell)."""
+    page.locator(".jp-CodeCell", has_text=text).first.scroll_into_view_if_needed()
+
+
 def state(page) -> dict:
     return page.evaluate(STATE_JS)
 
@@ -112,12 +117,19 @@ def test_live_run_shows_a_moving_bar_and_a_redrawn_memory_figure(lab, page, scre
     open_notebook(page, lab, str(path.relative_to(lab.root)))
     run_all(page)
     seen: list[dict] = []
-    wait_until(page, lambda s: s["bars"], timeout=120, seen=seen)
+
+    def watching(s: dict) -> bool:
+        show_cell(page, "run_export_live(")
+        return bool(s["bars"])
+
+    wait_until(page, watching, timeout=120, seen=seen)
+    page.wait_for_timeout(300)
     page.screenshot(path=str(screenshots / "live-start.png"))
     mid_taken = False
 
     def done(s: dict) -> bool:
         nonlocal mid_taken
+        show_cell(page, "run_export_live(")
         bar = s["bars"][0] if s["bars"] else None
         if bar and not mid_taken and 0 < (bar["width"] or 0) < 100:
             page.screenshot(path=str(screenshots / "live-mid.png"))
@@ -126,9 +138,10 @@ def test_live_run_shows_a_moving_bar_and_a_redrawn_memory_figure(lab, page, scre
 
     end = wait_until(page, done, timeout=300, seen=seen)
     page.wait_for_timeout(500)
+    show_cell(page, "run_export_live(")
+    page.wait_for_timeout(300)
     end = state(page)
     figure = page.locator(".jp-OutputArea img").first
-    figure.scroll_into_view_if_needed()
     page.screenshot(path=str(screenshots / "live-end.png"))
     figure.screenshot(path=str(screenshots / "live-figure.png"))
 
@@ -167,7 +180,7 @@ def test_a_saved_result_notebook_shows_its_finished_bar_and_figure(lab, page, sc
     trust([target])  # what `make lab` does for results/: JupyterLab renders saved widgets of trusted notebooks only
     open_notebook(page, lab, str(target.relative_to(lab.root)))
     # JupyterLab renders a cell's outputs when it comes into view: go to the run's cell, as a reader would.
-    page.locator(".jp-CodeCell", has_text="run_export_live(").first.scroll_into_view_if_needed()
+    show_cell(page, "run_export_live(")
     s = wait_until(page, lambda s: s["bars"] and s["images"], timeout=60)
     page.wait_for_timeout(1000)
     s = state(page)
