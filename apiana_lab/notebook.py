@@ -502,21 +502,21 @@ def summary_browser(frame):
     pick = w.Dropdown(options=choices, description="conversation", style={"description_width": "initial"})
     start = w.DatePicker(description="from")
     end = w.DatePicker(description="to")
-    out = w.Output()
+    # Plain traits, not an Output widget: capturing into an Output while papermill executes the
+    # cell (clear_output, display) could leave the cell "running" forever under load.
+    count = w.Label()
+    table = w.HTML()
 
     def refresh(_=None) -> None:
         shown = filter_summaries(frame, pick.value or None, start.value and start.value.isoformat(),
                                  end.value and end.value.isoformat())
-        with out:  # widget callbacks run on the kernel's main thread, where writing to an Output is safe
-            out.clear_output(wait=True)
-            display({"text/plain": f"{len(shown)} of {len(frame)} summaries"}, raw=True)
-            if len(shown) < len(frame):
-                display(shown)
+        count.value = f"{len(shown)} of {len(frame)} summaries"
+        table.value = shown.to_html(index=False, max_rows=200) if len(shown) < len(frame) else ""
 
     for control in (pick, start, end):
         control.observe(refresh, "value")
     refresh()
-    box = w.VBox([w.HBox([pick, start, end]), out])
+    box = w.VBox([w.HBox([pick, start, end]), count, table])
     display(box)
     return box
 

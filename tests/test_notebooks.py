@@ -207,8 +207,7 @@ def test_interrupting_the_kernel_keeps_every_finished_summary_and_a_rerun_reuses
     assert "Chat 3" in shown and "Chat 4" not in shown  # the show_conversation parameter filters the table
     for name in ("memory.parquet", "memory.png", "memory.json"):
         assert (folder / name).stat().st_size > 0
-    outputs = [o for o in widget_states(nb, "OutputModel") if o.get("outputs")]
-    assert any("60 of 60 summaries" in o["outputs"][0]["data"]["text/plain"] for o in outputs)  # the browser's count
+    assert any(s["value"] == "60 of 60 summaries" for s in widget_states(nb, "LabelModel"))  # the browser's count
 
 
 # -- backend_comparison: real engines ---------------------------------------------------------------
