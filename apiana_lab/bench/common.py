@@ -18,14 +18,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
-def machine() -> dict:
-    """Facts that decide the figures, recorded next to them."""
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    return cpu
+
+
+def machine() -> dict:
+    """Facts that decide the figures, recorded next to them."""
+    cpu = cpu_name()
     try:
         load = os.getloadavg()
     except OSError:

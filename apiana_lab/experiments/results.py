@@ -115,12 +115,9 @@ def versions() -> dict:
 
 def machine() -> dict:
     """The machine the figures were measured on."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from ..bench.common import cpu_name
+
+    cpu = cpu_name()
     gpu = None
     try:
         import pynvml
