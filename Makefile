@@ -85,8 +85,9 @@ bench-monitor: install
 	$(PY) -m apiana_lab.bench.monitor
 	$(PY) -m apiana_lab.bench.monitor --stats-cost
 
+# The README's figures: 32 real-length chunks, so 64 in flight would be 32 (`--chunks 64` adds it; slow on a CPU).
 bench-server: install
-	$(PY) -m apiana_lab.bench.server
+	$(PY) -m apiana_lab.bench.server --chunks 32 --concurrency 1,8,32 --max-tokens 64
 
 bench-ray: install
 	$(PY) -m apiana_lab.bench.ray_scaling

@@ -278,7 +278,7 @@ def render_markdown(results: dict) -> str:
                ("completion_tokens", "output tokens"), ("completion_tokens_per_s", "output tok/s"),
                ("ratio_to_offline", "× offline"), ("server_running_max", "server running (max)"), ("load_1m", "load 1m")]
     parts = [f"# Offline vLLM vs the same model behind a vLLM server, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
-             f"Bundled SmolLM2-135M-Instruct, dtype {s['dtype']}, {s['chunks']} real-length chunks "
+             f"Bundled SmolLM2-135M-Instruct, dtype {s.get('offline_dtype', s['dtype'])}, {s['chunks']} real-length chunks "
              f"({s['chunk_tokens'][0]}-{s['chunk_tokens'][1]} tokens), {s['max_tokens']} new tokens forced (ignore_eos), "
              "prefix caching off on both. Offline: ParallelSummarizerTransform over VLLMProvider, every chunk in flight at once, "
              "measured before and after the server; × offline is against their mean. Server: the openai backend, "
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chunks", type=int, default=64, help="real-length chunks (64 so that 64 requests can be in flight)")
     parser.add_argument("--concurrency", default="1,8,32,64", help="requests in flight to try, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per chunk, forced with ignore_eos")
-    parser.add_argument("--dtype", default="auto", help="both engines' dtype (auto: the model's own, bfloat16)")
+    parser.add_argument("--dtype", default="auto", help="both engines' dtype (auto: as VLLMProvider resolves it; the server gets the same)")
     parser.add_argument("--model", default=None, help="a local model folder (default: the bundled SmolLM2)")
     parser.add_argument("--quick", action="store_true", help="4 chunks, 16 new tokens, 1 and 4 in flight: checks the script works")
     args = parser.parse_args(argv)
@@ -340,10 +340,14 @@ def main(argv: list[str] | None = None) -> dict:
     # server rows: an idle engine waits on its queue and takes no CPU from the other.
     print("offline vLLM: loading", file=sys.stderr, flush=True)
     offline = VLLMProvider(model, max_model_len=4096, dtype=args.dtype, enable_prefix_caching=False)
-    server = VLLMServer(model, ["--max-model-len", "4096", "--enforce-eager", "--dtype", args.dtype, "--no-enable-prefix-caching"])
+    server = None
     try:
         offline.complete("Say hello.", warm)  # lazy initialisation is not throughput
-        results["settings"]["offline_dtype"] = str(offline.llm.llm_engine.model_config.dtype)
+        dtype = str(offline.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        results["settings"]["offline_dtype"] = dtype
+        # The server gets the dtype the offline engine resolved: "auto" means float32 to VLLMProvider on a CPU
+        # without native bfloat16, but bfloat16 to a bare server, which would then run many times slower.
+        server = VLLMServer(model, ["--max-model-len", "4096", "--enforce-eager", "--dtype", dtype, "--no-enable-prefix-caching"])
         print(f"vLLM server: starting ({server.log_path})", file=sys.stderr, flush=True)
         server.start()
         with OpenAIProvider(base_url=server.base_url) as remote:
@@ -355,7 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
                 save(results, stem)
             results["rows"].append(measure_offline(offline, chunks, max_tokens, "offline vLLM (after)"))
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         offline.close()
     results["server_log"] = str(server.log_path)
     results["complete"] = True
