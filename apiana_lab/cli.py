@@ -132,7 +132,7 @@ ENGINE_FLAGS = [
     ("--dtype", "dtype", dict(help="vllm, transformers: auto, bfloat16, float16 or float32")),
     ("--device", "device", dict(help="transformers: auto, cpu, cuda or cuda:N")),
     ("--load-in-8bit", "load_in_8bit", dict(action="store_true", default=None, help="transformers: 8-bit weights (CUDA, bitsandbytes)")),
-    ("--max-batch-tokens", "max_batch_tokens", dict(type=int, help="transformers: most padded prompt tokens per micro-batch")),
+    ("--max-batch-tokens", "max_batch_tokens", dict(type=int, help="transformers: most padded tokens per micro-batch, rows x (longest prompt + max new tokens)")),
     ("--base-url", "base_url", dict(help="openai: the server, e.g. http://127.0.0.1:8000/v1")),
     ("--api-key-env", "api_key_env", dict(help="openai: environment variable holding the API key (default OPENAI_API_KEY)")),
 ]

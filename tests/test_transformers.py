@@ -95,10 +95,18 @@ def test_default_budget_counts_the_kv_cache_against_the_weights(provider):
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     weights = sum(p.numel() for p in provider.models[0].parameters()) * 4
     assert provider.max_batch_tokens == int(CPU_KV_PER_WEIGHT * weights / kv_per_token)
-    # What it means for the benchmark's workloads: 16 short prompts with 256 new tokens share a
-    # batch; 1,400-token prompts with 128 new go at most three at a time.
-    assert provider.max_batch_tokens >= 16 * (100 + 256)
-    assert provider.max_batch_tokens < 4 * (1400 + 128)
+    # What it means for the benchmark's workloads: 16 prompts of 440 tokens with 256 new share a
+    # batch; 1,400-token prompts with 128 new go seven at a time, never a whole batch of 16.
+    assert provider.max_batch_tokens >= 16 * (440 + 256)
+    assert 7 * (1400 + 128) <= provider.max_batch_tokens < 8 * (1400 + 128)
+
+
+def test_rows_at_once_follow_the_budget_and_one_call_per_replica(provider):
+    """What `plan` assumes runs together: micro-batches under the budget, the workers taking turns on one replica."""
+    budget = provider.max_batch_tokens
+    assert provider.rows_at_once(16, 2, 1340, 128) == budget // (1340 + 128) == 7
+    assert provider.rows_at_once(16, 2, 400, 256) == 16  # short prompts: the whole batch
+    assert provider.rows_at_once(16, 1, budget, 128) == 1  # a prompt over the budget still runs, alone
 
 
 def test_max_batch_tokens_must_be_positive(model_dir):

@@ -1,6 +1,7 @@
 """Our pipeline against the engine's own ceiling, and batched transformers against one at a time.
 
-    python -m apiana_lab.bench.ceiling [--chunks-a 64] [--chunks-b 96] [--transformers-chunks 32] [--quick]
+    python -m apiana_lab.bench.ceiling [--chunks-a 64] [--chunks-b 96] [--transformers-chunks 32] [--workloads a,b]
+                                       [--skip-vllm] [--quick]
 
 Two workloads from a synthetic export:
   (a) real-length chunks (1000-1400 tokens), summaries at their natural length (up to 128 new tokens):
@@ -18,7 +19,8 @@ The prefix cache is reset before each one. Also the time to the first finished s
 Transformers: sequential (`--sequential`) against the default parallel transform on the first
 `--transformers-chunks` chunks of each workload.
 
-Writes results/bench-ceiling/ceiling.json and .md (ceiling-quick.* with --quick).
+Writes results/bench-ceiling/ceiling.json and .md (ceiling-quick.* with --quick, ceiling-transformers.*
+with --skip-vllm, so a transformers-only run leaves the vLLM figures in place).
 """
 
 from __future__ import annotations
@@ -188,13 +190,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chunks-a", type=int, default=64)
     parser.add_argument("--chunks-b", type=int, default=96)
     parser.add_argument("--transformers-chunks", type=int, default=32, help="chunks per workload for transformers (0: skip)")
-    parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--skip-vllm", action="store_true", help="transformers only (writes ceiling-transformers.*)")
+    parser.add_argument("--workloads", default="a,b", help="which workloads to run, comma-separated")
     parser.add_argument("--quick", action="store_true", help="8 and 12 chunks, 4 for transformers: a smoke run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.quick:
         args.chunks_a, args.chunks_b, args.transformers_chunks = 8, 12, 4
-    stem = "ceiling-quick" if args.quick else "ceiling"
+    stem = "ceiling-quick" if args.quick else "ceiling-transformers" if args.skip_vllm else "ceiling"
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not chosen or set(chosen) - {"a", "b"}:
+        parser.error(f"--workloads takes a and/or b, comma-separated; got {args.workloads!r}")
     results = {"quick": args.quick, "machine": machine(), "facts": {}, "rows": [], "ratios": {}, "targets": {}}
 
     def checkpoint():
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["targets"] = targets(results["ratios"])
         write_results("bench-ceiling", stem, results, render(results))
 
-    loads = workloads(args.chunks_a, args.chunks_b)
+    loads = {k: v for k, v in workloads(args.chunks_a, args.chunks_b).items() if k in chosen}
     results["facts"]["workloads"] = {k: {"chunks": len(c), "prompt_tokens_per_chunk": round(sum(x.token_count for x in c) / len(c)),
                                          "max_new_tokens": m} for k, (c, m) in loads.items()}
     if not args.skip_vllm:

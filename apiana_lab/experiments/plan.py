@@ -66,8 +66,8 @@ def plan_export(
         real = transform(max_length)
         full, records = measure(real, chunks, config="sample", monitor=monitor)
         prefill, _ = measure(transform(1), chunks, config="sample prefill", monitor=monitor)
-        window = _in_flight(real)
         overhead = (provider.count_tokens(real.prompt(chunks[0])) or chunks[0].token_count) - chunks[0].token_count
+        window = _in_flight(real, round(statistics.fmean(profile.chunk_tokens)) + overhead)
     finally:
         if owned:
             provider.close()
@@ -77,12 +77,12 @@ def plan_export(
                              "batch_size": batch_size, "max_workers": max_workers, "engine_options": engine_options})
 
 
-def _in_flight(t: ParallelSummarizerTransform) -> int:
-    """How many requests the real run keeps going at once."""
+def _in_flight(t: ParallelSummarizerTransform, prompt_tokens: int) -> int:
+    """How many requests the real run keeps going at once, for prompts of about this length."""
     if t.streaming:
         return t.batch_size
     if t.provider.supports_batch:
-        return t.batch_size * t.max_workers
+        return t.provider.rows_at_once(t.batch_size, t.max_workers, prompt_tokens, t.options.max_tokens)
     return t.max_workers
 
 

@@ -165,6 +165,11 @@ class LLMProvider(ABC):
         """How many independent copies of the model serve requests (one per GPU)."""
         return 1
 
+    def rows_at_once(self, batch_size: int, workers: int, prompt_tokens: int, max_tokens: int) -> int:
+        """How many prompts of about this length run at once when `workers` threads each send
+        batches of `batch_size`: all of them, unless the backend splits or serializes them."""
+        return batch_size * workers
+
     def close(self) -> None:
         """Release the model and its memory."""
 

@@ -20,13 +20,17 @@ from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_message
 logger = logging.getLogger(__name__)
 
 # The CPU budget: a micro-batch's KV cache at its end (rows x (longest prompt + max_tokens))
-# may hold this share of the model's weight bytes. Decoding on a CPU is bound by memory
-# traffic: each step reads the weights once for the whole batch but the KV cache of every
-# row, so past some cache size batching stops paying, and long prompts, whose padded prefill
-# also costs more per token, run slower than one at a time. In a short sweep (1,300-token
-# prompts, 128 new tokens, 1 thread; apiana_lab.bench.transformers_batching) 4 rows (KV about
-# half the weights) beat 2, 7 and 8 rows; the budget scales with dtype like the weights do.
-CPU_KV_PER_WEIGHT = 0.5
+# may hold as many bytes as the model's weights. Decoding on a CPU is bound by memory traffic:
+# each step reads the weights once for the whole batch, so rows are cheap until their KV cache
+# rivals the weights; past that, and with long padded prompts, batching stops paying (batches
+# of 32 long prompts ran at 0.55x one at a time). Measured on a quiet machine
+# (results/bench-ceiling/ceiling-transformers.md): with SmolLM2-135M in float32 this budget is
+# 11,676 tokens, which runs 1,340-token prompts with 128 new tokens seven at a time (88 s for 8
+# prompts, against 122 s at four at a time with half the budget) and 400-token prompts with 256
+# new a whole batch of 16 at a time (3.40x faster than one at a time, against 2.63x with half
+# the budget, which split each batch in two). The budget scales with dtype like the
+# weights do.
+CPU_KV_PER_WEIGHT = 1.0
 # On a GPU the budget is about memory: this share of the free memory left after loading goes
 # to the KV cache and activations of one micro-batch.
 GPU_MEMORY_SHARE = 0.5
@@ -111,6 +115,11 @@ class TransformersProvider(LLMProvider):
     @property
     def replicas(self) -> int:
         return len(self.models)
+
+    def rows_at_once(self, batch_size: int, workers: int, prompt_tokens: int, max_tokens: int) -> int:
+        # Micro-batches under the token budget (counted as micro_batches counts); a replica runs one at a time.
+        rows = min(batch_size, max(1, self.max_batch_tokens // max(1, prompt_tokens + max_tokens)))
+        return rows * min(workers, self.replicas)
 
     @property
     def max_context(self) -> int | None:
