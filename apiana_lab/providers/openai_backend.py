@@ -122,7 +122,7 @@ class OpenAIProvider(LLMProvider):
         # The server batches what is in flight: too few leave it idle between requests, more than
         # its batch only wait in its queue. Measured against offline vLLM on the same chunks
         # (bench/server.py, results/bench-server/): a CPU server is full at 8 (1.05x offline) and 32
-        # costs nothing measurable (1.01x), while a GPU server runs hundreds of sequences at once.
+        # costs little (1.01x), while a GPU server runs hundreds of sequences at once.
         return 32
 
     @property
