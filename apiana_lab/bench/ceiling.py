@@ -42,11 +42,14 @@ TARGET_CEILING = 0.95  # default settings against the engine's ceiling, output t
 TARGET_TRANSFORMERS = {"a": 0.95, "b": 3.0}  # parallel against sequential, wall time
 
 
-def workloads(n_a: int, n_b: int) -> dict:
-    """name -> (chunks, max new tokens)."""
-    real, _ = workload_chunks(n_a)
-    _, short = workload_chunks(n_b, short_tokens=(200, 300))
-    return {"a": (real, 128), "b": (short, 256)}
+def workloads(n_a: int, n_b: int, chosen=("a", "b")) -> dict:
+    """name -> (chunks, max new tokens), for the chosen workloads only."""
+    loads = {}
+    if "a" in chosen:
+        loads["a"] = (workload_chunks(n_a)[0], 128)
+    if "b" in chosen:
+        loads["b"] = (workload_chunks(n_b, short_tokens=(200, 300))[1], 256)
+    return loads
 
 
 def ceiling(provider, transform, chunks: list, workload: str) -> dict:
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["targets"] = targets(results["ratios"])
         write_results("bench-ceiling", stem, results, render(results))
 
-    loads = {k: v for k, v in workloads(args.chunks_a, args.chunks_b).items() if k in chosen}
+    loads = workloads(args.chunks_a, args.chunks_b, chosen)
     results["facts"]["workloads"] = {k: {"chunks": len(c), "prompt_tokens_per_chunk": round(sum(x.token_count for x in c) / len(c)),
                                          "max_new_tokens": m} for k, (c, m) in loads.items()}
     if not args.skip_vllm:

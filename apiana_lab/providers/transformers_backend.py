@@ -117,8 +117,8 @@ class TransformersProvider(LLMProvider):
         return len(self.models)
 
     def rows_at_once(self, batch_size: int, workers: int, prompt_tokens: int, max_tokens: int) -> int:
-        # Micro-batches under the token budget (counted as micro_batches counts); a replica runs one at a time.
-        rows = min(batch_size, max(1, self.max_batch_tokens // max(1, prompt_tokens + max_tokens)))
+        # The first micro-batch a batch of such prompts is cut into; a replica runs one at a time.
+        rows = len(micro_batches([prompt_tokens] * batch_size, max_tokens, self.max_batch_tokens)[0])
         return rows * min(workers, self.replicas)
 
     @property
