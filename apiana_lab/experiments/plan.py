@@ -99,18 +99,18 @@ def project(profile, chunks, full: dict, prefill: dict, records, *, window: int,
     spread = 2 * (statistics.stdev(lengths) if len(lengths) > 1 else mean) / math.sqrt(len(lengths))
     completion_all = mean * n_all
     prefill_s = prompt_all / prefill_rate
-    decode_s = completion_all / decode_rate
     ingest_s = profile.seconds * 1.1  # reading and chunking as measured, plus writing chunks to the store
     # More requests in flight than the sample could have: decode gets cheaper per token, up to that ratio.
     concurrency_gain = max(1.0, min(window, n_all) / max(1, min(window, n_sample)))
     # The point estimate takes that gain (decode on these engines is bound by reading the weights
     # once per step, whatever the rows); the high end assumes none.
-    seconds = load_seconds + ingest_s + prefill_s + decode_s / concurrency_gain
+    decode_s = completion_all / decode_rate / concurrency_gain
+    seconds = load_seconds + ingest_s + prefill_s + decode_s
     low = load_seconds + ingest_s + prefill_s + (mean - spread) * n_all / decode_rate / concurrency_gain
     high = load_seconds + ingest_s + prefill_s + (mean + spread) * n_all / decode_rate
     mb = profile.bytes / 1e6
     scale = TARGET_MB / mb if mb else 0.0
-    at_target = load_seconds + scale * (ingest_s + prefill_s + decode_s / concurrency_gain)
+    at_target = load_seconds + scale * (ingest_s + prefill_s + decode_s)
     return {
         "backend": backend,
         "model": model,
@@ -125,7 +125,7 @@ def project(profile, chunks, full: dict, prefill: dict, records, *, window: int,
         "projection": {
             "seconds": round(seconds, 1), "low_seconds": round(low, 1), "high_seconds": round(high, 1),
             "load_seconds": round(load_seconds, 1), "read_and_chunk_seconds": round(ingest_s, 1),
-            "prefill_seconds": round(prefill_s, 1), "decode_seconds": round(decode_s / concurrency_gain, 1),
+            "prefill_seconds": round(prefill_s, 1), "decode_seconds": round(decode_s, 1),
             "decode_concurrency_gain": round(concurrency_gain, 2),
             "completion_tokens": round(completion_all), "window": window,
             # Memory does not grow with the export (the run holds ids, not texts): the sample's peak is the run's.
