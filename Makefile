@@ -50,7 +50,8 @@ notebooks: install
 	$(VENV)/bin/apiana-lab results
 
 # JupyterLab on the checkout, opening at notebooks/ (results/ is one folder up), with the project's kernel (the venv's python3); the executed notebooks in
-# results/ are trusted first, so their saved widgets render.
+# results/ that are ours (run here, or committed unmodified) are trusted first, so their saved widgets render;
+# a run copied in from elsewhere stays untrusted (`apiana-lab results` lists it).
 lab: install
 	$(VENV)/bin/apiana-lab results --trust >/dev/null
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --FileContentsManager.preferred_dir=notebooks

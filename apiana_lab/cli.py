@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
+from .engine_log import EngineLog
 from .errors import ApianaError, ExportError
 
 logger = logging.getLogger(__name__)
@@ -17,11 +19,39 @@ EXIT_OK, EXIT_FAILED_CHUNKS, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # vLLM and transformers are chatty at INFO; the user wants our progress bar and warnings.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    # Our own records and anyone's errors go to the terminal. Other libraries' records go to
+    # stderr, which is the engine log while an engine runs (EngineLog): their start-up warnings
+    # say nothing about the run and would land in the middle of the progress bar.
+    if not logging.getLogger().handlers:  # as basicConfig: logging set up by a host program stays as it is
+        ours = logging.StreamHandler(_terminal())
+        ours.addFilter(_ours_or_error)
+        theirs = logging.StreamHandler(sys.stderr)
+        theirs.addFilter(lambda record: not _ours_or_error(record))
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s", handlers=[ours, theirs])
+    # vLLM's INFO lines go to the engine log (and, with -v, to the terminal as well); never to
+    # stdout, its default, where --json prints.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _terminal():
+    """A stream on the terminal's stderr that stays there while an EngineLog holds fd 2."""
+    try:
+        return open(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding=sys.stderr.encoding, errors="replace")
+    except (AttributeError, OSError, ValueError):  # no real fd 2 (an embedding host): plain stderr
+        return sys.stderr
+
+
+def _ours_or_error(record: logging.LogRecord) -> bool:
+    return record.name.partition(".")[0] == __name__.partition(".")[0] or record.levelno >= logging.ERROR
+
+
+def _engine_log_note(path) -> str:
+    """The closing line that names the engine log ("" when the engines said nothing)."""
+    return f"engine log (the engines' own output): {path}" if os.path.exists(path) else ""
 
 
 def _fail(message: str) -> int:
@@ -86,9 +116,17 @@ def main(argv=None) -> int:
     r = sub.add_parser("results", help="list notebook runs under results/ with key figures and verdicts; rewrite results/README.md")
     r.add_argument("--json", action="store_true")
     r.add_argument("--root", default=None, help="the results folder (default: the checkout's results/)")
-    r.add_argument("--trust", action="store_true", help="sign every executed notebook there as trusted, so JupyterLab "
-                                                        "renders its saved widgets (as `jupyter trust` does)")
+    r.add_argument("--trust", action="store_true", help="sign the executed notebooks there that are ours (run here, or "
+                                                        "tracked by git unmodified) as trusted, so JupyterLab renders "
+                                                        "their saved widgets; others stay untrusted (`jupyter trust PATH`)")
     r.add_argument("-v", "--verbose", action="store_true")
+    rv = sub.add_parser("review", help="how good a run's memories are: counts per quality flag, then the worst beside their chunks")
+    rv.add_argument("output", help="a chatgpt-export-v2 output folder (apiana.sqlite, summaries.jsonl)")
+    rv.add_argument("--flag", default=None, help="show examples carrying this flag: empty, loop, echo, truncated, "
+                                                 "wrong_language, not_first_person")
+    rv.add_argument("--worst", type=int, default=5, help="how many examples (default 5)")
+    rv.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    rv.add_argument("-v", "--verbose", action="store_true")
     n = sub.add_parser("notebook", help="execute notebooks with papermill into results/<notebook>/<run-id>/")
     n.add_argument("name", nargs="+", help="explore_export, summarize_export, backend_comparison, batch_size_sweep, "
                                             "ab_migration_check, or all")
@@ -105,6 +143,16 @@ def main(argv=None) -> int:
             return _results(args)
         if args.command == "notebook":
             return _notebook(args)
+        if args.command == "review":
+            from .experiments.review import format_review, review
+
+            result = review(args.output, args.flag, args.worst)
+            if args.json:
+                json.dump(result, sys.stdout, ensure_ascii=False, default=str)
+                sys.stdout.write("\n")
+            else:
+                print(format_review(result))
+            return EXIT_OK
         if args.command == "inspect":
             result = inspect_export(args.input, args.chunk_size)
             if args.json:
@@ -159,29 +207,49 @@ def _plan(args) -> int:
 
     if args.sample < 1:
         return _fail("--sample must be at least 1")
+    # stdout carries the plan alone (with --json, one JSON document); what the engine prints,
+    # here and in its child processes, goes to a log of this run instead.
+    fd, log_path = tempfile.mkstemp(prefix="apiana-plan-", suffix=".engine.log")
+    os.close(fd)
     try:
-        plan = plan_export(args.input, args.backend, args.model, sample=args.sample, chunk_size=args.chunk_size,
-                           max_length=args.max_length, batch_size=args.batch_size, max_workers=args.max_workers,
-                           engine_options=_engine_options(args))
+        with EngineLog(log_path, echo=args.verbose):
+            plan = plan_export(args.input, args.backend, args.model, sample=args.sample, chunk_size=args.chunk_size,
+                               max_length=args.max_length, batch_size=args.batch_size, max_workers=args.max_workers,
+                               engine_options=_engine_options(args))
     except (ApianaError, ValueError) as e:
-        return _fail(str(e))
+        return _fail("\n".join(filter(None, [str(e), _engine_log_note(log_path)])))
     if args.json:
         json.dump(plan, sys.stdout, default=str)
         sys.stdout.write("\n")
     else:
         print(format_plan(plan))
+    if _engine_log_note(log_path):
+        print(_engine_log_note(log_path), file=sys.stderr)
     return EXIT_OK
 
 
 def _results(args) -> int:
-    from .experiments.results import default_root, list_runs, trust, write_index
+    from .experiments.results import default_root, list_runs, trust_ours, write_index
 
-    if args.trust:
-        signed = trust(sorted(Path(args.root or default_root()).glob("*/*/*.ipynb")))
-        print(f"trusted {len(signed)} executed notebooks", file=sys.stderr)
-    runs = list_runs(args.root)
-    index = write_index(args.root)
+    root = Path(args.root or default_root())
+    checked, untrusted = False, []
+    notebooks = sorted(root.glob("*/*/*.ipynb"))
+    if notebooks:
+        try:
+            trusted, untrusted = trust_ours(notebooks, sign=args.trust)
+            checked = True
+        except ImportError as e:  # nbformat comes with the notebooks extra; the listing does without it
+            if args.trust:
+                return _fail(f"{e}; install it with: pip install 'apiana-lab[notebooks]'")
+        if args.trust:
+            print(f"trusted {len(trusted)} executed notebooks (run here, or committed unmodified); "
+                  f"{len(untrusted)} from elsewhere left untrusted", file=sys.stderr)
+    runs = list_runs(root)
+    index = write_index(root)
     if args.json:
+        untrusted_names = {str(p.relative_to(root)) for p in untrusted}
+        for r in runs:
+            r["trusted"] = r["executed_notebook"] not in untrusted_names if checked and r["executed_notebook"] else None
         json.dump(runs, sys.stdout, default=str)
         sys.stdout.write("\n")
         return EXIT_OK
@@ -193,6 +261,12 @@ def _results(args) -> int:
         verdict = f" [{r['verdict']}]" if r["verdict"] else ""
         print(f"{r['notebook']:<20} {r['run_id']:<26} {key}{verdict}")
     print(f"index: {index}")
+    if untrusted:
+        print(f"untrusted: {len(untrusted)} executed notebook(s) neither run here nor committed unmodified; JupyterLab "
+              "shows their widgets as text and runs none of their HTML or JavaScript:")
+        for path in untrusted:
+            print(f"  {path}")
+        print("read one first, then trust it deliberately with: jupyter trust PATH")
     return EXIT_OK
 
 
@@ -254,6 +328,12 @@ def export_v2_main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N chunks")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 discourages repeated tokens (vllm, transformers, a vLLM server); default 1 (off)")
+    parser.add_argument("--redo", default=None, metavar="FLAGS",
+                        help="redo only the chunks whose kept summary carries one of these quality flags (comma-"
+                             "separated: empty, loop, echo, truncated, wrong_language, not_first_person; or 'flagged' "
+                             "for any), with this command's options; both versions stay, the one with fewer flags is kept")
     _add_engine_flags(parser)
     scale = parser.add_argument_group("Ray (summarize on a cluster's actors; reading, chunking and the store stay here)")
     scale.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -294,6 +374,7 @@ def export_v2_main(argv=None) -> int:
         model=args.model, batch_size=args.batch_size, max_workers=args.max_workers, chunk_size=args.chunk_size,
         chunk_method=args.chunk_method, max_length=args.max_length, limit=args.limit, sequential=sequential,
         fresh=args.fresh, temperature=args.temperature, seed=args.seed, engine_options=engine_options,
+        redo=args.redo.split(",") if args.redo is not None else None, repetition_penalty=args.repetition_penalty,
         executor="local" if args.ray is None else "ray", ray_address=args.ray or None, replicas=args.replicas,
         replica_gpus=args.replica_gpus, replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
     )
@@ -302,16 +383,21 @@ def export_v2_main(argv=None) -> int:
         print(f"{args.output} already holds {held} summaries; those made with the same model, prompt and options "
               f"are reused, nothing else is touched.", file=sys.stderr)
     bar = TerminalProgress("summarizing", disable=args.no_progress)
+    engine_log = EngineLog(os.path.join(args.output, "engine.log"), echo=args.verbose)
     try:
-        result = run_export(config, progress=bar)
+        with engine_log:
+            bar.file = engine_log.console  # the bar is ours: it stays on the terminal
+            result = run_export(config, progress=bar)
     except ExportError as e:
         return _fail(f"{e}\nCheck the path and that it is a ChatGPT or Claude export (conversations.json, the .zip, or a shard folder).")
     except FatalProviderError as e:
         bar.close()
         print(f"error: {e}\nThe run stopped; every summary finished before this is kept. Fix the above and rerun.", file=sys.stderr)
+        if _engine_log_note(engine_log.path):
+            print(_engine_log_note(engine_log.path), file=sys.stderr)
         return EXIT_BAD_INPUT
     except ApianaError as e:
-        return _fail(str(e))
+        return _fail("\n".join(filter(None, [str(e), _engine_log_note(engine_log.path)])))
     except KeyboardInterrupt:
         bar.close()
         print("interrupted: every finished summary is kept; rerun the same command to resume.", file=sys.stderr)
@@ -345,8 +431,16 @@ def export_v2_main(argv=None) -> int:
             + (f" (replicas started and loaded the model in {result['ray']['startup_seconds']:.1f} s of it)"
                if "ray" in result and result["ray"]["startup_seconds"] is not None else "")
         )
+    quality = result["quality"]
+    if quality["count"]:
+        worst = sorted(((f["count"], name) for name, f in quality["flags"].items() if f["count"]), reverse=True)
+        print(f"quality: {quality['flagged']} of {quality['count']} summaries flagged ({quality['flagged_share']:.0%})"
+              + (": " + ", ".join(f"{name} {count}" for count, name in worst) if worst else "")
+              + (f"; see `apiana-lab review {args.output}`" if quality["flagged"] else ""))
     print(f"results: {os.path.join(args.output, 'summaries.jsonl')}, {os.path.join(args.output, 'apiana.sqlite')}, "
           f"{os.path.join(args.output, 'run.json')}")
+    if _engine_log_note(engine_log.path):
+        print(_engine_log_note(engine_log.path))
     if result["failed"]:
         print(f"{result['failed']} chunks failed; rerun the same command to retry only those.", file=sys.stderr)
         return EXIT_FAILED_CHUNKS

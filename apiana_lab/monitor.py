@@ -18,6 +18,7 @@ Sources, each either read or recorded as absent with the reason (never as zeros)
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from .progress import Progress
 
@@ -41,6 +43,13 @@ ENGINE_COLUMNS = {
     "num_requests_waiting": ("requests_waiting", 1.0),
     "num_preemptions": ("preemptions", 1.0),
 }
+
+# Output tokens are counted when a chunk finishes, and one engine step can finish many chunks
+# at once, each of which was generating since it entered the engine. A rate over the interval
+# between two such snapshots (a millisecond) measures how many finished together, not how fast
+# tokens come: 2x10^7 tokens/s on a CPU. So rates are taken over a trailing window at least this
+# long and at least one in-flight window of finished chunks wide (see `progress_frame`).
+RATE_WINDOW_S = 2.0
 
 
 class MemoryMonitor:
@@ -188,8 +197,8 @@ class MemoryMonitor:
         """The samples, one row per tick: `t_s`, memory in MB, engine figures, and the run's progress.
 
         Columns of absent sources are left out (see `sources`). `done` is the chunks finished
-        at that time; `output_tokens_per_s` is the rate over the progress interval that
-        contains the sample (NaN outside a run).
+        at that time; `output_tokens_per_s` is the trailing-window rate of the next progress
+        snapshot (see `progress_frame`; NaN outside a run).
         """
         import pandas as pd
 
@@ -205,25 +214,35 @@ class MemoryMonitor:
         samples.attrs["sources"] = self.sources
         return samples
 
-    def progress_frame(self):
-        """The progress snapshots received, with the output and input tokens/s since the one before."""
+    def progress_frame(self, window_s: float = RATE_WINDOW_S):
+        """The progress snapshots received, with output and input tokens/s over a trailing window.
+
+        Each rate is taken back to the latest earlier snapshot of the same run that lies at least
+        `window_s` seconds and at least one in-flight window of finished chunks (`batch_size`,
+        at most `total`) behind it, or to the run's start when none does. So a rate never rests on
+        the millisecond between two chunks that one engine step finished together.
+        """
         import pandas as pd
 
-        rows, previous = [], None
+        rows, previous, points = [], None, _RunPoints()
         for t, p in list(self._snapshots):
             # A new run (a sweep feeds several through one monitor) restarts the counters.
             new_run = previous is None or p.event == "start" or p.elapsed < previous.elapsed or p.done < previous.done
-            dt = None if new_run else p.elapsed - previous.elapsed
+            if new_run:
+                points = _RunPoints()
+            start = points.window_start(p, window_s)
+            span = 0.0 if new_run else p.elapsed - start.elapsed
             if p.finished and previous is not None and p.completion_tokens == previous.completion_tokens:
-                dt = None  # the closing snapshot adds no work: no rate, rather than a drop to zero
-            rate = (p.completion_tokens - previous.completion_tokens) / dt if dt else math.nan
-            in_rate = (p.prompt_tokens - previous.prompt_tokens) / dt if dt else math.nan
+                span = 0.0  # the closing snapshot adds no work: no rate, rather than a drop
+            rate = (p.completion_tokens - start.completion_tokens) / span if span > 0 else math.nan
+            in_rate = (p.prompt_tokens - start.prompt_tokens) / span if span > 0 else math.nan
             rows.append({
                 "t_s": t, "done": p.done, "total": p.total, "failed": p.failed, "reused": p.reused,
                 "prompt_tokens": p.prompt_tokens, "completion_tokens": p.completion_tokens, "elapsed_s": p.elapsed,
                 "batch_size": p.batch_size, "retries": p.retries, "output_tokens_per_s": rate,
                 "input_tokens_per_s": in_rate, "event": p.event, "finished": p.finished, "error": p.error,
             })
+            points.add(_Point(p.elapsed, p.done - p.reused, p.prompt_tokens, p.completion_tokens))
             previous = p
         columns = ["t_s", "done", "total", "output_tokens_per_s", "input_tokens_per_s"]
         return pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns, dtype=float)
@@ -269,6 +288,36 @@ class MemoryMonitor:
             fig.savefig(folder / "memory.png", dpi=100)
             written["figure"] = folder / "memory.png"
         return written
+
+
+class _Point(NamedTuple):
+    """Where a run stood at one snapshot: the counters a windowed rate is taken between."""
+
+    elapsed: float
+    computed: int  # chunks finished in this run, reused ones left out (they cost nothing)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _RunPoints:
+    """A run's points in order, its start first; both `elapsed` and `computed` only grow within a run."""
+
+    def __init__(self):
+        self.points = [_Point(0.0, 0, 0, 0)]  # every run starts from nothing at elapsed 0
+        self.elapsed, self.computed = [0.0], [0]
+
+    def add(self, point: _Point) -> None:
+        self.points.append(point)
+        self.elapsed.append(point.elapsed)
+        self.computed.append(point.computed)
+
+    def window_start(self, p: Progress, window_s: float) -> _Point:
+        """The latest point at least `window_s` seconds and one in-flight window of chunks behind `p`, else the start."""
+        in_flight = max(1, min(p.batch_size, p.total - p.reused))
+        # Both lists are sorted, so the points far enough back on each count are a prefix of each.
+        far = min(bisect.bisect_right(self.elapsed, p.elapsed - window_s),
+                  bisect.bisect_right(self.computed, p.done - p.reused - in_flight))
+        return self.points[max(far - 1, 0)]
 
 
 class _Source:

@@ -21,8 +21,9 @@ import threading
 import time
 from typing import Callable
 
+from .engine_log import EngineLog
 from .errors import MissingDependencyError
-from .monitor import NOTEBOOKS_EXTRA, MemoryMonitor
+from .monitor import NOTEBOOKS_EXTRA, RATE_WINDOW_S, MemoryMonitor
 from .progress import Progress, ProgressCallback, TerminalProgress, fan_out
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def describe(p: Progress) -> str:
     if p.reused:
         parts.append(f"{p.reused} reused")
     parts.append(f"{p.failed} failed")
+    parts.append(f"{p.flagged_share:.0%} flagged")
     parts.append(f"{p.prompt_tokens_per_s:,.0f} in tok/s")
     parts.append(f"{p.completion_tokens_per_s:,.1f} out tok/s")
     if p.finished:
@@ -132,14 +134,15 @@ class WidgetProgress:
         else:
             self.label.value = describe(p)
 
-    def finish(self, error: str = "") -> None:
+    def finish(self, error: str = "", *, override: bool = False) -> None:
         """End the bar from the newest snapshot, for a job that stopped without sending a finished one.
 
         An error overrides a finished state that had none: a job can fail after its transform
-        ended well (writing the results, say), and the bar must not stay green then.
+        ended well (writing the results, say), and the bar must not stay green then. With
+        `override`, it replaces the job's own reason too (■ was pressed: that is why it stopped).
         """
         with self._lock:
-            if self._final is not None and (not error or self._final.error):
+            if self._final is not None and (not error or (self._final.error and not override)):
                 return
             self._final, self._summary_shown = None, False
             last = self.last or Progress(0, 0, 0, 0, 0, 0, 0.0, 0, 0)
@@ -246,10 +249,12 @@ def plot_monitor(monitor: MemoryMonitor, title: str = ""):
         ax_kv.text(0.5, 0.5, f"no engine metrics: {sources.get('engine', 'monitor not started')}",
                    transform=ax_kv.transAxes, ha="center", va="center", fontsize="small", color="dimgray")
 
-    # Throughput: the rate over each progress interval, drawn over that interval.
+    # Throughput: at each snapshot, the rate over the trailing window that ends there (progress_frame
+    # says why a window and not one step), drawn back over the step before it.
     ax_tok.set_ylabel("output tokens/s")
     ax_tok.set_xlabel("time since the monitor started (s)")
-    ax_tok.set_title("Throughput", loc="left", fontsize="small")
+    ax_tok.set_title(f"Throughput (over trailing windows of at least {RATE_WINDOW_S:g} s and one in-flight batch)",
+                     loc="left", fontsize="small")
     if not rates.empty and rates["output_tokens_per_s"].notna().any():
         ax_tok.step(rates["t_s"], rates["output_tokens_per_s"], where="pre", color="tab:blue", label="output tokens/s")
         ax_tok.set_ylim(0, float(rates["output_tokens_per_s"].max()) * 1.15 or 1.0)
@@ -333,9 +338,12 @@ def run_live(
     progress = progress if progress is not None else auto_progress()
     monitor = monitor if monitor is not None else MemoryMonitor()
     started_here = not monitor.running
-    if started_here:
-        monitor.start()
     cancel = threading.Event()
+    # The worker says it has stopped through an Event, never through Thread.join/is_alive: on
+    # CPython before 3.13 a KeyboardInterrupt landing inside join() releases the thread's state
+    # lock, and is_alive() is False from then on while the job still runs (threading's
+    # bpo-45274 handling). Waiting on that is how an interrupted cell once ended mid-job.
+    stopped = threading.Event()
     outcome: dict = {}
 
     def work() -> None:
@@ -343,41 +351,31 @@ def run_live(
             outcome["result"] = job(fan_out(progress, monitor.progress), cancel)
         except BaseException as e:  # handed to the main thread, which re-raises it
             outcome["error"] = e
+        finally:
+            stopped.set()
 
     worker = threading.Thread(target=work, name="run-live-job", daemon=True)
     interrupted: KeyboardInterrupt | None = None
     figure: LiveFigure | None = None
-    worker.start()
     try:
-        try:
-            # After the start: the first render takes a while and the job need not wait for it.
-            figure = LiveFigure(monitor, title) if in_kernel() else None
-            _wait(worker, figure, progress, redraw_every)
-        except KeyboardInterrupt as e:
-            interrupted = e
-            cancel.set()
-            monitor.mark("interrupted: stopping")
-            logger.warning("Interrupted: waiting for the job to store what it finished (interrupt again to stop waiting)")
-            try:
-                _wait(worker, figure, progress, redraw_every)
-            except KeyboardInterrupt:
-                logger.warning("Stopped waiting; the job's thread may still be running")
-    finally:
-        error = outcome.get("error") or interrupted
-        if "error" in outcome:
-            monitor.mark(f"job failed: {type(outcome['error']).__name__}")
         if started_here:
-            monitor.stop()
-        if isinstance(progress, WidgetProgress):
-            progress.finish(_error_text(error) if error else "")
-        if hasattr(progress, "close"):
-            progress.close()
-        if figure is not None:
-            figure.update()  # the final frame, drawn on the main thread
-        elif in_kernel():  # interrupted before the first frame
-            LiveFigure(monitor, title)
-        if results_dir is not None:
-            monitor.save(results_dir)
+            monitor.start()
+        worker.start()
+        # After the start: the first render takes a while and the job need not wait for it.
+        figure = LiveFigure(monitor, title) if in_kernel() else None
+        _wait(stopped, figure, progress, redraw_every)
+    except KeyboardInterrupt as e:
+        interrupted = e
+    if interrupted is not None and worker.ident is not None and not stopped.is_set():
+        cancel.set()
+        try:
+            monitor.mark("interrupted: stopping")
+            _say(progress, "interrupted: waiting for the job to store what it finished (interrupt again to stop waiting)")
+            _wait(stopped, figure, progress, redraw_every)
+        except KeyboardInterrupt:
+            _say(progress, "stopped waiting: the job may still be running and writing its results")
+    _finish(outcome, interrupted, monitor=monitor, stop_monitor=started_here, progress=progress, figure=figure,
+            title=title, results_dir=results_dir)
     if interrupted is not None:
         raise interrupted
     if "error" in outcome:
@@ -385,13 +383,58 @@ def run_live(
     return outcome.get("result")
 
 
-def _wait(worker: threading.Thread, figure: LiveFigure | None, progress, redraw_every: float) -> None:
+def _finish(outcome: dict, interrupted, *, monitor, stop_monitor, progress, figure, title, results_dir) -> None:
+    """The final frame, the saved series and the bar's end state, each done even if ■ is pressed meanwhile.
+
+    An interrupt here (the job has already stopped) is kept and re-raised by the caller, and
+    turns the bar red: the cell ends as interrupted, with nothing left half-drawn.
+    """
+    caught: list[KeyboardInterrupt] = [interrupted] if interrupted is not None else []
+
+    def bar() -> None:
+        error = outcome.get("error") or (caught[0] if caught else None)
+        if isinstance(progress, WidgetProgress):
+            progress.finish(_error_text(error) if error else "", override=isinstance(error, KeyboardInterrupt))
+        if hasattr(progress, "close"):
+            progress.close()
+
+    steps = []
+    if "error" in outcome:
+        steps.append(lambda: monitor.mark(f"job failed: {type(outcome['error']).__name__}"))
+    if stop_monitor:
+        steps.append(monitor.stop)
+    if figure is not None:
+        steps.append(figure.update)  # the final frame, drawn on the main thread
+    elif in_kernel():  # interrupted before the first frame
+        steps.append(lambda: LiveFigure(monitor, title))
+    if results_dir is not None:
+        steps.append(lambda: monitor.save(results_dir))
+    steps.append(bar)  # last, so an interrupt during the steps above still turns it red
+    for step in steps:
+        for _ in range(3):  # a step cut short by ■ runs again; each is safe to repeat
+            try:
+                step()
+                break
+            except KeyboardInterrupt as e:
+                caught.append(e)
+    if caught and interrupted is None:
+        raise caught[0]
+
+
+def _say(progress, text: str) -> None:
+    """Tell the person at the cell: on the widget's label, and in the log."""
+    logger.warning(text[0].upper() + text[1:])
+    if isinstance(progress, WidgetProgress):
+        progress.label.value = text
+
+
+def _wait(stopped: threading.Event, figure: LiveFigure | None, progress, redraw_every: float) -> None:
     next_draw = time.monotonic() + redraw_every
-    while worker.is_alive():
-        worker.join(max(0.05, next_draw - time.monotonic()))
+    while not stopped.is_set():
+        stopped.wait(max(0.05, next_draw - time.monotonic()))
         if hasattr(progress, "flush"):
             progress.flush()
-        if figure is None or not worker.is_alive() or time.monotonic() < next_draw:
+        if figure is None or stopped.is_set() or time.monotonic() < next_draw:
             continue
         began = time.monotonic()
         figure.update()
@@ -420,23 +463,45 @@ def _duration(seconds: float | None) -> str:
 
 
 # -- the five notebooks' pieces -------------------------------------------------------------
-def quiet_libraries() -> None:
-    """Keep vLLM's and transformers' start-up chatter out of executed notebooks; errors still show.
+_engine_log: EngineLog | None = None  # this kernel's, from the last quiet_libraries() call
 
-    Call it before the engines are imported: both read these variables once, at import. It
+
+def quiet_libraries(log_path=None) -> EngineLog:
+    """Keep engines' start-up chatter out of executed notebooks: it goes to a log file; errors still show.
+
+    Call it before the engines are imported: they read these settings once, at import. It
     overrides what the kernel inherited (`apiana-lab -v` asks for vLLM's INFO lines in a terminal,
-    not in a notebook that a reviewer reads).
+    not in a notebook that a reviewer reads). In a kernel, what this process and the engines'
+    child processes print (vLLM's log, no Triton, NUMA binding, deprecations, loading bars) goes
+    to `log_path`, by default a temporary file until `EngineLog.move` puts it in the run's
+    folder; error lines and tracebacks still reach the cell. Returns that EngineLog (left off
+    outside a kernel, where fds 1 and 2 are the user's terminal).
     """
     import os
+    import tempfile
 
-    # vLLM's start-up warnings (eager mode on CPU, no Triton) say nothing about the run.
-    os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
+    global _engine_log
+    if _engine_log is not None:
+        _engine_log.stop()  # the cell ran again: one log at a time; an engine already running keeps the old one
+    log = EngineLog(log_path or os.path.join(tempfile.gettempdir(), f"apiana-engine-{os.getpid()}.log"), errors_to=sys.stderr)
+    if in_kernel():
+        log.start()
+    _engine_log = log
+    # vLLM's own lines go to fd 2, which is the log while it is on, rather than into the cell's stream.
+    os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.__stderr__"
+    os.environ["VLLM_LOGGING_LEVEL"] = "INFO" if log.active else "ERROR"
+    if log.active and not logging.getLogger("vllm").handlers:
+        # vLLM warns while it is imported, before it sets up its own logging (no Triton here):
+        # logging's last resort would print that straight into the cell.
+        early = logging.getLogger("vllm")
+        early.addHandler(logging.StreamHandler(sys.__stderr__))
+        early.propagate = False
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-    # vLLM's engine runs in child processes, whose stderr lands in the cell: spare it torch's deprecation notices.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     # transformers' "Loading weights" bar would become a widget of its own in every cell that loads a model.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return log
 
 
 def show(fig) -> None:
@@ -597,7 +662,8 @@ def plot_comparison(table):
     x = np.arange(len(names))
     failed = table["error"].notna() if "error" in table else [False] * len(names)
     panels = [
-        (axes[0][0], [("completion_tokens_per_s", "output")], "output tokens/s", "Generation speed"),
+        (axes[0][0], [("completion_tokens_per_s", "output")], "output tokens/s",
+         "Generation speed (above each bar: share of summaries flagged)"),
         (axes[0][1], [("prompt_tokens_per_s", "prompt")], "prompt tokens/s", "Prompt processing speed"),
         (axes[1][0], [("load_s", "load"), ("wall_s", "run")], "seconds", "Load time and run time"),
         (axes[1][1], [(c, c.removeprefix("peak_").removesuffix("_mb")) for c in table.columns
@@ -617,6 +683,12 @@ def plot_comparison(table):
             ax.bar_label(bars, fmt=lambda v: f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}", fontsize="x-small")
         if len(series) > 1:
             ax.legend(fontsize="x-small")
+        if series[0][0] == "completion_tokens_per_s" and "flagged_share" in table:
+            # A faster backend that writes worse memories must show beside its speed.
+            for i, share in enumerate(table["flagged_share"]):
+                if share == share and share is not None:  # not NaN: the backend ran
+                    ax.annotate(f"{share:.0%} flagged", (x[i], 0), xytext=(0, 2), textcoords="offset points",
+                                ha="center", va="bottom", fontsize="x-small", color="tab:red")
         for i, bad in enumerate(failed):
             if bad:
                 ax.text(x[i], 0, "failed", ha="center", va="bottom", color="tab:red", fontsize="small")
@@ -649,7 +721,11 @@ def plot_sweep(sweep: dict):
         ax.minorticks_off()
         ax.set_ylim(bottom=0)
         ax.legend(fontsize="x-small", loc="best")
-    ax_tok.set_title("Throughput", loc="left", fontsize="small")
+    ax_tok.set_title("Throughput (beside each point: share of summaries flagged)", loc="left", fontsize="small")
+    for r in ok:
+        if r.get("flagged_share") is not None:
+            ax_tok.annotate(f"{r['flagged_share']:.0%}", (r["batch_size"], r.get("completion_tokens_per_s", 0.0)),
+                            xytext=(4, 4), textcoords="offset points", fontsize="x-small", color="tab:red")
     limit = sweep["memory_limit_mb"]
     source = key.removeprefix("peak_").removesuffix("_mb")
     title = "Peak memory: " + ("CPU RSS of this process + children" if source == "rss" else
@@ -699,3 +775,77 @@ def plot_similarity(rows: list[dict], thresholds=None):
     ax_sim.set_title("Similarity", loc="left", fontsize="small")
     ax_len.set_title("Length ratio", loc="left", fontsize="small")
     return fig
+
+
+def plot_quality(frame):
+    """A run's quality at a glance (a review.quality_frame): compression, coverage against density, repetition.
+
+    Flagged summaries are drawn in red, the others in blue, in every panel.
+    """
+    import numpy as np
+
+    fig, axes = _figure(1, 3, (13, 4))
+    ax_comp, ax_cd, ax_rep = axes[0]
+    q = frame.attrs.get("quality", {})
+    fig.suptitle(f"Quality of {len(frame)} summaries: {q.get('flagged', 0)} flagged ({q.get('flagged_share', 0.0):.0%}), "
+                 "flagged ones in red")
+    ax_comp.set_xlabel("compression (summary / chunk tokens)")
+    ax_comp.set_ylabel("summaries")
+    ax_cd.set_xlabel("coverage (share copied from the chunk)")
+    ax_cd.set_ylabel("density (mean copied fragment, tokens)")
+    ax_rep.set_xlabel("repeated n-grams (share seen before in it)")
+    ax_rep.set_ylabel("summaries")
+    if frame.empty:
+        for ax in (ax_comp, ax_cd, ax_rep):
+            _no_data(ax, "no summaries")
+        return fig
+    flagged = frame["flagged"].to_numpy(bool)
+    groups = [(~flagged, "tab:blue", "not flagged"), (flagged, "tab:red", "flagged")]
+    for ax, column, upper in ((ax_comp, "compression", None), (ax_rep, "repeated_ngrams", 1.0)):
+        values = frame[column].to_numpy(float)
+        bins = np.linspace(0, upper if upper is not None else max(values.max(), 1e-3) * 1.05, 21)
+        ax.hist([values[m] for m, _, _ in groups], bins=bins, stacked=True, color=[c for _, c, _ in groups],
+                label=[label for _, _, label in groups])
+        ax.legend(fontsize="x-small")
+    for mask, color, label in groups:
+        ax_cd.scatter(frame["coverage"][mask], frame["density"][mask], color=color, s=18, label=label)
+    ax_cd.set_xlim(0, 1.02)
+    ax_cd.legend(fontsize="x-small")
+    ax_comp.set_title("Length", loc="left", fontsize="small")
+    ax_cd.set_title("Extractiveness (Grusky et al., 2018)", loc="left", fontsize="small")
+    ax_rep.set_title("Repetition", loc="left", fontsize="small")
+    return fig
+
+
+def flagged_browser(frame):
+    """A flag picker over a review.quality_frame; the flagged summaries show beside their chunks below it."""
+    try:
+        import ipywidgets as w
+    except ImportError as e:
+        raise MissingDependencyError("ipywidgets", "notebooks") from e
+    import html
+
+    from IPython.display import display
+
+    from .quality import FLAGS
+
+    pick = w.Dropdown(options=[("any flag", "")] + [(f, f) for f in FLAGS], description="flag",
+                      style={"description_width": "initial"})
+    count = w.Label()
+    table = w.HTML()
+
+    def refresh(_=None) -> None:
+        flag = pick.value
+        shown = frame[frame["flagged"]] if not flag else frame[frame["flags"].str.split(", ").apply(lambda f: flag in f)]
+        count.value = f"{len(shown)} of {len(frame)} summaries flagged" + (f" {flag}" if flag else "")
+        rows = "".join(f"<tr><td>{html.escape(r.title or '')}<br><b>{html.escape(r.flags)}</b></td>"
+                       f"<td style='text-align:left'>{html.escape(r.summary)}</td>"
+                       f"<td style='text-align:left'>{html.escape(r.chunk)}</td></tr>" for r in shown.head(100).itertuples())
+        table.value = ("<table><tr><th>conversation, flags</th><th>summary</th><th>chunk (excerpt)</th></tr>"
+                       f"{rows}</table>") if rows else ""
+
+    pick.observe(refresh, "value")
+    refresh()
+    box = w.VBox([pick, count, table])
+    display(box)
+    return box

@@ -25,6 +25,7 @@ from .export.types import ReadReport
 from .progress import Progress, ProgressCallback
 from .providers.base import LLMProvider
 from .providers.registry import check_options, get_provider
+from .quality import FLAGS, profile, summarize_profiles
 from .store import ChatFragmentWriter, SQLiteStore, Store, SummaryKey, SummaryRecord
 from .summarize import ParallelSummarizerTransform, SummarizerTransform
 
@@ -116,13 +117,28 @@ class Ingest:
         return refs
 
 
-class Checkpoint:
-    """This run's chunks -> those without a summary under the summarizer's key (the rest are reused)."""
+@dataclass
+class QualityTally:
+    """Flagged summaries so far in a run, reused ones included: the progress line's share."""
 
-    def __init__(self, store: Store, key: SummaryKey, fresh: bool = False):
+    flagged: int = 0
+
+
+class Checkpoint:
+    """This run's chunks -> those without a summary under the summarizer's key (the rest are reused).
+
+    With `redo` (flag names, or "flagged" for any), only chunks whose kept summary carries one of
+    those flags are done again; the new version goes beside the old one in the store.
+    """
+
+    def __init__(self, store: Store, key: SummaryKey, fresh: bool = False, redo: frozenset[str] | None = None,
+                 tally: QualityTally | None = None):
         self.store = store
         self.key = key
         self.fresh = fresh
+        self.redo = redo
+        self.tally = tally if tally is not None else QualityTally()
+        self.redone = 0  # chunks picked by `redo`
         self.ids: list[str] = []  # this run's chunk ids, in export order
         self.total = 0
         self.reused = 0
@@ -134,9 +150,21 @@ class Checkpoint:
             if dropped:
                 logger.warning("--fresh: ignoring %d earlier summaries", dropped)
         done = self.store.done_chunk_ids(self.key)
-        self.other_keys = not done and self.store.has_summaries_under_other_keys(self.key)
-        todo = [r for r in refs if r.id not in done]
         self.ids = [r.id for r in refs]
+        kept = {v["chunk_id"]: set(v["quality"]["flags"]) if v["quality"] else set()
+                for v in self.store.kept_versions(self.ids)}
+        if self.redo is not None:
+            picked = {cid for cid, flags in kept.items() if flags and ("flagged" in self.redo or flags & self.redo)}
+            self.redone = len(picked)
+            todo = [r for r in refs if r.id in picked and r.id not in done]
+            if picked and not todo:
+                logger.warning("--redo: the %d flagged chunks already have a summary made with these options; change "
+                               "one (--seed, --temperature, --repetition-penalty, --model) to get a new version.", len(picked))
+        else:
+            self.other_keys = not done and self.store.has_summaries_under_other_keys(self.key)
+            todo = [r for r in refs if r.id not in done]
+        redoing = {r.id for r in todo}
+        self.tally.flagged = sum(bool(flags) for cid, flags in kept.items() if cid not in redoing)
         self.total, self.reused = len(refs), len(refs) - len(todo)
         return todo
 
@@ -150,24 +178,30 @@ class Summarize:
         self.store = store
         self.checkpoint = checkpoint
         self.progress = progress
+        self.tally = checkpoint.tally
 
     def __call__(self, todo: list[ChunkRef]) -> Iterator[tuple[Chunk, SummaryRecord]]:
-        reused, progress = self.checkpoint.reused, self.progress
+        reused, progress, tally = self.checkpoint.reused, self.progress, self.tally
 
         def relay(p: Progress) -> None:
             # The summarizer only sees chunks left to do; the user wants the whole picture.
             progress(Progress(p.done + reused, p.total + reused, p.failed, reused, p.prompt_tokens, p.completion_tokens,
-                              p.elapsed, p.batch_size, p.retries, p.event, p.finished, p.error))
+                              p.elapsed, p.batch_size, p.retries, p.event, p.finished, p.error, tally.flagged))
 
         return self.summarizer.run(todo, relay if progress else None, load=self.store.load_chunks)
 
 
 class Write:
-    """(chunk, record) pairs -> the store, through ChatFragmentWriter; stops early when `cancel` is set."""
+    """(chunk, record) pairs -> quality profile -> the store, through ChatFragmentWriter; stops early when `cancel` is set.
 
-    def __init__(self, writer: ChatFragmentWriter, cancel: threading.Event | None = None):
+    A record whose chunk comes without its text (a Ray run hands back ids) is profiled from the
+    store after the run (`SQLiteStore.profile_missing`).
+    """
+
+    def __init__(self, writer: ChatFragmentWriter, cancel: threading.Event | None = None, tally: QualityTally | None = None):
         self.writer = writer
         self.cancel = cancel
+        self.tally = tally if tally is not None else QualityTally()
         self.failed: dict[str, str] = {}
         self.cancelled = False
 
@@ -176,6 +210,10 @@ class Write:
             for chunk, record in results:
                 if record.error is not None:
                     self.failed[chunk.id] = f"{record.reason}: {record.error}"
+                elif getattr(chunk, "text", None) is not None:
+                    quality = profile(record.summary, chunk.text, record.finish_reason)
+                    record.quality = quality.to_dict()
+                    self.tally.flagged += bool(quality.flags)
                 self.writer.write(record)
                 if self.cancel is not None and self.cancel.is_set():
                     self.cancelled = True
@@ -206,8 +244,10 @@ class RunConfig:
     limit: int | None = None
     sequential: bool = False
     fresh: bool = False
+    redo: list[str] | None = None  # quality flags (or ["flagged"]): redo only chunks whose kept summary has one
     temperature: float = 0.0
     seed: int | None = None
+    repetition_penalty: float = 1.0
     engine_options: dict = field(default_factory=dict)  # constructor arguments of the backend
     executor: str = "local"  # "local", or "ray": summarize on a Ray cluster's actors
     ray_address: str | None = None  # the cluster (None: RAY_ADDRESS, else a new local one)
@@ -247,6 +287,7 @@ def chatgpt_parallel_processing_pipeline(
     run_id: int | None = None,
     cancel: threading.Event | None = None,
     ray: "RayCluster | None" = None,
+    redo: Iterable[str] | None = None,
     **options,
 ) -> Pipeline:
     """Ingest -> Checkpoint -> Summarize -> Write, ready to `run(paths)`; with `ray`, summarizing runs on that cluster."""
@@ -260,15 +301,27 @@ def chatgpt_parallel_processing_pipeline(
         provider = provider or get_provider(backend, model=model_name, **(provider_kwargs or {}))
         summarizer = build_summarizer(provider, sequential, max_workers, batch_size, max_length, **options)
     chunker = ConversationChunkerComponent(chunk_method=chunk_method, chunk_size=chunk_size, tokenizer=_tokenizer_for(provider))
-    checkpoint = Checkpoint(store, summarizer.key, fresh)
+    checkpoint = Checkpoint(store, summarizer.key, fresh, redo=check_redo(redo))
     # Who made each summary: Ray records carry their node id; a local run stamps this host's name.
     writer = ChatFragmentWriter(store, summarizer.key, backend=provider.name, run_id=run_id, worker=socket.gethostname())
     return Pipeline("chatgpt_parallel_processing", [
         Ingest(store, chunker, limit=limit, report=report),
         checkpoint,
         Summarize(summarizer, store, checkpoint, progress),
-        Write(writer, cancel),
+        Write(writer, cancel, checkpoint.tally),
     ])
+
+
+def check_redo(redo: Iterable[str] | None) -> frozenset[str] | None:
+    """`--redo` names as a set, or a ConfigError naming the allowed ones."""
+    if redo is None:
+        return None
+    names = frozenset(n.strip() for n in redo if n.strip())
+    unknown = sorted(names - set(FLAGS) - {"flagged"})
+    if unknown or not names:
+        raise ConfigError(f"--redo takes quality flags separated by commas, or 'flagged' for any; unknown: "
+                          f"{', '.join(unknown) or '(none given)'}. Flags: {', '.join(FLAGS)}.")
+    return names
 
 
 def run_export(
@@ -291,6 +344,7 @@ def run_export(
     conversations = _primed(read_export(config.inputs, report=report))
     check_output(out)
     owned = provider is None  # an engine this call starts, this call also stops
+    check_redo(config.redo)
     if owned:
         check_options(config.backend, config.engine_options)
     ray = _connect(config, owned)  # a cluster that does not answer stops the run here, before anything is written
@@ -310,12 +364,14 @@ def run_export(
         options = {"temperature": config.temperature}
         if config.seed is not None:
             options["seed"] = config.seed
+        if config.repetition_penalty != 1.0:
+            options["repetition_penalty"] = config.repetition_penalty
         pipeline = chatgpt_parallel_processing_pipeline(
             config.backend, config.max_workers, config.batch_size, config.model,
             store=store, provider=provider, chunk_size=config.chunk_size, chunk_method=config.chunk_method,
             max_length=config.max_length, sequential=config.sequential, fresh=config.fresh, limit=config.limit,
             progress=progress, report=report, run_id=run_id, cancel=cancel, ray=ray, provider_kwargs=config.engine_options,
-            **options,
+            redo=config.redo, **options,
         )
         ingest, checkpoint, summarize, write = pipeline.components
         pipeline.run(conversations)
@@ -324,6 +380,8 @@ def run_export(
                 "Earlier summaries in %s were made with another model, prompt or generation options; none are reused.", out
             )
         summarizer = summarize.summarizer
+        store.profile_missing()  # summaries of an older store, or handed back by Ray without their text
+        quality = _write_jsonl(out / "summaries.jsonl", store, checkpoint.ids)
         result = {
             **asdict(config),
             "inputs": config.inputs,
@@ -340,6 +398,7 @@ def run_export(
             "chunks_repeated_in_run": ingest.repeated,
             "summaries_in_store_at_start": existing,
             "summaries_reused": checkpoint.reused,
+            **({"redo": {"flags": sorted(checkpoint.redo), "picked": checkpoint.redone}} if config.redo else {}),
             **summarizer.stats.figures(),
             "failed_chunks": write.failed,
             "cancelled": write.cancelled,
@@ -348,8 +407,8 @@ def run_export(
             "provider_adjustments": getattr(provider, "adjustments", []),
             "parallel": not config.sequential,
             **({"ray": summarizer.facts} if ray else {}),  # nodes, replicas, and which node did what
+            "quality": quality,
         }
-        _write_jsonl(out / "summaries.jsonl", store, summarizer.key, checkpoint.ids, provider)
         store.finish_run(run_id, result)
         (out / "run.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
         return result
@@ -443,11 +502,18 @@ def _tokenizer_for(provider: LLMProvider):
     return load_tokenizer()
 
 
-def _write_jsonl(path: Path, store: SQLiteStore, key: SummaryKey, ids: Sequence[str], provider: LLMProvider) -> None:
-    """One object per chunk of this run that has a summary, in export order (rewritten whole each run)."""
+def _write_jsonl(path: Path, store: SQLiteStore, ids: Sequence[str]) -> dict:
+    """One object per chunk of this run that has a summary, in export order (rewritten whole each run).
+
+    A chunk with several versions (see `--redo`) gets the one `SQLiteStore.kept_versions` keeps,
+    saying which and why. Returns the quality figures of what was written, for run.json.
+    """
     tmp = path.with_suffix(".jsonl.tmp")
+    profiles = []
     with tmp.open("w", encoding="utf-8") as f:
-        for row in store.iter_summaries(key, ids):
-            row.update(backend=provider.name, model=provider.model)
+        for row in store.kept_versions(ids):
+            row.pop("created_at")
+            profiles.append(row["quality"])
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+    return summarize_profiles(p for p in profiles if p is not None)

@@ -23,6 +23,13 @@ class Progress:
     event: str = ""  # set when something worth a mark on a timeline happened: "start", "batch size 16 -> 8 (...)"
     finished: bool = False  # the last snapshot of a run
     error: str = ""  # on the last snapshot: why the run stopped early, "" when it ran to the end
+    flagged: int = 0  # summaries so far whose quality profile carries a flag (apiana_lab.quality)
+
+    @property
+    def flagged_share(self) -> float:
+        """Flagged summaries among those finished (reused ones included)."""
+        summarized = self.done - self.failed
+        return self.flagged / summarized if summarized > 0 else 0.0
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -72,7 +79,7 @@ class TerminalProgress:
         self.bar.n = p.done
         self.bar.set_postfix_str(
             f"{p.completion_tokens_per_s:.1f} out tok/s, {p.prompt_tokens_per_s:.0f} in tok/s, "
-            f"batch {p.batch_size}, retries {p.retries}, failed {p.failed}",
+            f"batch {p.batch_size}, retries {p.retries}, failed {p.failed}, flagged {p.flagged_share:.0%}",
             refresh=False,
         )
         self.bar.refresh()

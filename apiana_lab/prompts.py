@@ -1,4 +1,8 @@
-"""The reflective-summary prompts: loaded from prompts/, filled from a chunk."""
+"""The reflective-summary prompts: loaded from prompts/, filled from a chunk.
+
+The files live in the package (apiana_lab/data/prompts/, so a wheel carries them); the checkout's
+top-level prompts/ is a symlink to that folder, the place to edit or add a prompt.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parent / "data" / "prompts"
 SYSTEM_PROMPT = "self-reflective-system-message"
 USER_TEMPLATE = "self-reflective-prompt-template"
 PLACEHOLDERS = ("conversation_date", "title", "formatted_messages")

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS summaries (
     run_id INTEGER,
     created_at REAL,
     worker TEXT,
+    quality TEXT,
     PRIMARY KEY (chunk_id, model, prompt_hash, options_hash)
 );
 CREATE TABLE IF NOT EXISTS failures (
@@ -97,6 +98,7 @@ class SummaryRecord:
     reason: str | None = None  # short slug for the failure: oom, permanent, transient, too_long
     attempts: int = 1
     worker: str | None = None  # who made it: the Ray node id, or the host name in a local run
+    quality: dict | None = None  # its quality profile (apiana_lab.quality), as a dict
 
 
 class Store(Protocol):
@@ -109,6 +111,8 @@ class Store(Protocol):
     def done_chunk_ids(self, key: SummaryKey) -> set[str]: ...
     def load_chunks(self, ids: Sequence[str]) -> list[Chunk]: ...
     def put_summaries(self, key: SummaryKey, records: Iterable[SummaryRecord], backend: str, run_id: int | None) -> None: ...
+    def kept_versions(self, chunk_ids: Sequence[str]) -> Iterator[dict]: ...
+    def profile_missing(self) -> int: ...
     def close(self) -> None: ...
 
 
@@ -128,9 +132,10 @@ class SQLiteStore:
         if "starts" not in columns:  # a store from before message starts were kept
             with self.db:
                 self.db.execute("ALTER TABLE chunks ADD COLUMN starts TEXT")
-        if "worker" not in {row[1] for row in self.db.execute("PRAGMA table_info(summaries)")}:  # from before Ray runs
-            with self.db:
-                self.db.execute("ALTER TABLE summaries ADD COLUMN worker TEXT")
+        for column in ("worker", "quality"):  # a store from before Ray runs, or before quality profiles
+            if column not in {row[1] for row in self.db.execute("PRAGMA table_info(summaries)")}:
+                with self.db:
+                    self.db.execute(f"ALTER TABLE summaries ADD COLUMN {column} TEXT")
         # Summarizer workers load chunk texts while the main thread writes: each thread reads
         # through a connection of its own (WAL lets readers run beside the writer).
         self._readers = threading.local()
@@ -264,14 +269,17 @@ class SQLiteStore:
         ok, failed = [], []
         for r in records:
             if r.error is None:
-                ok.append((r.chunk_id, key.model, key.prompt_hash, key.options_hash, r.summary, r.prompt_tokens, r.completion_tokens, r.finish_reason, backend, run_id, now, r.worker))
+                quality = json.dumps(r.quality) if r.quality is not None else None
+                ok.append((r.chunk_id, key.model, key.prompt_hash, key.options_hash, r.summary, r.prompt_tokens,
+                           r.completion_tokens, r.finish_reason, backend, run_id, now, r.worker, quality))
             else:
                 failed.append((r.chunk_id, key.model, key.prompt_hash, key.options_hash, r.reason or "error", r.error, r.attempts, run_id, now))
         with self.db:
             # OR IGNORE: a summary, once stored, is never replaced or stored twice.
             self.db.executemany(
                 "INSERT OR IGNORE INTO summaries (chunk_id, model, prompt_hash, options_hash, summary, prompt_tokens, "
-                "completion_tokens, finish_reason, backend, run_id, created_at, worker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "completion_tokens, finish_reason, backend, run_id, created_at, worker, quality) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 ok,
             )
             self.db.executemany(
@@ -279,6 +287,47 @@ class SQLiteStore:
                 [row[:4] for row in ok],
             )
             self.db.executemany("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", failed)
+
+    def profile_missing(self) -> int:
+        """Profile every stored summary that has no quality profile yet (a store from before them); returns how many."""
+        from .quality import profile
+
+        rows = self.db.execute(
+            "SELECT s.rowid, s.summary, k.text, s.finish_reason FROM summaries s JOIN chunks k ON k.id = s.chunk_id "
+            "WHERE s.quality IS NULL").fetchall()
+        updates = [(json.dumps(profile(summary, text, finish).to_dict()), rowid) for rowid, summary, text, finish in rows]
+        with self.db:
+            self.db.executemany("UPDATE summaries SET quality = ? WHERE rowid = ?", updates)
+        return len(updates)
+
+    def kept_versions(self, chunk_ids: Sequence[str], window: int = 500) -> Iterator[dict]:
+        """Per chunk, in the order given, the summary version kept: the fewest quality flags, ties to the newer.
+
+        A chunk can hold several versions (another model, prompt or options, as `--redo` makes);
+        each row says which was kept and how many there are. Chunks without a summary are skipped.
+        """
+        for i in range(0, len(chunk_ids), window):
+            part = list(chunk_ids[i : i + window])
+            cur = self.db.execute(
+                "SELECT s.chunk_id, k.conversation_id, c.title, s.summary, s.prompt_tokens, s.completion_tokens, "
+                "s.finish_reason, s.backend, s.model, s.prompt_hash, s.options_hash, s.run_id, s.created_at, s.quality "
+                "FROM summaries s JOIN chunks k ON k.id = s.chunk_id LEFT JOIN conversations c ON c.id = k.conversation_id "
+                f"WHERE s.chunk_id IN ({','.join('?' * len(part))})",
+                part,
+            )
+            versions: dict[str, list[dict]] = {}
+            for r in cur:
+                quality = json.loads(r[13]) if r[13] else None
+                versions.setdefault(r[0], []).append({
+                    "chunk_id": r[0], "conversation_id": r[1], "title": r[2] or "", "summary": r[3],
+                    "prompt_tokens": r[4], "completion_tokens": r[5], "finish_reason": r[6], "backend": r[7],
+                    "model": r[8], "prompt_hash": r[9], "options_hash": r[10], "run_id": r[11], "created_at": r[12],
+                    "quality": quality,
+                })
+            for cid in part:
+                found = versions.get(cid)
+                if found:
+                    yield _kept(found)
 
     def clear_summaries(self, key: SummaryKey) -> int:
         """Forget results under this key (for --fresh); returns how many were dropped."""
@@ -293,12 +342,25 @@ class SQLiteStore:
             raise ValueError(f"unknown table {table!r}")
         return self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
-    def to_pandas(self, table: str = "summaries"):
-        """One table as a pandas DataFrame, for notebooks."""
+    def to_pandas(self, table: str = "summaries", versions: str = "kept"):
+        """One table as a pandas DataFrame, for notebooks.
+
+        For summaries, `versions="kept"` gives one row per chunk, the version `kept_versions`
+        keeps, with `versions` (how many the chunk has) and `kept` (why this one); "all" gives
+        every stored version.
+        """
         import pandas as pd
 
         self.count(table)  # validates the name
-        return pd.read_sql_query(f"SELECT * FROM {table}", self.db)
+        if table != "summaries" or versions == "all":
+            return pd.read_sql_query(f"SELECT * FROM {table}", self.db)
+        if versions != "kept":
+            raise ValueError(f"versions must be 'kept' or 'all', not {versions!r}")
+        ids = [row[0] for row in self.db.execute("SELECT DISTINCT chunk_id FROM summaries ORDER BY chunk_id")]
+        rows = list(self.kept_versions(ids))
+        columns = ["chunk_id", "conversation_id", "title", "summary", "prompt_tokens", "completion_tokens", "finish_reason",
+                   "backend", "model", "prompt_hash", "options_hash", "run_id", "created_at", "quality", "versions", "kept"]
+        return pd.DataFrame(rows, columns=columns)
 
     def to_parquet(self, folder: str | Path) -> list[Path]:
         """Every table as `folder/<table>.parquet`."""
@@ -307,7 +369,7 @@ class SQLiteStore:
         paths = []
         for table in ("runs", "conversations", "chunks", "summaries", "failures"):
             path = folder / f"{table}.parquet"
-            self.to_pandas(table).to_parquet(path, index=False)
+            self.to_pandas(table, versions="all").to_parquet(path, index=False)
             paths.append(path)
         return paths
 
@@ -327,6 +389,21 @@ class SQLiteStore:
 
 def _iso(value) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _kept(versions: list[dict]) -> dict:
+    """The version to keep of one chunk's summaries: the fewest flags, ties to the newer; says which and why."""
+    def flags(v: dict) -> int:
+        return len(v["quality"]["flags"]) if v["quality"] else 0
+
+    best = min(versions, key=lambda v: (flags(v), -(v["created_at"] or 0.0)))
+    if len(versions) == 1:
+        why = "only version"
+    elif sum(flags(v) == flags(best) for v in versions) > 1:
+        why = "newest of those with the fewest flags"
+    else:
+        why = "fewest flags"
+    return {**best, "versions": len(versions), "kept": why}
 
 
 class ChatFragmentWriter:

@@ -111,6 +111,27 @@ def test_parallel_matches_sequential_under_greedy(provider, tokenizer, request):
     assert not drift, drift
 
 
+def test_throughput_series_stays_near_the_runs_rate(provider, tokenizer):
+    """The monitor's tokens/s on a real run: no spike where one engine step finishes several chunks at once."""
+    from apiana_lab.chunking import Chunker, ChunkingOptions
+    from apiana_lab.export import read_export
+    from apiana_lab.monitor import MemoryMonitor
+    from apiana_lab.summarize import ParallelSummarizerTransform
+
+    conversations = list(read_export("apiana_lab/data/sample_export.json"))
+    chunks = list(Chunker(ChunkingOptions(chunk_size=256), tokenizer).chunk_all(conversations))[:6]
+    transform = ParallelSummarizerTransform(provider, max_workers=2, batch_size=3, max_length=24)
+    with MemoryMonitor(provider, interval=0.2) as monitor:
+        records = [r for _, r in transform.run(chunks, progress=monitor.progress)]
+    assert all(r.error is None for r in records)
+    rates = monitor.progress_frame()
+    last = rates.iloc[-1]
+    overall = last["completion_tokens"] / last["elapsed_s"]
+    series = rates["output_tokens_per_s"].dropna()
+    assert last["done"] == 6 and overall > 0 and len(series) >= 2
+    assert series.max() <= 3 * overall, rates[["elapsed_s", "done", "completion_tokens", "output_tokens_per_s"]].to_string()
+
+
 def _common_prefix(a: str, b: str) -> int:
     n = 0
     for x, y in zip(a, b):

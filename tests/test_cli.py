@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +16,11 @@ BIN = Path(sys.executable).parent
 
 def run(cmd, *args, timeout=600, **env):
     return subprocess.run([str(BIN / cmd), *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
+
+
+def warning_lines(text: str) -> list[str]:
+    """Lines of a log level WARNING (vLLM's, logging's) or a Python or torch warning."""
+    return [line for line in text.splitlines() if re.search(r"\bWARNING\b|Warning:", line)]
 
 
 def test_inspect_json_reports_totals_and_conversations():
@@ -60,6 +66,13 @@ def test_export_v2_end_to_end_on_the_sample(backend, tmp_path):
     out = tmp_path / backend
     p = run("chatgpt-export-v2", "-i", SAMPLE, "-o", out, "--backend", backend, "--limit", "3", "--max-length", "32", "--chunk-size", "600", "--batch-size", "4")
     assert p.returncode == 0, p.stderr[-3000:]
+    # The engines' start-up warnings (no Triton, NUMA binding, deprecations) stay out of the
+    # terminal and its progress bar; they are in the log the run names.
+    assert not warning_lines(p.stdout + p.stderr), warning_lines(p.stdout + p.stderr)
+    if backend == "vllm":
+        log = out / "engine.log"
+        assert f"engine log (the engines' own output): {log}" in p.stdout.splitlines()
+        assert "(EngineCore pid=" in log.read_text()  # the engine's child process wrote there
     assert "3 summarized" in p.stdout and "summaries.jsonl" in p.stdout
     run_json = json.loads((out / "run.json").read_text())
     for field in ("backend", "model", "batch_size", "max_workers", "chunk_size", "max_length", "limit", "conversations_read",
@@ -71,12 +84,36 @@ def test_export_v2_end_to_end_on_the_sample(backend, tmp_path):
     rows = [json.loads(line) for line in (out / "summaries.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     for r in rows:
-        assert set(r) == {"chunk_id", "conversation_id", "title", "summary", "prompt_tokens", "completion_tokens", "finish_reason", "backend", "model"}
+        assert set(r) == {"chunk_id", "conversation_id", "title", "summary", "prompt_tokens", "completion_tokens", "finish_reason",
+                          "backend", "model", "prompt_hash", "options_hash", "run_id", "quality", "versions", "kept"}
         assert r["summary"].strip() and 0 < r["completion_tokens"] <= 32 and r["backend"] == backend
+        assert (r["versions"], r["kept"]) == (1, "only version") and r["quality"]["tokens"] > 0
+    flagged = sum(bool(r["quality"]["flags"]) for r in rows)  # run.json's quality section counts the same summaries
+    assert (run_json["quality"]["count"], run_json["quality"]["flagged"]) == (3, flagged)
+    assert f"quality: {flagged} of 3 summaries flagged" in p.stdout
     assert run_json["model"] and all(r["model"] == run_json["model"] for r in rows)  # the folder actually loaded
     db = sqlite3.connect(out / "apiana.sqlite")
     assert db.execute("SELECT COUNT(*) FROM summaries").fetchone()[0] == 3
     assert db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 3
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_plan_json_on_vllm_is_one_json_document_and_the_engine_log_holds_the_rest():
+    p = run("apiana-lab", "plan", SAMPLE, "--json", "--backend", "vllm", "--sample", "1", "--max-length", "4",
+            "--chunk-size", "600", "--max-model-len", "1024")
+    assert p.returncode == 0, p.stderr[-3000:]
+    plan = json.loads(p.stdout)  # all of stdout, as `| jq .projection` reads it
+    assert plan["backend"] == "vllm" and plan["sample"]["chunks"] == 1 and plan["projection"]["seconds"] > 0
+    assert not warning_lines(p.stderr), warning_lines(p.stderr)
+    note = [line for line in p.stderr.splitlines() if line.startswith("engine log (the engines' own output): ")]
+    assert len(note) == 1
+    log = Path(note[0].partition(": ")[2])
+    try:
+        text = log.read_text()
+        assert "(MainProcess pid=" in text and "(EngineCore pid=" in text  # vLLM's log, from this process and its engine's
+    finally:
+        log.unlink()
 
 
 @pytest.mark.parametrize("switch", [("--sequential",), ()])

@@ -25,6 +25,7 @@ pytest.importorskip("ipywidgets")
 
 from apiana_lab.experiments.results import NOTEBOOKS, execute, kernel_manager_class, notebooks_dir  # noqa: E402
 from apiana_lab.store import SQLiteStore  # noqa: E402
+from helpers import write_mixed_export  # noqa: E402
 
 SAMPLE = str(Path("apiana_lab/data/sample_export.json").resolve())
 BIN = Path(sys.executable).parent
@@ -94,6 +95,7 @@ def test_source_notebook_is_clean_with_one_parameters_cell_then_its_checks(name)
     assert all(p["help"] for p in params.values() if p["name"] != "length_ratio_high"), "a parameter without a comment"
     checks_cell = nb.cells[2].source
     assert f"checks.{name}(" in checks_cell and "quiet_libraries()" in checks_cell
+    assert 'engine_log.move(run.folder / "engine.log")' in checks_cell  # engine output beside the results, not in cells
     for p in params:  # every parameter reaches the checks, or the run folder
         if p not in ("run_id", "results_root"):
             assert f"{p}={p}" in checks_cell, f"{name}: {p} is not checked"
@@ -101,8 +103,6 @@ def test_source_notebook_is_clean_with_one_parameters_cell_then_its_checks(name)
 
 # -- explore_export -----------------------------------------------------------------------------
 def test_explore_export_with_a_given_rate_and_with_a_measured_sample(root, tmp_path):
-    from test_experiments import write_mixed_export
-
     mixed = write_mixed_export(tmp_path / "conversations.json")
     folder, nb, metrics = run("explore_export", root, input_paths=[str(mixed)], chunk_size=64, longest=3,
                               rate_tokens_per_s=0.0, backend="fake", sample=3, max_length=8,
@@ -237,6 +237,10 @@ def test_backend_comparison_runs_real_transformers_and_vllm_on_the_same_chunks(r
     assert sources["engine"] == "ok"  # vLLM ran with stats on: its KV-cache gauges were read
     assert images(nb) == 3  # the bars and one timeline per backend
     assert "Loading weights" not in json.dumps(nb.cells[6:])  # transformers' loading bar stays out of the notebook
+    # No red box of engine start-up warnings (no Triton, NUMA binding): they are in the run's engine.log.
+    stderr = [o["text"] for c in code_cells(nb) for o in c.get("outputs", []) if o.get("name") == "stderr"]
+    assert not stderr, stderr
+    assert "(EngineCore pid=" in (folder / "engine.log").read_text()
 
 
 # -- batch_size_sweep ----------------------------------------------------------------------------
@@ -262,39 +266,66 @@ def test_batch_size_sweep_plots_two_batch_sizes_and_marks_the_out_of_memory_one(
 AB = dict(backend="fake", chunks=4, engine_options={"latency": 0.05}, max_length=16)
 
 
-def test_ab_check_is_go_on_a_correct_setup(root):
-    folder, nb, metrics = run("ab_migration_check", root, **AB)
+@pytest.fixture(scope="module")
+def ab_go_run(root):
+    """An A/B run that passes, made once for the tests that read it."""
+    return run("ab_migration_check", root, **AB)
+
+
+@pytest.fixture(scope="module")
+def ab_no_go_run(root):
+    """The real `apiana-lab notebook` command, as CI would run it, on a change made on purpose: (process, run folder)."""
+    before = set((root / "ab_migration_check").iterdir()) if (root / "ab_migration_check").exists() else set()
+    done = subprocess.run(
+        [str(BIN / "apiana-lab"), "notebook", "ab_migration_check", "--root", str(root), "-p", "backend", "fake",
+         "-p", "chunks", "4", "-p", "max_length", "16", "-p", "new_max_length", "3", "-p", "engine_options", '{"latency": 0.05}'],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    (folder,) = set((root / "ab_migration_check").iterdir()) - before
+    return done, folder
+
+
+def test_ab_check_is_go_on_a_correct_setup(ab_go_run):
+    folder, nb, metrics = ab_go_run
     verdict = metrics["verdict"]
-    assert verdict["verdict"] == "GO" and all(c["passed"] for c in verdict["checks"]) and len(verdict["checks"]) == 8
+    assert verdict["verdict"] == "GO" and all(c["passed"] for c in verdict["checks"])
+    assert verdict["summary"]["mode"] == "same setup" and all(c["decisive"] for c in verdict["checks"])
+    # Sameness (7), quality (the flagged share, each of six flags, three measures) and the speed-up.
+    assert len(verdict["checks"]) == 7 + 1 + 6 + 3 + 1
     assert verdict["summary"]["exact_match_rate"] == 1.0 and verdict["summary"]["speedup"] > 1.0
     assert metrics["key"]["exact_match_rate"] == 1.0
     import pandas as pd
 
     per_chunk = pd.read_csv(folder / "per_chunk.csv")
     assert len(per_chunk) == 4 and per_chunk["exact"].all() and (per_chunk["similarity"] == 1.0).all()
-    assert len(pd.read_csv(folder / "checks.csv")) == 8 and (folder / "similarity.png").stat().st_size > 0
+    assert len(pd.read_csv(folder / "checks.csv")) == len(verdict["checks"]) and (folder / "similarity.png").stat().st_size > 0
     last = code_cells(nb)[-1]
     assert last.source == "verdict.raise_if_no_go()" and not any(o["output_type"] == "error" for o in last.outputs)
 
 
-def test_ab_check_changed_on_purpose_is_no_go_and_the_command_exits_non_zero(root):
-    """The real `apiana-lab notebook` command, as CI would run it: NO-GO fails the run."""
-    done = subprocess.run(
-        [str(BIN / "apiana-lab"), "notebook", "ab_migration_check", "--root", str(root), "-p", "backend", "fake",
-         "-p", "chunks", "4", "-p", "max_length", "16", "-p", "new_max_length", "3", "-p", "engine_options", '{"latency": 0.05}'],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+def test_ab_check_changed_on_purpose_is_no_go_and_the_command_exits_non_zero(ab_no_go_run):
+    """NO-GO fails the run: the command exits non-zero, and the run folder says why."""
+    done, folder = ab_no_go_run
     assert done.returncode != 0
-    assert "ab_migration_check failed: ABCheckFailed: NO-GO" in done.stderr and "length ratio median" in done.stderr
-    folders = sorted((root / "ab_migration_check").iterdir())
-    no_go = [f for f in folders if json.loads((f / "metrics.json").read_text())["verdict"]["verdict"] == "NO-GO"]
-    assert len(no_go) == 1
-    metrics = json.loads((no_go[0] / "metrics.json").read_text())
-    failed = {c["name"] for c in metrics["verdict"]["checks"] if not c["passed"]}
-    assert {"length ratio median (new/old)", "exact-match rate"} <= failed
-    nb = nbformat.read(no_go[0] / "ab_migration_check.ipynb", as_version=4)
+    assert "ab_migration_check failed: ABCheckFailed: NO-GO" in done.stderr and "flag truncated" in done.stderr
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["verdict"]["verdict"] == "NO-GO"
+    failed = {c["name"] for c in metrics["verdict"]["checks"] if c["decisive"] and not c["passed"]}
+    # A cut max_length is a change of setup: quality decides (every summary now stops mid-sentence, and is
+    # far shorter); sameness is shown, not counted.
+    assert metrics["verdict"]["summary"]["mode"] == "migration"
+    assert {"flag truncated: share, new - old (95% lower bound)", "compression, new / old (90% interval)"} <= failed
+    assert not any(c["decisive"] for c in metrics["verdict"]["checks"] if c["name"] == "exact-match rate")
+    import pandas as pd
+
+    quality = pd.read_csv(folder / "quality.csv")
+    assert quality.set_index("measure").loc["flag: truncated", "new"] == 1.0
+    nb = nbformat.read(folder / "ab_migration_check.ipynb", as_version=4)
     errors = [o for o in code_cells(nb)[-1].outputs if o["output_type"] == "error"]
     assert len(errors) == 1 and errors[0]["ename"] == "ABCheckFailed" and "NO-GO" in errors[0]["evalue"]
-    assert "papermill-error-cell" in json.dumps(nb.cells[0].metadata) or "An Exception was encountered" in nb.cells[0].source
+    # papermill's banner opens the saved notebook and points at the failing cell, the verdict's.
+    banner = nb.cells[0]
+    assert banner.cell_type == "markdown" and banner.metadata["tags"] == ["papermill-error-cell-tag"]
+    assert f'An Exception was encountered at \'<a href="#papermill-error-cell">In [{code_cells(nb)[-1].execution_count}]</a>\'' in banner.source
 
 
 def test_ab_check_compares_two_finished_runs_without_recomputing(root, tmp_path, monkeypatch):
@@ -304,22 +335,31 @@ def test_ab_check_compares_two_finished_runs_without_recomputing(root, tmp_path,
     for side, extra in (("old", ["--sequential"]), ("new", [])):
         assert export_v2_main(["-i", SAMPLE, "-o", str(tmp_path / side), "--backend", "fake", "--no-progress",
                                "--chunk-size", "600", *extra]) == 0
+    # One summary edited on disk: the notebook must see it, which it would not if it recomputed the runs.
+    jsonl = tmp_path / "new" / "summaries.jsonl"
+    lines = jsonl.read_text().splitlines()
+    edited = json.loads(lines[0])
+    edited["summary"] += " (edited)"
+    jsonl.write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
     folder, nb, metrics = run("ab_migration_check", root, old_dir=str(tmp_path / "old"), new_dir=str(tmp_path / "new"),
                               min_speedup=0.0)  # the fake takes no time: speed says nothing here
     assert metrics["parameters"]["mode"] == "folders" and metrics["verdict"]["verdict"] == "GO"
     assert metrics["verdict"]["summary"]["compared"] == 13
+    assert metrics["verdict"]["summary"]["exact_match_rate"] == pytest.approx(12 / 13, abs=1e-3)
     assert "sequential" in text_of(cell_calling(nb, "ab.sides(result)"))
 
 
 # -- the index of runs --------------------------------------------------------------------------------
-def test_results_lists_every_notebook_run(root):
+def test_results_lists_every_notebook_run(root, ab_go_run, ab_no_go_run):
+    """Every run folder under the root is listed, whichever tests made them (the two A/B runs at least)."""
     done = subprocess.run([str(BIN / "apiana-lab"), "results", "--root", str(root), "--json"], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr
     runs = json.loads(done.stdout)
-    assert {r["notebook"] for r in runs} >= set(NOTEBOOKS) - {"backend_comparison"}
-    verdicts = {r["verdict"] for r in runs if r["notebook"] == "ab_migration_check"}
-    assert verdicts == {"GO", "NO-GO"}
+    on_disk = {(f.parent.name, f.name) for f in root.glob("*/*") if (f / "metrics.json").exists()}
+    assert {(r["notebook"], r["run_id"]) for r in runs} == on_disk and len(on_disk) >= 2
+    verdicts = {r["run_id"]: r["verdict"] for r in runs if r["notebook"] == "ab_migration_check"}
+    assert verdicts[ab_go_run[0].name] == "GO" and verdicts[ab_no_go_run[1].name] == "NO-GO"
     index = (root / "README.md").read_text()
     for r in runs:
         assert f"| {r['notebook']} | {r['run_id']} |" in index

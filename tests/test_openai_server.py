@@ -22,6 +22,7 @@ from contract import *  # noqa: F401,F403  the shared backend contract, run here
 
 from apiana_lab.errors import PermanentProviderError
 from apiana_lab.providers import GenerationOptions
+from helpers import VLLMServer
 
 pytestmark = pytest.mark.vllm
 
@@ -32,8 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]  # the CLI subprocess imports this ch
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """The real server (~30 s to start here), killed with its engine process at the end whatever happens."""
-    from apiana_lab.bench.server import VLLMServer
-
     s = VLLMServer(model_dir, SERVER_ARGS, log_path=tmp_path_factory.mktemp("vllm-server") / "server.log")
     try:
         s.start()

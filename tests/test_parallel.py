@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from apiana_lab.chunking import Chunk
 from apiana_lab.cli import export_v2_main
 from apiana_lab.pipeline import RunConfig, run_export
 from apiana_lab.providers import fake
@@ -18,20 +17,7 @@ from apiana_lab.providers.fake import FakeProvider
 from apiana_lab.store import SQLiteStore
 from apiana_lab.summarize import ParallelSummarizerTransform
 
-VOCAB = "apple bread candle door engine forest glass harbor island jacket kettle lemon".split()
-
-
-def make_chunks(n, seed=0, words=(5, 60), tags=None):
-    """`n` chunks of random lengths; chunk i's text starts with "chunk-i" and its tag, if any."""
-    rng = random.Random(seed)
-    tags = tags or {}
-    chunks = []
-    for i in range(n):
-        body = " ".join(rng.choice(VOCAB) for _ in range(rng.randint(*words)))
-        text = f"chunk-{i} {tags.get(i, '')} {body}"
-        chunks.append(Chunk(id=f"id-{i:04d}", conversation_id=f"conv-{i // 10}", title=f"Chat {i // 10}", date=None,
-                            index=i % 10, first_message=0, last_message=0, token_count=len(text.split()), text=text))
-    return chunks
+from helpers import expected_summary, make_chunks
 
 
 def summarizer(provider, **kw):
@@ -43,11 +29,6 @@ def chunk_of(text, chunks):
     """The chunk whose prompt this is (the fake's history keeps the rendered user prompt)."""
     tag = re.search(r"chunk-\d+ ", text).group(0)
     return next(c for c in chunks if c.text.startswith(tag))
-
-
-def expected_summary(t, chunk):
-    """What the fake answers for this chunk's prompt, computed apart from the run under test."""
-    return FakeProvider().complete(t.prompt(chunk), t.options).text
 
 
 def ok_calls(provider):

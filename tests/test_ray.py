@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import write_dialogue_export
+from helpers import start_cluster, write_dialogue_export
 
 ray = pytest.importorskip("ray")
 
@@ -49,8 +49,6 @@ def fake_command(export, out, *extra, latency=0.0):
 @pytest.fixture(scope="module")
 def cluster():
     """A head and two worker nodes; this process stays connected, so in-process runs reuse the connection."""
-    from apiana_lab.bench.ray_scaling import start_cluster
-
     c = start_cluster(worker_cpus=WORKER_CPUS)
     try:
         ray.init(address=c.address)
@@ -191,16 +189,35 @@ def test_driver_killed_then_rerun_resumes_on_ray_then_locally(cluster, dialogue_
 
 @pytest.mark.ray
 def test_two_worker_nodes_against_one(cluster, tmp_path):
-    from apiana_lab.bench.ray_scaling import scaling
+    """The same latency-bound fake export on one replica (a whole worker node) and on two."""
+    from apiana_lab.pipeline import RunConfig, run_export
 
     export = write_dialogue_export(tmp_path / "conversations.json", conversations=12, messages=24)  # 288 chunks
-    figures = scaling(export, tmp_path, latency=0.05, batch_size=2, max_workers=1, chunk_size=64, replica_cpus=WORKER_CPUS)
-    local, one, two = figures["rows"]
-    assert local["chunks"] == one["chunks"] == two["chunks"] == 288 and one["failed"] == two["failed"] == 0
+
+    def on_ray(replicas):
+        run = run_export(RunConfig(str(export), str(tmp_path / f"ray-{replicas}"), backend="fake", chunk_size=64,
+                                   batch_size=2, max_workers=1, engine_options={"latency": 0.05}, executor="ray",
+                                   replicas=replicas, replica_cpus=WORKER_CPUS))
+        # Throughput after the replicas started: starting actors is loading the model, not scaling.
+        steady = run["summarize_seconds"] - (run["ray"]["startup_seconds"] or 0.0)
+        nodes = {r["node"] for r in run["ray"]["replica_runs"]}
+        return {"chunks": run["summaries_computed"], "failed": run["failed"], "nodes_used": len(nodes),
+                "steady_s": round(steady, 3), "chunks_per_s": run["summaries_computed"] / steady}
+
+    context = ray.data.DataContext.get_current()
+    # Every replica starts before the first batch is handed out, so one that starts late (a busy
+    # machine) does not count as poor scaling.
+    saved, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 600
+    try:
+        one, two = on_ray(1), on_ray(2)
+    finally:
+        context.wait_for_min_actors_s = saved
+    assert one["chunks"] == two["chunks"] == 288 and one["failed"] == two["failed"] == 0
     assert (one["nodes_used"], two["nodes_used"]) == (1, 2)
+    ratio = two["chunks_per_s"] / one["chunks_per_s"]
     # 1.8x is the benchmark's target on a quiet machine; here other tests share two cores.
-    assert figures["ratio_two_to_one"] >= 1.4, figures
-    print(json.dumps(figures, indent=1))
+    assert ratio >= 1.4, (ratio, one, two)
+    print(json.dumps({"one": one, "two": two, "ratio_two_to_one": round(ratio, 3)}, indent=1))
 
 
 @pytest.mark.ray

@@ -61,3 +61,49 @@ def test_survives_reopen_and_exports_to_pandas_and_parquet(tmp_path):
         assert {p.name for p in paths} >= {"summaries.parquet", "runs.parquet"}
         with pytest.raises(ValueError):
             store.to_pandas("sqlite_master; DROP TABLE runs")
+
+
+def test_a_store_from_before_quality_profiles_opens_and_is_profiled(tmp_path):
+    """The schema of the previous release: no quality column. Opening adds it; profile_missing fills it."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE chunks (id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, idx INTEGER NOT NULL, first_message INTEGER,"
+        " last_message INTEGER, token_count INTEGER, continued INTEGER, text TEXT NOT NULL, starts TEXT);"
+        "CREATE TABLE summaries (chunk_id TEXT NOT NULL, model TEXT NOT NULL, prompt_hash TEXT NOT NULL, options_hash TEXT"
+        " NOT NULL, summary TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER, finish_reason TEXT, backend TEXT,"
+        " run_id INTEGER, created_at REAL, worker TEXT, PRIMARY KEY (chunk_id, model, prompt_hash, options_hash));"
+        "INSERT INTO chunks VALUES ('k0', 'c1', 0, 0, 1, 40, 0, 'User: my garden is full of weeds again', '0');"
+        "INSERT INTO summaries VALUES ('k0', 'm', 'p', 'o', 'User: my garden is full of weeds again', 9, 9, 'stop', 'fake',"
+        " 1, 1.0, 'h');")
+    db.commit()
+    db.close()
+    with SQLiteStore(path) as store:
+        (row,) = store.kept_versions(["k0"])
+        assert row["quality"] is None  # not profiled yet
+        assert store.profile_missing() == 1 and store.profile_missing() == 0
+        (row,) = store.kept_versions(["k0"])
+        assert "echo" in row["quality"]["flags"] and row["quality"]["coverage"] == 1.0
+
+
+def test_the_kept_version_has_the_fewest_flags_ties_going_to_the_newer(tmp_path, monkeypatch):
+    """Three versions of one chunk: a loop, then a clean one, then another clean one made later."""
+    import time
+
+    clock = iter([100.0, 200.0, 300.0, 400.0])
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    loop, clean = {"flags": ["loop", "truncated"]}, {"flags": []}
+    with SQLiteStore(tmp_path / "a.sqlite") as store:
+        store.add_chunks(chunks(2))
+        store.put_summaries(SummaryKey("m", "p", "greedy"), [SummaryRecord("k0", "loop", quality=loop),
+                                                              SummaryRecord("k1", "only", quality=loop)], "fake", 1)
+        store.put_summaries(SummaryKey("m", "p", "seed-1"), [SummaryRecord("k0", "clean, older", quality=clean)], "fake", 2)
+        store.put_summaries(SummaryKey("m", "p", "seed-2"), [SummaryRecord("k0", "clean, newer", quality=clean)], "fake", 3)
+        first, second = store.kept_versions(["k0", "k1"])
+        assert (first["summary"], first["versions"], first["kept"]) == ("clean, newer", 3, "newest of those with the fewest flags")
+        assert (second["summary"], second["versions"], second["kept"]) == ("only", 1, "only version")
+        frame = store.to_pandas("summaries")
+        assert dict(zip(frame["chunk_id"], frame["summary"])) == {"k0": "clean, newer", "k1": "only"}
+        assert len(store.to_pandas("summaries", versions="all")) == 4

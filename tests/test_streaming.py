@@ -12,7 +12,7 @@ from apiana_lab.errors import FatalProviderError, TransientProviderError
 from apiana_lab.providers.fake import FakeProvider
 from apiana_lab.summarize import ParallelSummarizerTransform
 
-from test_parallel import expected_summary, make_chunks
+from helpers import expected_summary, make_chunks
 
 
 def streamer(provider, **kw):

@@ -29,31 +29,45 @@ def engine_unfinished(provider):
     return provider.llm.llm_engine.get_num_unfinished_requests
 
 
-def test_auto_dtype_is_float32_on_a_cpu_without_native_bfloat16():
-    from apiana_lab.providers import vllm_backend
-
-    with open("/proc/cpuinfo") as f:
-        native = any(flag in f.read() for flag in ("avx512_bf16", "amx_bf16"))
-    assert vllm_backend.cpu_has_native_bf16() is native
-
-
 def test_engine_arguments_reach_vllm(provider):
     assert provider.llm.llm_engine.model_config.max_model_len == 4096 == provider.max_context
     assert provider.engine_args["enforce_eager"] is True  # on CPU, graphs buy nothing
     assert provider.supports_batch
 
 
-def test_kv_cache_too_small_retries_with_the_length_the_engine_reports(model_dir, monkeypatch):
-    """vLLM refuses a max_model_len its KV cache can't hold; the provider retries once with what fits."""
+@pytest.fixture(scope="class")
+def stretched(model_dir):
+    """A small engine (dummy weights, dtype left at auto) asked for 100k tokens of context (config
+    stretched to allow it), more than its 1 GiB of KV cache holds (~46k). Closed when its class ends."""
     from apiana_lab.providers.vllm_backend import VLLMProvider
 
-    # 1 GiB of KV cache holds ~46k tokens of this model; ask for 100k (config stretched to allow it).
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    with VLLMProvider(str(model_dir), max_model_len=100_000, hf_overrides={"max_position_embeddings": 131072}, load_format="dummy") as p:
-        retried = [a for a in p.adjustments if "retried with max_model_len=" in a]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        with VLLMProvider(str(model_dir), max_model_len=100_000, hf_overrides={"max_position_embeddings": 131072},
+                          load_format="dummy") as p:
+            yield p
+
+
+class TestAnEngineLeftAtItsDefaults:
+    """The checks that need vLLM's own choices share one `stretched` engine."""
+
+    def test_kv_cache_too_small_retries_with_the_length_the_engine_reports(self, stretched):
+        """vLLM refuses a max_model_len its KV cache can't hold; the provider retries once with what fits."""
+        retried = [a for a in stretched.adjustments if "retried with max_model_len=" in a]
         assert len(retried) == 1
-        assert 8192 < p.max_context < 100_000
-        assert p.llm.llm_engine.model_config.max_model_len == p.max_context
+        assert 8192 < stretched.max_context < 100_000
+        assert stretched.llm.llm_engine.model_config.max_model_len == stretched.max_context
+
+    def test_auto_dtype_is_bfloat16_on_a_cpu_with_native_bfloat16_and_float32_without(self, stretched):
+        """The README's rule for --dtype auto, read back from the engine: whichever kind of CPU this is."""
+        import torch
+
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+        native = not stretched.on_cpu or bool({"avx512_bf16", "amx_bf16"} & flags)
+        assert stretched.llm.llm_engine.model_config.dtype == (torch.bfloat16 if native else torch.float32)
+        assert stretched.engine_args["dtype"] == ("auto" if native else "float32")
+        assert any("dtype auto -> float32" in a for a in stretched.adjustments) is not native
 
 
 def test_engine_metrics_show_the_kv_cache_in_use_while_a_run_is_in_flight(provider, tmp_path):
@@ -74,8 +88,15 @@ def test_engine_metrics_show_the_kv_cache_in_use_while_a_run_is_in_flight(provid
     assert samples["kv_cache_pct"].max() > 0 and samples["requests_running"].max() >= 1
     # The engine core is a child process: its memory (weights, the KV cache) shows in the tree's RSS.
     assert samples["rss_children_mb"].max() > 500
-    written = monitor.save(tmp_path)  # the figure's engine panel, drawn from real gauges
+    written = monitor.save(tmp_path)
     assert written["figure"].stat().st_size > 0 and json.loads(written["summary"].read_text())["peaks"]["kv_cache_pct"] > 0
+    # The figure's engine panel draws those real gauges.
+    import numpy as np
+
+    from apiana_lab.notebook import plot_monitor
+
+    kv_line = plot_monitor(monitor).axes[1].get_lines()[0]
+    np.testing.assert_array_equal(kv_line.get_ydata(), samples["kv_cache_pct"].to_numpy())
 
 
 def test_default_window_is_twice_the_engines_sequence_slots(provider):

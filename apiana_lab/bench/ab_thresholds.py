@@ -7,18 +7,17 @@ new = parallel (batch 4). Writes results/ab-thresholds/ab-<dtype>.json.
 """
 import json
 import sys
-from pathlib import Path
 
+from apiana_lab.bench.common import RESULTS_DIR
 from apiana_lab.experiments import ab
 from apiana_lab.experiments.measure import sample_chunks
+from apiana_lab.export.synth import SAMPLE_PATH
 from apiana_lab.providers.registry import get_provider
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
     dtype = sys.argv[1] if len(sys.argv) > 1 else "float32"
-    chunks = sample_chunks([str(ROOT / "apiana_lab" / "data" / "sample_export.json")], 8, 600)
+    chunks = sample_chunks([str(SAMPLE_PATH)], 8, 600)
     rows = []
     with get_provider("transformers", dtype=dtype) as p:
         for name, kw in [("correct setup", {}),
@@ -29,7 +28,7 @@ def main() -> None:
             rows.append({"case": name, "dtype": dtype, **{k: s.get(k) for k in ("compared", "exact_match_rate", "similarity_p10", "similarity_median", "length_ratio_median", "finish_agreement")},
                          "go": r["verdict"].go, "failed_checks": [c.name for c in r["verdict"].failed]})
             print(rows[-1], flush=True)
-    out = ROOT / "results" / "ab-thresholds" / f"ab-{dtype}.json"
+    out = RESULTS_DIR / "ab-thresholds" / f"ab-{dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2, default=str) + "\n")
 

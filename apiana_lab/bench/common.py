@@ -10,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent.parent / "results"
+from ..experiments.results import default_root
+
+# The checkout's results/, else ./results (an installed package); absolute, so a later chdir cannot move it.
+RESULTS_DIR = default_root().absolute()
 
 
 def peak_rss_mb() -> float:

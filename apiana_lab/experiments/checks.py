@@ -285,7 +285,8 @@ def batch_size_sweep(*, input_paths, backend: str, model, batch_sizes: list, chu
 def ab_migration_check(*, input_paths, backend: str, model, chunks, chunk_size, batch_size, max_workers, max_length,
                        dtype: str, engine_options: dict, new_max_length, new_system_prompt, old_dir, new_dir,
                        min_exact_match, min_similarity_p10, min_similarity_median, length_ratio_low, length_ratio_high,
-                       min_finish_agreement, max_extra_failures, min_speedup) -> dict:
+                       min_finish_agreement, max_extra_failures, min_speedup, new_backend="", new_dtype="",
+                       max_flagged_increase=0.05, max_measure_ratio=1.5) -> dict:
     """ab_migration_check.ipynb's parameters; params["thresholds"] holds ab.Thresholds' arguments."""
     from .ab import Thresholds
 
@@ -297,7 +298,9 @@ def ab_migration_check(*, input_paths, backend: str, model, chunks, chunk_size, 
         raise ParameterError("length_ratio_low, length_ratio_high", (length_ratio_low, length_ratio_high),
                              "the range must hold 1 (new as long as old)", "0 < length_ratio_low <= 1 <= length_ratio_high")
     thresholds.update(length_ratio_range=(low, high), max_extra_failures=check_whole(max_extra_failures, "max_extra_failures", 0),
-                      min_speedup=check_number(min_speedup, "min_speedup"))
+                      min_speedup=check_number(min_speedup, "min_speedup"),
+                      max_flagged_increase=check_fraction(max_flagged_increase, "max_flagged_increase"),
+                      max_measure_ratio=check_number(max_measure_ratio, "max_measure_ratio", 1.0))
     Thresholds(**thresholds)  # its own cross-checks
     if bool(old_dir) != bool(new_dir):
         raise ParameterError("old_dir" if old_dir else "new_dir", old_dir or new_dir, "given without the other",
@@ -321,5 +324,11 @@ def ab_migration_check(*, input_paths, backend: str, model, chunks, chunk_size, 
         engine_options=check_engine_options(b, engine_options),
         new_max_length=check_optional_whole(new_max_length, "new_max_length"),
         new_system_prompt=check_text(new_system_prompt, "new_system_prompt"),
+        new_backend=check_backend(new_backend, "new_backend") if new_backend else None,
+        new_dtype=check_dtype(new_dtype, "new_dtype") if new_dtype else None,
     )
+    if (params["new_backend"] or params["new_dtype"]) and (params["new_max_length"] or params["new_system_prompt"]):
+        raise ParameterError("new_backend" if params["new_backend"] else "new_dtype", new_backend or new_dtype,
+                             "combined with new_max_length or new_system_prompt",
+                             "change one thing at a time: another engine or dtype, or another max_length or prompt")
     return params

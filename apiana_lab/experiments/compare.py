@@ -143,7 +143,7 @@ def comparison_table(rows: list[dict]):
     import pandas as pd
 
     columns = ["backend", "model", "dtype", "load_s", "wall_s", "prompt_tokens_per_s", "completion_tokens_per_s",
-               "chunks_per_s", "latency_p50_s", "latency_p90_s", "chunks", "failed", "error"]
+               "chunks_per_s", "flagged_share", "latency_p50_s", "latency_p90_s", "chunks", "failed", "error"]
     peaks = sorted({k for r in rows for k in r if k.startswith("peak_")})
     table = pd.DataFrame(rows).reindex(columns=columns[:-1] + peaks + columns[-1:])
     table["model"] = table["model"].map(lambda m: str(m).rstrip("/").rsplit("/", 1)[-1] if isinstance(m, str) else m)
@@ -155,7 +155,7 @@ def sweep_table(sweep: dict):
     import pandas as pd
 
     kv = ["peak_kv_cache_pct"] if any("peak_kv_cache_pct" in r for r in sweep["rows"]) else []
-    columns = ["batch_size", "completion_tokens_per_s", "prompt_tokens_per_s", "chunks_per_s", "wall_s",
+    columns = ["batch_size", "completion_tokens_per_s", "flagged_share", "prompt_tokens_per_s", "chunks_per_s", "wall_s",
                "latency_p50_s", sweep["memory_key"], *kv, "oom", "failed", "batch_size_changes", "error"]
     table = pd.DataFrame(sweep["rows"]).reindex(columns=list(dict.fromkeys(columns)))
     table["recommended"] = table["batch_size"] == sweep["recommended_batch_size"]
@@ -199,4 +199,8 @@ def describe_sweep(sweep: dict) -> str:
                   "no turn within this range.")
     bad = [r["batch_size"] for r in sweep["rows"] if "error" in r or r.get("oom") or r.get("failed")]
     third = f" Out of memory or failed at batch size {', '.join(map(str, bad))} (marked)." if bad else ""
-    return f"{first} {second}{third}"
+    shares = [(r["batch_size"], r["flagged_share"]) for r in sorted(sweep["rows"], key=lambda r: r["batch_size"])
+              if r.get("flagged_share") is not None]
+    fourth = (" Summaries flagged by the quality profile, per batch size: "
+              + ", ".join(f"{b}: {share:.0%}" for b, share in shares) + ".") if shares else ""
+    return f"{first} {second}{third}{fourth}"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..chunking import Chunk, Chunker, ChunkingOptions, load_tokenizer
+from ..quality import profile, summarize_profiles
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ def measure(transform, chunks: list[Chunk], *, config: str = "", workload: str =
     figures = stats.figures()
     done = [r for r in records if r.error is None]
     lengths = [r.completion_tokens for r in done]
+    texts = {c.id: c.text for c in chunks}
+    quality = summarize_profiles(profile(r.summary, texts[r.chunk_id], r.finish_reason) for r in done)
     row = {
         "workload": workload,
         "config": config,
@@ -130,6 +133,9 @@ def measure(transform, chunks: list[Chunk], *, config: str = "", workload: str =
         "batch_size_changes": len(stats.batch_size_changes),
         "preemptions": stats.preemptions,
         "sample_summary": done[0].summary[:300] if done else None,
+        # A faster setting that writes worse memories must show: the quality flags beside the speed.
+        "flagged_share": quality["flagged_share"] if done else None,
+        "flagged_by_flag": {name: f["count"] for name, f in quality["flags"].items() if f["count"]},
         # The machine is shared: a load above the core count means these seconds include waiting for a core.
         "loadavg_1m_before_after": [load_before, os.getloadavg()[0]],
     }

@@ -25,22 +25,67 @@ logger = logging.getLogger(__name__)
 NOTEBOOKS = ("explore_export", "summarize_export", "backend_comparison", "batch_size_sweep", "ab_migration_check")
 
 
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def checkout() -> Path | None:
+    """The source checkout this package runs from (the repository, or an editable install of it); None when installed."""
+    folder = PACKAGE.parent
+    if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
+        return folder
+    return None
+
+
 def default_root() -> Path:
     """$APIANA_LAB_RESULTS, else the checkout's results/ (when run from one), else ./results."""
     if os.environ.get("APIANA_LAB_RESULTS"):
         return Path(os.environ["APIANA_LAB_RESULTS"]).expanduser()
-    checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "pyproject.toml").is_file() and (checkout / "notebooks").is_dir():
-        return checkout / "results"
-    return Path("results")
+    repo = checkout()
+    return repo / "results" if repo else Path("results")
 
 
 def notebooks_dir() -> Path:
-    """The checkout's notebooks/ folder."""
-    folder = Path(__file__).resolve().parents[2] / "notebooks"
+    """The checkout's notebooks/ folder, else the copies installed with the package (apiana_lab/data/notebooks/)."""
+    repo = checkout()
+    # In the checkout apiana_lab/data/notebooks is a symlink to notebooks/, which a wheel resolves into copies.
+    folder = repo / "notebooks" if repo else PACKAGE / "data" / "notebooks"
     if not folder.is_dir():
-        raise ConfigError(f"{folder} not found: the notebooks ship with the source checkout, not the installed package.")
+        raise ConfigError(f"No notebooks at {folder}: this install of apiana-lab lacks them. Reinstall it from a wheel "
+                          "built from the repository, or run `apiana-lab notebook` in a clone of the repository.")
     return folder
+
+
+def installed_defaults(source: Path) -> dict:
+    """The notebook's default paths, written for the checkout's notebooks/ folder, as an installed copy finds them.
+
+    A checkout runs a notebook in notebooks/, so its defaults start with "../". An installed copy
+    runs in the current folder instead (the one whose results/ it writes to): there
+    "../apiana_lab/<x>" is the installed package's <x> (the bundled sample), and any other
+    "../<x>" is ./<x>, as results/ is ./results.
+    """
+    import ast
+
+    import papermill
+
+    def moved(value):
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if not isinstance(value, str) or not value.startswith("../"):
+            return value
+        rest = value.removeprefix("../")
+        if rest.startswith("apiana_lab/"):
+            return str(PACKAGE / rest.removeprefix("apiana_lab/"))
+        return str(Path.cwd() / rest)
+
+    out = {}
+    for name, parameter in papermill.inspect_notebook(str(source)).items():
+        try:
+            value = ast.literal_eval(parameter["default"])
+        except (ValueError, SyntaxError):  # an expression, not a literal: not a path
+            continue
+        if moved(value) != value:
+            out[name] = moved(value)
+    return out
 
 
 def run_id(params: dict, when: datetime | None = None) -> str:
@@ -166,6 +211,9 @@ def execute(notebook: str, parameters: dict | None = None, root: str | Path | No
             timeout: int | None = None) -> Path:
     """Run notebooks/<notebook>.ipynb with papermill into results/<notebook>/<run-id>/<notebook>.ipynb.
 
+    From a checkout the kernel works in notebooks/; from an installed package it runs the packaged
+    copy in the current folder, with the notebook's default paths moved there (installed_defaults).
+
     The run id is chosen here and passed in as the `run_id` parameter, so the notebook's side
     files land in the same folder as the executed notebook. Raises papermill's
     PapermillExecutionError (with the executed notebook still written) when a cell fails.
@@ -176,7 +224,10 @@ def execute(notebook: str, parameters: dict | None = None, root: str | Path | No
     source = notebooks_dir() / f"{name}.ipynb"
     if not source.is_file():
         raise ConfigError(f"No notebook {source}. Notebooks: {', '.join(NOTEBOOKS)}.")
-    parameters = dict(parameters or {})
+    if checkout():
+        parameters, cwd = dict(parameters or {}), source.parent
+    else:  # relative paths, given or default, start from the current folder, never from site-packages
+        parameters, cwd = {**installed_defaults(source), **(parameters or {})}, Path.cwd()
     root = Path(root or default_root()).resolve()
     ident = run_id(parameters)
     folder = root / name / ident
@@ -186,7 +237,7 @@ def execute(notebook: str, parameters: dict | None = None, root: str | Path | No
     start = time.perf_counter()
     try:
         papermill.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=kernel,
-                                   cwd=str(source.parent), execution_timeout=timeout, progress_bar=False,
+                                   cwd=str(cwd), execution_timeout=timeout, progress_bar=False,
                                    kernel_manager_class=kernel_manager_class())
     finally:
         logger.info("%s: %.1f s -> %s", name, time.perf_counter() - start, output)
@@ -200,8 +251,9 @@ def trust(paths) -> list[Path]:
     """Sign notebooks as trusted for this user's Jupyter (what `jupyter trust` does); returns them.
 
     JupyterLab renders a widget from saved state only in a trusted notebook; an untrusted one
-    shows the widget's plain-text line instead. An executed notebook is signed where it was run;
-    a clone of the repository trusts its results/ with `apiana-lab results --trust` (`make lab`).
+    shows the widget's plain-text line instead. A trusted notebook's HTML and JavaScript outputs
+    also run in the browser, so sign only what is ours: execute() signs what it ran, and
+    trust_ours() adds what git tracks unmodified.
     """
     import nbformat
     from nbformat.sign import NotebookNotary
@@ -214,6 +266,63 @@ def trust(paths) -> list[Path]:
             notary.sign(nb)
         signed.append(path)
     return signed
+
+
+def trust_ours(paths, *, sign: bool = True) -> tuple[list[Path], list[Path]]:
+    """Split executed notebooks into ours (trusted; signed unless sign=False) and the rest (left untrusted).
+
+    Ours: signed already (this checkout executed it: execute() signs its output), or tracked by
+    git and unmodified since HEAD (then it is as trusted as the code). Anything else, such as a run
+    copied in for review, stays untrusted until a person trusts it with `jupyter trust PATH`.
+    """
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    notary = NotebookNotary()
+    paths = [Path(p) for p in paths]
+    committed = _unmodified_in_git(paths)
+    ours, others = [], []
+    for path in paths:
+        try:
+            nb = nbformat.read(path, as_version=4)
+        except (OSError, ValueError, nbformat.ValidationError) as e:  # not a notebook: unreadable, not JSON, no cells
+            logger.warning("%s: not trusted, it does not read as a notebook: %s", path, e)
+            others.append(path)
+            continue
+        if notary.check_signature(nb):
+            ours.append(path)
+        elif path.resolve() in committed:
+            if sign:
+                notary.sign(nb)
+            ours.append(path)
+        else:
+            others.append(path)
+    return ours, others
+
+
+def _unmodified_in_git(paths: list[Path]) -> set[Path]:
+    """The paths that git tracks and that match HEAD in the index and the working tree (resolved)."""
+    out: set[Path] = set()
+    for folder in sorted({p.resolve().parent for p in paths}):
+        # Both list paths relative to `folder`, limited to it. A file only staged differs from HEAD:
+        # copying a run in and `git add`-ing it does not make it ours.
+        tracked = _git_names(folder, "ls-files", "-z", "--", ".")
+        changed = _git_names(folder, "diff", "--name-only", "-z", "--relative", "HEAD", "--", ".")
+        if tracked is None or changed is None:  # not in a repository, or no commit yet
+            continue
+        out |= {(folder / name).resolve() for name in set(tracked) - set(changed)}
+    return out
+
+
+def _git_names(folder: Path, *args: str) -> list[str] | None:
+    """The NUL-separated names a git command prints in `folder`; None when git fails or is missing."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return [name for name in done.stdout.split("\0") if name] if done.returncode == 0 else None
 
 
 def list_runs(root: str | Path | None = None) -> list[dict]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-COLUMNS = ["date", "title", "chunk", "summary", "completion_tokens", "finish_reason", "prompt_tokens",
+COLUMNS = ["date", "title", "chunk", "summary", "flags", "completion_tokens", "finish_reason", "prompt_tokens",
            "conversation_id", "chunk_id"]
 
 
@@ -22,7 +22,9 @@ def load_summaries(output_dir: str | Path):
         raise ConfigError(f"{folder} holds no finished run (needs summaries.jsonl and apiana.sqlite); run the export first.")
     rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     frame = pd.DataFrame(rows).reindex(columns=["chunk_id", "conversation_id", "title", "summary", "prompt_tokens",
-                                                "completion_tokens", "finish_reason"])
+                                                "completion_tokens", "finish_reason", "quality"])
+    # The quality flags, as a reader scans them ("" for none); a run from before profiles has none recorded.
+    frame["flags"] = [", ".join(q["flags"]) if isinstance(q, dict) else "" for q in frame.pop("quality")]
     # Read-only: a run may still be writing to the store from another process.
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         places = pd.read_sql_query(

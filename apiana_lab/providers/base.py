@@ -26,6 +26,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # always generate max_tokens: benchmarks that need a fixed output length
+    repetition_penalty: float = 1.0  # > 1 discourages repeating tokens (vLLM's and transformers' meaning); 1 is off
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -34,6 +35,8 @@ class GenerationOptions:
             raise ConfigError(f"temperature must be between 0 and 2, not {self.temperature!r}")
         if not 0.0 < float(self.top_p) <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if not 0.0 < float(self.repetition_penalty) <= 2.0:
+            raise ConfigError(f"repetition_penalty must be in (0, 2], not {self.repetition_penalty!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
@@ -55,7 +58,10 @@ class GenerationOptions:
 
     def digest(self) -> str:
         """Stable hash, part of the key under which summaries are stored."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields_ = asdict(self)
+        if fields_["repetition_penalty"] == 1.0:  # added later: at its default, stores made before still match
+            del fields_["repetition_penalty"]
+        return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(slots=True)

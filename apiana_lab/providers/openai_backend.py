@@ -143,6 +143,8 @@ class OpenAIProvider(LLMProvider):
             body["seed"] = options.seed
         if options.stop:
             body["stop"] = list(options.stop)
+        if options.repetition_penalty != 1.0:
+            body["repetition_penalty"] = options.repetition_penalty  # vLLM's extra sampling field, as ignore_eos
         if options.ignore_eos:
             # vLLM's own sampling parameter, accepted as an extra field of the body. Sent only
             # when asked for: servers that reject unknown fields then still work for everyone else.

@@ -191,6 +191,8 @@ class TransformersProvider(LLMProvider):
         else:
             # Greedy: clear sampling defaults a model's generation_config may carry.
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if options.repetition_penalty != 1.0:
+            kwargs.update(repetition_penalty=options.repetition_penalty)
         if options.stop:
             kwargs.update(stop_strings=list(options.stop), tokenizer=self.tokenizer)
         if options.ignore_eos:

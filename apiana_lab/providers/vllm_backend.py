@@ -212,6 +212,7 @@ class VLLMProvider(LLMProvider):
             seed=options.seed,
             stop=list(options.stop) or None,
             ignore_eos=options.ignore_eos,
+            repetition_penalty=options.repetition_penalty,
             # Only the finished text: no partial outputs to build and ship every step.
             output_kind=RequestOutputKind.FINAL_ONLY,
         )

@@ -1,0 +1,117 @@
+"""How well each quality flag agrees with human labels: precision and recall on the labelled set.
+
+    python -m apiana_lab.bench.quality_labels [--labels tests/data/quality_labels.jsonl]
+
+The set (tests/data/quality_labels.jsonl, described in tests/data/quality_labels.md) holds the
+bundled model's real outputs on the sample export, good memories written by hand and hand-made
+bad ones, each with the flags a reader gave it. Writes results/bench-quality/labels.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from apiana_lab.quality import DEFAULT_THRESHOLDS, FLAGS, Thresholds, profile
+
+from .common import machine, markdown_table, write_results
+
+logger = logging.getLogger("apiana_lab.bench.quality_labels")
+
+LABELS_PATH = Path(__file__).resolve().parent.parent.parent / "tests" / "data" / "quality_labels.jsonl"
+
+
+def load_labels(path: str | Path = LABELS_PATH) -> list[dict]:
+    """The labelled records: chunk, summary, finish_reason and `labels` (the flags a reader gave it)."""
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for r in records:
+        unknown = set(r["labels"]) - set(FLAGS)
+        if unknown:
+            raise ValueError(f"{path}: record {r['id']} has unknown labels {sorted(unknown)}; known: {', '.join(FLAGS)}")
+    return records
+
+
+def score_flags(records: list[dict], thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict:
+    """Each flag's true/false positives and negatives, precision and recall, over `records`; and the misses by id."""
+    predicted = [profile(r["summary"], r["chunk"], r["finish_reason"], thresholds=thresholds).flags for r in records]
+    scores, misses = {}, {}
+    for flag in FLAGS:
+        tp = fp = fn = 0
+        for r, flags in zip(records, predicted):
+            truth, said = flag in r["labels"], flag in flags
+            tp += truth and said
+            fp += said and not truth
+            fn += truth and not said
+            if truth != said:
+                misses.setdefault(flag, []).append({"id": r["id"], "missed" if truth else "false_alarm": True})
+        scores[flag] = {
+            "positives": tp + fn,
+            "flagged": tp + fp,
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "precision": tp / (tp + fp) if tp + fp else None,  # None: never raised, so nothing to be right about
+            "recall": tp / (tp + fn) if tp + fn else None,
+        }
+    return {"records": len(records), "flags": scores, "misses": misses}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--labels", default=str(LABELS_PATH), help="the labelled set (JSONL)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    records = load_labels(args.labels)
+    result = score_flags(records)
+    held_out = [r for r in records if r.get("split") == "held_out"]
+    held_result = score_flags(held_out) if held_out else None
+    origins: dict[str, int] = {}
+    for r in records:
+        origins[r["origin"]] = origins.get(r["origin"], 0) + 1
+    figures = {"machine": machine(), "labels": args.labels, "origins": origins,
+               "thresholds": dataclasses.asdict(DEFAULT_THRESHOLDS), **result, "held_out": held_result}
+    columns = [("flag", "flag"), ("positives", "labelled"), ("flagged", "flagged"), ("tp", "tp"), ("fp", "fp"),
+               ("fn", "fn"), ("precision", "precision"), ("recall", "recall")]
+    md = [
+        "# Quality flags against human labels",
+        "",
+        f"{len(records)} labelled summaries ({', '.join(f'{n} {o}' for o, n in sorted(origins.items()))}): "
+        "`model` = SmolLM2-135M-Instruct's real outputs on the sample export, read and labelled by hand; "
+        "`hand` = good first-person memories written by hand; `made` = hand-made bad ones and hard good ones "
+        "(tests/data/quality_labels.md). Precision is blank where a flag was never raised.",
+        "",
+        "## All records",
+        "",
+        "The thresholds were chosen on the `tuning` records, so on them this is agreement, not a held-out estimate.",
+        "",
+        markdown_table([{"flag": f, **v} for f, v in result["flags"].items()], columns),
+        "",
+    ]
+    if held_result:
+        md += [
+            f"## Held out: {len(held_out)} outputs of another run (sampled at temperature 0.8), labelled before profiling",
+            "",
+            markdown_table([{"flag": f, **v} for f, v in held_result["flags"].items()], columns),
+            "",
+        ]
+    md += [
+        "Thresholds: " + ", ".join(f"`{k}={v}`" for k, v in dataclasses.asdict(DEFAULT_THRESHOLDS).items()),
+        "",
+        "Disagreements: " + ("; ".join(f"{flag}: " + ", ".join(f"{m['id']} ({'missed' if 'missed' in m else 'false alarm'})"
+                                                              for m in ms) for flag, ms in result["misses"].items()) or "none"),
+        "",
+        "Rerun: `python -m apiana_lab.bench.quality_labels`",
+    ]
+    json_path, md_path = write_results("bench-quality", "labels", figures, "\n".join(md))
+    logger.info("%s\n\nwrote %s and %s", "\n".join(md), json_path, md_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
