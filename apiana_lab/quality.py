@@ -14,13 +14,15 @@ kana, Thai, Lao, Khmer, Myanmar) as a token of its own, so n-grams there are cha
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import statistics
 import threading
 import unicodedata
-from dataclasses import dataclass, field
 from collections import Counter
-from itertools import compress
+from dataclasses import dataclass, field
+from itertools import compress, repeat
+from pathlib import Path
 from typing import Iterable, Mapping
 
 from .chunking import _LABELS as _CHUNK_LABELS
@@ -42,6 +44,7 @@ _UNSPACED = (
 _WORD = rf"[^\W{_UNSPACED}]+(?:'[^\W{_UNSPACED}]+)*"
 _TOKEN = re.compile(rf"[{_UNSPACED}]|{_WORD}")
 _UNSPACED_CHAR = re.compile(rf"[{_UNSPACED}]")
+_PLAIN_TOKEN = re.compile(r"\w+(?:'\w+)*")
 
 # Role labels a transcript is written with: the chunker's own ("User", "Assistant", "Code output",
 # "Tool call (bio)", ...) and those of other exports and chat formats. "Other" is left out: a memory
@@ -70,7 +73,8 @@ _NON_DIALOGUE = re.compile(
 _QUOTED = re.compile(r'"[^"\n]*"?|“[^”\n]*”?|«[^»\n]*»?|「[^」\n]*」?|„[^“\n]*“?')
 _SENTENCE = re.compile(r"[.!?…]+\s+|[。！？]+|\n+")  # the marks go: sentences are compared without them
 # Sentence marks become line breaks, other punctuation goes (for comparing sentences).
-_SENTENCE_CUTS = str.maketrans({**dict.fromkeys(".!?…。！？", "\n"), **dict.fromkeys(",;:、，\"'‘’“”«»「」()[]{}*_#~`-—")})
+_SENTENCE_CUTS = str.maketrans({**dict.fromkeys(".!?…。！？", "\n"),
+                                **dict.fromkeys(",;:、，\"'‘’“”«»「」()[]{}*_#~`-—")})
 _CODE_BLOCK = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 _URL = re.compile(r"\bhttps?://\S+")
 
@@ -113,13 +117,15 @@ _ACCENTED = re.compile("[áéíóúâêôãõàèìòù]")
 class Thresholds:
     """Where each flag starts; the defaults were chosen on tests/data/quality_labels.jsonl."""
 
-    # Repeats beyond the chunk's own: labelled loops repeat 25-96% of their n-grams, summaries without
-    # one at most 20%. Sampled loops that cycle short lines repeat few n-grams but >= 23% of their
-    # lines; summaries without a loop at most 15%.
+    # On the tuning records, beyond the chunk's own repeats: loops repeat 25-96% of their 4-grams,
+    # summaries without one at most 20%. A loop cycling short lines ("Bien,", "Poules.") repeats few
+    # n-grams but half its lines, where summaries without a loop repeat at most 16% of their
+    # sentences; and none of those repeats a span longer than 16 words.
     loop_repeated_share: float = 0.22  # share of word 4-grams (character 8-grams) repeating an earlier one
     loop_repeated_sentences: float = 0.2  # or share of sentences and lines repeating an earlier one
     loop_repeated_span: int = 20  # or a span of this many words (twice as many characters) occurring twice
-    # Every labelled echo has a line opening with a role label; no summary without one has any.
+    # Every labelled echo (tuning records) has a line opening with a role label or a copied header;
+    # no summary without one has any.
     echo_turn_lines: int = 1  # lines opening with a role label ("User:", "The user:", the prompt's header)
     echo_role_markers: int = 2  # or role labels anywhere ("Human: ... AI: ..." on one line)
     # The shortest labelled chunks are 10 words, and the detector gave their language 0.85 and 0.97.
@@ -130,8 +136,8 @@ class Thresholds:
     # A chunk that mixes languages ("これは何ですか？ I'm trying to find duplicate rows.") gives its
     # second one a few percent; a summary in any language the chunk gives this much is not wrong.
     language_source_share: float = 0.01
-    # Third-person summaries have no first-person word at all; first-person ones at least 1.4 per
-    # 100 words, counting each sentence once.
+    # Third-person summaries (tuning records) have no first-person word at all; first-person ones at
+    # least 1.4 per 100 words, counting each sentence once.
     first_person_min_rate: float = 0.01  # first-person words per token of the summary's own narration
     first_person_min_tokens: int = 8  # a shorter narration (each sentence once) is not judged for voice
 
@@ -183,7 +189,9 @@ class QualityProfile:
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased regex tokens: words, and single characters of scripts without spaces."""
-    return _TOKEN.findall(text.replace("\u2019", "'").lower())
+    text = text.replace("\u2019", "'").lower()
+    # Most text has no unspaced script: the plain word pattern is faster on it and splits it the same way.
+    return (_TOKEN if _UNSPACED_CHAR.search(text) else _PLAIN_TOKEN).findall(text)
 
 
 def fragments(summary: list[str], source: list[str]) -> list[int]:
@@ -240,16 +248,21 @@ def repetition(tokens: list[str], source: list[str] = (), n: int | None = None) 
     Chinese, Japanese or Thai text.
     """
     n = n or _ngram_size(tokens)
-    grams = _ngrams(tokens, n)
+    # One character per distinct token: n-grams become slices of a string, hashed and compared in C.
+    ids: dict[str, int] = {}
+    text = "".join(chr(ids.setdefault(t, len(ids) + 1)) for t in tokens)
+    grams = [text[i : i + n] for i in range(len(text) - n + 1)]
     repeats = len(set(grams)) < len(grams)
-    share = _excess_share(grams, _ngrams(source, n)) if repeats else 0.0
+    share = 0.0
+    if repeats:
+        other = "".join(map(chr, map(ids.get, source, repeat(0))))  # 0: a token the summary lacks
+        share = _excess_share(grams, [other[i : i + n] for i in range(len(other) - n + 1)])
     # "Some k-gram occurs twice" holds for every k below the longest repeat and none above: search
     # for it, starting on the right side of n.
     lo, hi = (n, len(tokens) - 1) if repeats else (0, n - 1)  # the answer lies in [lo, hi]
     while lo < hi:
         k = (lo + hi + 1) // 2
-        grams = _ngrams(tokens, k)
-        if len(set(grams)) < len(grams):
+        if _repeats(text, k):
             lo = k
         else:
             hi = k - 1
@@ -280,7 +293,8 @@ def ends_mid_sentence(text: str) -> bool:
     return stripped[-1] not in _SENTENCE_END
 
 
-def profile(summary: str, source: str, finish_reason: str | None = None, *, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> QualityProfile:
+def profile(summary: str, source: str, finish_reason: str | None = None, *,
+            thresholds: Thresholds = DEFAULT_THRESHOLDS) -> QualityProfile:
     """The quality profile of `summary`, written from the chunk text `source`."""
     th = thresholds
     tokens = tokenize(summary)
@@ -297,7 +311,7 @@ def profile(summary: str, source: str, finish_reason: str | None = None, *, thre
     # The summary's own words: transcript turns and quotations speak in someone else's voice. A
     # summary that is nothing but turns gets its language from what the turns say, labels left out.
     narration = _narration(summary) if turn_lines or '"' in summary or "\u201c" in summary else summary
-    narration_tokens = tokenize(narration)
+    narration_tokens = tokenize(narration) if narration is not summary else tokens
     if len(narration_tokens) >= th.language_min_tokens:
         language = detect_language(narration, th.language_min_confidence)
     elif len(tokens) >= th.language_min_tokens:
@@ -456,8 +470,10 @@ def _sentences(text: str) -> list[str]:
     return [part for part in map(str.strip, text.lower().translate(_SENTENCE_CUTS).split("\n")) if part]
 
 
-def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
-    return list(zip(*(tokens[i:] for i in range(n)))) if n else []
+def _repeats(text: str, k: int) -> bool:
+    """Whether some k characters of `text` occur twice."""
+    count = len(text) - k + 1
+    return k > 0 and count > 1 and len({text[i : i + k] for i in range(count)}) < count
 
 
 def _first_person(tokens: list[str], language: str | None) -> int:
@@ -470,3 +486,42 @@ def _first_person(tokens: list[str], language: str | None) -> int:
         endings and len(t) > 2 and t.endswith(endings) and t not in exceptions
         # "-imos" after an accent is an adjective ("últimos", "próximos"), not a verb ("vivimos")
         and not (t.endswith("imos") and _ACCENTED.search(t))))
+
+
+# --- agreement with human labels -----------------------------------------------------------------
+
+
+def load_labels(path: str | Path) -> list[dict]:
+    """The labelled records: chunk, summary, finish_reason and `labels` (the flags a reader gave it)."""
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for r in records:
+        unknown = set(r["labels"]) - set(FLAGS)
+        if unknown:
+            raise ValueError(f"{path}: record {r['id']} has unknown labels {sorted(unknown)}; known: {', '.join(FLAGS)}")
+    return records
+
+
+def score_flags(records: list[dict], thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict:
+    """Each flag's true/false positives and negatives, precision and recall, over `records`; and the misses by id."""
+    predicted = [profile(r["summary"], r["chunk"], r["finish_reason"], thresholds=thresholds).flags for r in records]
+    scores, misses = {}, {}
+    for flag in FLAGS:
+        tp = fp = fn = 0
+        for r, flags in zip(records, predicted):
+            truth, said = flag in r["labels"], flag in flags
+            tp += truth and said
+            fp += said and not truth
+            fn += truth and not said
+            if truth != said:
+                misses.setdefault(flag, []).append({"id": r["id"], "missed" if truth else "false_alarm": True})
+        scores[flag] = {
+            "positives": tp + fn,
+            "flagged": tp + fp,
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "precision": tp / (tp + fp) if tp + fp else None,  # None: never raised, so nothing to be right about
+            "recall": tp / (tp + fn) if tp + fn else None,
+        }
+    return {"records": len(records), "flags": scores, "misses": misses}

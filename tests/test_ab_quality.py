@@ -5,11 +5,12 @@ import pytest
 from apiana_lab.experiments import ab
 
 
-def side(n, flagged, *, compression=0.1, text="a summary"):
-    """n rows whose first `flagged` carry a loop flag; every profile with the given compression."""
+def side(n, flagged, *, compression=0.1, text="a summary", role_markers=(1,)):
+    """n rows whose first `flagged` carry a loop flag; every profile with the given compression and role labels."""
     return [{"chunk_id": f"k{i}", "summary": f"{text} {i}", "completion_tokens": 50, "finish_reason": "stop",
              "quality": {"flags": ["loop"] if i < flagged else [], "compression": compression, "coverage": 0.3,
-                         "density": 1.5}} for i in range(n)]
+                         "density": 1.5, "role_markers": role_markers[i % len(role_markers)], "repeated_ngrams": 0.2}}
+            for i in range(n)]
 
 
 def judge(old, new):
@@ -71,3 +72,13 @@ def test_a_migration_with_no_profiles_cannot_pass():
         del row["quality"]
     verdict = judge(old, new)
     assert not verdict.go and "chunks with a quality profile on both sides" in failed(verdict)
+
+
+def test_more_transcript_echo_fails_even_when_every_summary_is_already_flagged():
+    """Near the ceiling (the bundled model echoes almost everywhere) the flags cannot rise; the echo's amount can."""
+    old = side(16, 16, role_markers=(1, 2, 2, 3))
+    new = side(16, 16, text="other words", role_markers=(3, 3, 4, 5))
+    verdict = judge(old, new)
+    assert failed(verdict) == {"echo: role labels per summary, new - old (95% lower bound)"}
+    assert verdict.summary["quality"]["flags"]["any"]["difference"] == 0
+    assert verdict.summary["quality"]["intensities"]["role_markers"]["difference"] == pytest.approx(1.75)

@@ -3,12 +3,15 @@
 import dataclasses
 import json
 import socket
+from pathlib import Path
 
 import pytest
 
 from apiana_lab import quality
-from apiana_lab.bench.quality_labels import LABELS_PATH, load_labels, score_flags
-from apiana_lab.quality import FLAGS, QualityProfile, Thresholds, profile, summarize_profiles, tokenize
+from apiana_lab.quality import (FLAGS, QualityProfile, Thresholds, load_labels, profile, score_flags, summarize_profiles,
+                                tokenize)
+
+LABELS_PATH = Path(__file__).parent / "data" / "quality_labels.jsonl"
 
 # Each flag must agree with the human labels at least this well (tests/data/quality_labels.jsonl).
 # The thresholds were chosen on that set, so this guards the rules against drift; it is not a
@@ -101,10 +104,11 @@ def test_a_looping_summary_is_flagged_and_a_plain_one_is_not():
 def test_cjk_repetition_uses_character_ngrams():
     sentence = "私は清水寺と祇園を午前中に回ることをすすめました。"
     assert quality._ngram_size(tokenize(sentence)) == 8
-    p = profile("ユーザーは京都について聞きました。" + sentence * 5, "User: 京都で三日間過ごすなら、どこを回るのがおすすめですか？", "stop")
-    assert p.tokens == len(tokenize("ユーザーは京都について聞きました。" + sentence * 5))
+    opening, chunk = "ユーザーは京都について聞きました。", "User: 京都で三日間過ごすなら、どこを回るのがおすすめですか？"
+    p = profile(opening + sentence * 5, chunk, "stop")
+    assert p.tokens == len(opening + sentence * 5) - 6  # one token a character, the six 。 left out
     assert "loop" in p.flags
-    once = profile("ユーザーは京都について聞きました。" + sentence, "User: 京都で三日間過ごすなら、どこを回るのがおすすめですか？", "stop")
+    once = profile(opening + sentence, chunk, "stop")
     assert once.repeated_ngrams == 0.0 and "loop" not in once.flags
 
 
@@ -200,7 +204,8 @@ def test_a_third_person_summary_is_flagged():
 
 def test_voice_is_unknown_for_a_language_whose_pronouns_are_not_known():
     russian = profile("Пользователь попросил меня составить план тренировок, и я посоветовал начать с приседаний и "
-                      "отжиманий три раза в неделю.", "User: Составь, пожалуйста, план тренировок на три дня в неделю.")
+                      "отжиманий три раза в неделю.",
+                      "User: Составь, пожалуйста, план тренировок на три дня в неделю.")
     assert russian.language == "ru"
     assert russian.voice == "unknown" and "not_first_person" not in russian.flags
 

@@ -1,16 +1,21 @@
 """Data behind the A/B check's quality tolerances: the design's migration, and two changes that must fail.
 
-    python -m apiana_lab.bench.ab_quality            # generate every side, then judge
-    python -m apiana_lab.bench.ab_quality --judge    # judge the saved outputs again (after a threshold change)
+    python -m apiana_lab.bench.ab_quality                      # both workloads, every side, then judge
+    python -m apiana_lab.bench.ab_quality --workloads short    # one workload
+    python -m apiana_lab.bench.ab_quality --sides new,cut      # regenerate some sides, keep the saved others
+    python -m apiana_lab.bench.ab_quality --judge              # judge the saved outputs again (no engine)
 
-On the sample export's chunks (default chunk size, 300 new tokens, greedy, the bundled model):
+Two workloads of the sample export with the bundled model, greedy:
+- `real`: its 12 chunks at the default chunk size (3,500 tokens), up to 300 new tokens;
+- `short`: its 27 chunks at 300 tokens, up to 96 new tokens (what tests/test_ab_engines.py runs).
+Sides on each:
 - old: the sequential transformers pipeline in float32 (the design's starting point);
-- new: the parallel vLLM pipeline in bfloat16 where the CPU has it (the migration);
-- cut: the same vLLM pipeline with max_length cut to 48;
-- transcript: the same vLLM pipeline with a system prompt that asks for a transcript.
+- new: the parallel vLLM pipeline at its default dtype, bfloat16 where the CPU has it (the migration);
+- cut: the same vLLM pipeline with max_length cut to a sixth;
+- transcript: the same vLLM pipeline with a prompt that asks for a transcript instead of a memory.
 Verdicts: old -> new must be GO; old -> cut, old -> transcript, new -> cut and new -> transcript
 must be NO-GO. Every side's summaries are saved, so the judging can be redone without an engine.
-Writes results/bench-ab-quality/ab-quality.{json,md} and outputs.json.
+Writes results/bench-ab-quality/ab-quality.{json,md} and outputs-<workload>.json.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ import json
 from apiana_lab.bench.common import RESULTS_DIR, machine, markdown_table, write_results
 
 NAME = "bench-ab-quality"
-TRANSCRIPT_PROMPT = ("Rewrite the conversation below as a transcript: every turn on its own line, starting with "
-                     "'User:' or 'Assistant:', word for word.")
-CUT = 48
+TRANSCRIPT_SYSTEM = "Rewrite the conversation below as a transcript, word for word."
+TRANSCRIPT_TEMPLATE = ('Conversation "{title}" ({conversation_date}):\n\n{formatted_messages}\n\n---\n'
+                       "Write this conversation out again as a transcript, word for word: every turn on its own line, "
+                       "starting with 'User:' or 'Assistant:'.")
+WORKLOADS = {"real": {"chunks": 12, "chunk_size": 3500, "max_length": 300},
+             "short": {"chunks": 27, "chunk_size": 300, "max_length": 96}}
+SIDES = ("old", "new", "cut", "transcript")
 CASES = [  # (old side, new side, the verdict the tolerances must give)
     ("old", "new", "GO"),
     ("old", "cut", "NO-GO"),
@@ -33,34 +42,42 @@ CASES = [  # (old side, new side, the verdict the tolerances must give)
 ]
 
 
-def generate(max_length: int) -> dict:
-    """Every side's records as plain rows, with the chunks' texts."""
+def generate(workload: str, sides, saved: dict | None) -> dict:
+    """The chosen sides' records as plain rows, with the chunks' texts; other sides come from `saved`."""
     from apiana_lab.experiments.compare import backend_options
     from apiana_lab.experiments.measure import measure, sample_chunks
     from apiana_lab.export.synth import SAMPLE_PATH
     from apiana_lab.providers.registry import get_provider
     from apiana_lab.summarize import ParallelSummarizerTransform, SummarizerTransform
 
-    chunks = sample_chunks([str(SAMPLE_PATH)], 12)
-    sides: dict = {}
+    w = WORKLOADS[workload]
+    chunks = sample_chunks([str(SAMPLE_PATH)], w["chunks"], w["chunk_size"])
+    out = {"chunks": {c.id: c.text for c in chunks}, "sides": {}, "vllm_dtype": "auto", **w}
+    if saved and set(saved["chunks"]) == set(out["chunks"]):
+        out.update(sides={k: v for k, v in saved["sides"].items() if k not in sides}, vllm_dtype=saved["vllm_dtype"])
 
     def keep(name: str, figures: dict, records) -> None:
-        sides[name] = {"figures": figures, "rows": [
+        out["sides"][name] = {"figures": figures, "rows": [
             {"chunk_id": r.chunk_id, "summary": r.summary, "error": r.error, "completion_tokens": r.completion_tokens,
              "finish_reason": r.finish_reason} for r in records]}
-        print(name, {k: figures.get(k) for k in ("wall_s", "completion_tokens")}, flush=True)
+        print(workload, name, {k: figures.get(k) for k in ("wall_s", "completion_tokens")}, flush=True)
 
-    with get_provider("transformers", **backend_options("transformers", "float32", {})) as provider:
-        keep("old", *measure(SummarizerTransform(provider, max_length=max_length), chunks, config="old"))
-    with get_provider("vllm", **backend_options("vllm", "auto", {"enable_prefix_caching": False})) as provider:
-        try:  # what the engine resolved "auto" to: bfloat16 where the CPU has it natively, else float32
-            dtype = str(provider.llm.llm_engine.model_config.dtype).removeprefix("torch.")
-        except AttributeError:
-            dtype = "auto"
-        for name, kwargs in (("new", {}), ("cut", {"max_length": CUT}), ("transcript", {"system_prompt": TRANSCRIPT_PROMPT})):
-            transform = ParallelSummarizerTransform(provider, **{"max_length": max_length, **kwargs})
-            keep(name, *measure(transform, chunks, config=name))
-    return {"chunks": {c.id: c.text for c in chunks}, "sides": sides, "vllm_dtype": dtype, "max_length": max_length}
+    if "old" in sides:
+        with get_provider("transformers", **backend_options("transformers", "float32", {})) as provider:
+            keep("old", *measure(SummarizerTransform(provider, max_length=w["max_length"]), chunks, config="old"))
+    vllm_sides = [s for s in ("new", "cut", "transcript") if s in sides]
+    if vllm_sides:
+        with get_provider("vllm", **backend_options("vllm", "auto", {})) as provider:
+            try:  # what the engine resolved "auto" to: bfloat16 where the CPU has it natively, else float32
+                out["vllm_dtype"] = str(provider.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+            except AttributeError:
+                pass
+            changes = {"new": {}, "cut": {"max_length": max(1, w["max_length"] // 6)},
+                       "transcript": {"system_prompt": TRANSCRIPT_SYSTEM, "user_template": TRANSCRIPT_TEMPLATE}}
+            for name in vllm_sides:
+                transform = ParallelSummarizerTransform(provider, **{"max_length": w["max_length"], **changes[name]})
+                keep(name, *measure(transform, chunks, config=name))
+    return out
 
 
 def judge(outputs: dict) -> list[dict]:
@@ -83,6 +100,7 @@ def judge(outputs: dict) -> list[dict]:
             "case": f"{old} -> {new}", "expected": expected, "verdict": "GO" if verdict.go else "NO-GO",
             "flagged_old": q["flags"]["any"]["old"], "flagged_new": q["flags"]["any"]["new"],
             "flagged_bound": q["flags"]["any"]["lower_bound"],
+            "echo_bound": q["intensities"]["role_markers"]["lower_bound"],
             **{f"{m}_ratio": q["measures"][m]["ratio"] for m in ab.QUALITY_MEASURES},
             **{f"{m}_interval": [q["measures"][m]["ratio_low"], q["measures"][m]["ratio_high"]] for m in ab.QUALITY_MEASURES},
             "flags_new_minus_old": {k: round(v["new"] - v["old"], 3) for k, v in q["flags"].items()},
@@ -95,29 +113,32 @@ def judge(outputs: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--judge", action="store_true", help="judge the saved outputs again; load no engine")
-    parser.add_argument("--max-length", type=int, default=300)
+    parser.add_argument("--workloads", default="real,short", help="comma-separated: real, short")
+    parser.add_argument("--sides", default=",".join(SIDES), help="sides to generate (the others are read from the saved outputs)")
     args = parser.parse_args()
-    saved = RESULTS_DIR / NAME / "outputs.json"
-    if args.judge:
-        outputs = json.loads(saved.read_text(encoding="utf-8"))
-    else:
-        outputs = generate(args.max_length)
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(outputs, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    results = judge(outputs)
-    for r in results:
-        print(r["case"], r["verdict"], "(expected", r["expected"] + ")", "; ".join(r["failed"]), flush=True)
-    table = markdown_table(results, [("case", "old -> new"), ("expected", "expected"), ("verdict", "verdict"),
-                                     ("flagged_old", "flagged old"), ("flagged_new", "flagged new"),
-                                     ("flagged_bound", "new - old, 95% lower bound"),
-                                     ("compression_ratio", "compression new/old"), ("coverage_ratio", "coverage new/old"),
-                                     ("density_ratio", "density new/old"), ("exact_match_rate", "exact match"),
-                                     ("similarity_median", "similarity median")])
-    failed = "\n".join(f"- {r['case']}: {'; '.join(r['failed']) or 'none'}" for r in results)
-    markdown = (f"# A/B quality tolerances on the sample ({len(outputs['chunks'])} chunks, max_length "
-                f"{outputs['max_length']}, vLLM dtype {outputs['vllm_dtype']})\n\n{table}\n\nFailed checks:\n{failed}\n")
-    write_results(NAME, "ab-quality", {"machine": machine(), "results": results}, markdown)
-    print(markdown)
+    results, markdown = [], ["# A/B quality tolerances on the sample, with the bundled model\n"]
+    for workload in args.workloads.split(","):
+        saved_path = RESULTS_DIR / NAME / f"outputs-{workload}.json"
+        saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else None
+        if args.judge:
+            outputs = saved
+        else:
+            outputs = generate(workload, args.sides.split(","), saved)
+            saved_path.parent.mkdir(parents=True, exist_ok=True)
+            saved_path.write_text(json.dumps(outputs, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        rows = [{"workload": workload, **r} for r in judge(outputs)]
+        results += rows
+        table = markdown_table(rows, [("case", "old -> new"), ("expected", "expected"), ("verdict", "verdict"),
+                                      ("flagged_old", "flagged old"), ("flagged_new", "flagged new"),
+                                      ("echo_bound", "role labels new - old, 95% lower bound"),
+                                      ("compression_ratio", "compression new/old"), ("density_ratio", "density new/old"),
+                                      ("exact_match_rate", "exact match"), ("similarity_median", "similarity median")])
+        failed = "\n".join(f"- {r['case']}: {'; '.join(r['failed']) or 'none'}" for r in rows)
+        markdown.append(f"## {workload}: {len(outputs['chunks'])} chunks at chunk size {outputs['chunk_size']}, "
+                        f"max_length {outputs['max_length']}, vLLM dtype {outputs['vllm_dtype']}\n\n{table}\n\n"
+                        f"Failed checks:\n{failed}\n")
+    write_results(NAME, "ab-quality", {"machine": machine(), "results": results}, "\n".join(markdown))
+    print("\n".join(markdown))
 
 
 if __name__ == "__main__":

@@ -11,54 +11,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
 
-from apiana_lab.quality import DEFAULT_THRESHOLDS, FLAGS, Thresholds, profile
+from apiana_lab.quality import DEFAULT_THRESHOLDS, load_labels, score_flags
 
 from .common import machine, markdown_table, write_results
 
 logger = logging.getLogger("apiana_lab.bench.quality_labels")
 
 LABELS_PATH = Path(__file__).resolve().parent.parent.parent / "tests" / "data" / "quality_labels.jsonl"
-
-
-def load_labels(path: str | Path = LABELS_PATH) -> list[dict]:
-    """The labelled records: chunk, summary, finish_reason and `labels` (the flags a reader gave it)."""
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    for r in records:
-        unknown = set(r["labels"]) - set(FLAGS)
-        if unknown:
-            raise ValueError(f"{path}: record {r['id']} has unknown labels {sorted(unknown)}; known: {', '.join(FLAGS)}")
-    return records
-
-
-def score_flags(records: list[dict], thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict:
-    """Each flag's true/false positives and negatives, precision and recall, over `records`; and the misses by id."""
-    predicted = [profile(r["summary"], r["chunk"], r["finish_reason"], thresholds=thresholds).flags for r in records]
-    scores, misses = {}, {}
-    for flag in FLAGS:
-        tp = fp = fn = 0
-        for r, flags in zip(records, predicted):
-            truth, said = flag in r["labels"], flag in flags
-            tp += truth and said
-            fp += said and not truth
-            fn += truth and not said
-            if truth != said:
-                misses.setdefault(flag, []).append({"id": r["id"], "missed" if truth else "false_alarm": True})
-        scores[flag] = {
-            "positives": tp + fn,
-            "flagged": tp + fp,
-            "tp": tp,
-            "fp": fp,
-            "fn": fn,
-            "precision": tp / (tp + fp) if tp + fp else None,  # None: never raised, so nothing to be right about
-            "recall": tp / (tp + fn) if tp + fn else None,
-        }
-    return {"records": len(records), "flags": scores, "misses": misses}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if held_result:
         md += [
-            f"## Held out: {len(held_out)} outputs of another run (sampled at temperature 0.8), labelled before profiling",
+            f"## Held out: {len(held_out)} outputs of a run labelled before profiling and used to choose nothing",
+            "",
+            f"({held_out[0]['model']}.)",
             "",
             markdown_table([{"flag": f, **v} for f, v in held_result["flags"].items()], columns),
             "",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,10 @@ class Thresholds:
     # Quality, decisive when the sides differ in engine, dtype, model, prompt or options:
     max_flagged_increase: float = 0.05  # flagged share (any flag, and each flag), new - old, at the 95% lower bound
     max_measure_ratio: float = 1.5  # median-type measures (compression, coverage, density) may not move by more
+    # How much more echo and repetition per summary, at the 95% lower bound: these still move when a model that
+    # already echoes and loops almost everywhere leaves its flags no room to rise (the bundled model does).
+    max_echo_increase: float = 0.25  # role labels ("User:", "Assistant:") per summary
+    max_repetition_increase: float = 0.05  # share of the summary's n-grams repeated
 
     def __post_init__(self):
         for name in ("min_exact_match", "min_similarity_p10", "min_similarity_median", "min_finish_agreement"):
@@ -54,6 +57,8 @@ class Thresholds:
             raise ConfigError("max_extra_failures and min_speedup must be >= 0")
         if not 0.0 <= self.max_flagged_increase <= 1.0 or self.max_measure_ratio < 1.0:
             raise ConfigError("max_flagged_increase must be between 0 and 1, max_measure_ratio at least 1")
+        if self.max_echo_increase < 0 or not 0.0 <= self.max_repetition_increase <= 1.0:
+            raise ConfigError("max_echo_increase must be >= 0 and max_repetition_increase between 0 and 1")
 
 
 @dataclass
@@ -161,6 +166,8 @@ def compare(old: list[dict], new: list[dict], chunk_ids: list[str] | None = None
 
 
 QUALITY_MEASURES = ("compression", "coverage", "density")
+# Per-summary amounts where more is worse, compared as a paired difference: {measure: Thresholds field}.
+QUALITY_INTENSITIES = {"role_markers": "max_echo_increase", "repeated_ngrams": "max_repetition_increase"}
 
 
 def quality_difference(rows: list[dict]) -> dict:
@@ -184,6 +191,12 @@ def quality_difference(rows: list[dict]) -> dict:
         mean, half = _mean_half_width(diffs)
         out["flags"][name] = {"old": _share(has(old) for old, _ in pairs), "new": _share(has(new) for _, new in pairs),
                               "difference": mean, "lower_bound": mean - half}
+    out["intensities"] = {}
+    for name in QUALITY_INTENSITIES:
+        mean, half = _mean_half_width([new[name] - old[name] for old, new in pairs])
+        out["intensities"][name] = {"old_mean": statistics.fmean(old[name] for old, _ in pairs),
+                                    "new_mean": statistics.fmean(new[name] for _, new in pairs),
+                                    "difference": mean, "lower_bound": mean - half}
     for name in QUALITY_MEASURES:
         # A floor keeps a zero (no copied fragment at all) from turning into an infinite ratio.
         logs = [math.log(max(new[name], 1e-3) / max(old[name], 1e-3)) for old, new in pairs]
@@ -200,6 +213,8 @@ def quality_rows(summary: dict) -> list[dict]:
     q = summary.get("quality") or {}
     rows = [{"measure": "flagged share" if name == "any" else f"flag: {name}", "old": f["old"], "new": f["new"],
              "new - old": f["difference"], "95% lower bound": f["lower_bound"]} for name, f in q.get("flags", {}).items()]
+    rows += [{"measure": f"{name} (mean per summary)", "old": f["old_mean"], "new": f["new_mean"],
+              "new - old": f["difference"], "95% lower bound": f["lower_bound"]} for name, f in q.get("intensities", {}).items()]
     rows += [{"measure": f"{name} (median)", "old": m["old_median"], "new": m["new_median"], "new / old": m["ratio"],
               "90% interval": f"{m['ratio_low']:.2f} - {m['ratio_high']:.2f}"} for name, m in q.get("measures", {}).items()]
     return rows
@@ -251,6 +266,11 @@ def verdict(summary: dict, thresholds: Thresholds | None = None, speedup: float 
         what = "flagged share (any flag)" if name == "any" else f"flag {name}: share"
         checks.append(Check(f"{what}, new - old (95% lower bound)", f["lower_bound"], f"<= {t.max_flagged_increase}",
                             f["lower_bound"] <= t.max_flagged_increase))
+    for name, f in quality.get("intensities", {}).items():
+        limit = getattr(t, QUALITY_INTENSITIES[name])
+        what = "echo: role labels per summary" if name == "role_markers" else "repetition: repeated n-gram share"
+        checks.append(Check(f"{what}, new - old (95% lower bound)", f["lower_bound"], f"<= {limit}",
+                            f["lower_bound"] <= limit))
     for name, m in quality.get("measures", {}).items():
         lo, hi = 1 / t.max_measure_ratio, t.max_measure_ratio
         # Failing needs the whole 90% interval of the new/old ratio beyond the tolerance.
@@ -285,37 +305,46 @@ def run_ab(chunks, provider, *, batch_size: int | None = None, max_workers: int 
     return _judge(chunks, old_fig, old_records, new_fig, new_records, thresholds, migration=changed)
 
 
-def run_migration(chunks, old: dict, new: dict, *, model: str | None = None, batch_size: int | None = None,
-                  max_workers: int | None = None, max_length: int = 300, thresholds: Thresholds | None = None) -> dict:
+def run_migration(chunks, old: dict, new: dict, *, model: str | None = None, **kwargs) -> dict:
     """The design's migration: old = sequential on one engine, new = parallel on another; quality decides.
 
     `old`, `new`: {"backend", "dtype", "engine_options"}. Each engine is loaded in turn and
-    freed before the next, so the two never share memory.
+    freed before the next, so the two never share memory. `kwargs` go to `migrate`.
     """
     from ..providers.registry import get_provider
-    from ..summarize import ParallelSummarizerTransform, SummarizerTransform
     from .compare import backend_options
-    from .measure import measure
 
-    figures = []
-    for side, sequential in ((old, True), (new, False)):
+    sides = []
+    for side in (old, new):
         options = backend_options(side["backend"], side.get("dtype"), side.get("engine_options"))
         with get_provider(side["backend"], model=model, **options) as provider:
-            transform = (SummarizerTransform(provider, max_length=max_length, temperature=0.0) if sequential else
-                         ParallelSummarizerTransform(provider, max_workers=max_workers, batch_size=batch_size,
-                                                     max_length=max_length, temperature=0.0))
-            fig, records = measure(transform, chunks, config=f"{'old: sequential' if sequential else 'new: parallel'}"
-                                                             f" {side['backend']} {side.get('dtype') or ''}".rstrip())
-            figures.append((dict(fig, backend=side["backend"], dtype=side.get("dtype")), records))
-    (old_fig, old_records), (new_fig, new_records) = figures
+            sides.append(_run_side(provider, chunks, sequential=not sides, **kwargs))
     changed = any(old.get(k) != new.get(k) for k in ("backend", "dtype", "engine_options"))
-    return _judge(chunks, old_fig, old_records, new_fig, new_records, thresholds, migration=changed)
+    return _judge(chunks, *sides[0], *sides[1], kwargs.get("thresholds"), migration=changed)
+
+
+def migrate(chunks, old_provider, new_provider, **kwargs) -> dict:
+    """`run_migration` on two engines already loaded: old sequential on one, new parallel on the other."""
+    old = _run_side(old_provider, chunks, sequential=True, **kwargs)
+    new = _run_side(new_provider, chunks, sequential=False, **kwargs)
+    return _judge(chunks, *old, *new, kwargs.get("thresholds"), migration=True)
+
+
+def _run_side(provider, chunks, *, sequential: bool, batch_size: int | None = None, max_workers: int | None = None,
+              max_length: int = 300, thresholds: Thresholds | None = None):
+    from ..summarize import ParallelSummarizerTransform, SummarizerTransform
+    from .measure import measure
+
+    transform = (SummarizerTransform(provider, max_length=max_length, temperature=0.0) if sequential else
+                 ParallelSummarizerTransform(provider, max_workers=max_workers, batch_size=batch_size,
+                                             max_length=max_length, temperature=0.0))
+    name = f"{'old: sequential' if sequential else 'new: parallel'} on {provider.name}"
+    figures, records = measure(transform, chunks, config=name)
+    return dict(figures, backend=provider.name), records
 
 
 def _judge(chunks, old_fig, old_records, new_fig, new_records, thresholds, migration: bool) -> dict:
-    texts = {c.id: c.text for c in chunks}
-    rows, summary = compare([_row(r, texts) for r in old_records], [_row(r, texts) for r in new_records],
-                            [c.id for c in chunks])
+    rows, summary = compare(profiled_rows(old_records, chunks), profiled_rows(new_records, chunks), [c.id for c in chunks])
     speedup = old_fig["wall_s"] / new_fig["wall_s"] if new_fig["wall_s"] else None
     result = verdict(summary, thresholds, speedup, migration=migration)
     return {"rows": rows, "verdict": result, "old": old_fig, "new": new_fig}
@@ -411,14 +440,19 @@ def _profiled(rows: list[dict], db: Path) -> list[dict]:
             for r in rows]
 
 
-def _row(record, texts: dict[str, str]) -> dict:
+def profiled_rows(records, chunks) -> list[dict]:
+    """`compare`'s input from a transform's records: each finished summary with its quality profile."""
     from ..quality import profile
 
-    row = {"chunk_id": record.chunk_id, "summary": record.summary, "error": record.error,
-           "completion_tokens": record.completion_tokens, "finish_reason": record.finish_reason}
-    if record.error is None:
-        row["quality"] = profile(record.summary, texts[record.chunk_id], record.finish_reason).to_dict()
-    return row
+    texts = {c.id: c.text for c in chunks}
+    rows = []
+    for record in records:
+        row = {"chunk_id": record.chunk_id, "summary": record.summary, "error": record.error,
+               "completion_tokens": record.completion_tokens, "finish_reason": record.finish_reason}
+        if record.error is None:
+            row["quality"] = profile(record.summary, texts[record.chunk_id], record.finish_reason).to_dict()
+        rows.append(row)
+    return rows
 
 
 def _share(flags) -> float | None:
