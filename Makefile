@@ -33,8 +33,10 @@ $(STAMP):
 demo: install
 	$(VENV)/bin/chatgpt-export-v2 -i apiana_lab/data/sample_export.json -o out/demo
 
+# In a new random order each time (pytest-randomly); the seed is printed first, to replay an order.
 test: install
-	$(PY) -m pytest -q -ra tests --ignore=tests/browser
+	@seed=$$($(PY) -c 'import random; print(random.randrange(10**6))'); echo "test order: --randomly-seed=$$seed"; \
+	$(PY) -m pytest -q -ra tests --ignore=tests/browser -p randomly --randomly-seed=$$seed
 
 # JupyterLab in headless Chromium: Debian's chromium (installed here when missing, which needs root),
 # Playwright's Python driver in the venv. Nothing downloads a browser build.

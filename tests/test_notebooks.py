@@ -289,8 +289,8 @@ def test_ab_check_is_go_on_a_correct_setup(ab_go_run):
     verdict = metrics["verdict"]
     assert verdict["verdict"] == "GO" and all(c["passed"] for c in verdict["checks"])
     assert verdict["summary"]["mode"] == "same setup" and all(c["decisive"] for c in verdict["checks"])
-    # Sameness (7), quality (the flagged share, each of six flags, three measures) and the speed-up.
-    assert len(verdict["checks"]) == 7 + 1 + 6 + 3 + 1
+    # Sameness (7); quality: the flagged share, each of six flags, echo and repetition, three measures; the speed-up.
+    assert len(verdict["checks"]) == 7 + 1 + 6 + 2 + 3 + 1
     assert verdict["summary"]["exact_match_rate"] == 1.0 and verdict["summary"]["speedup"] > 1.0
     assert metrics["key"]["exact_match_rate"] == 1.0
     import pandas as pd

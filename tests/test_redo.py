@@ -88,3 +88,34 @@ def test_redo_on_real_transformers_keeps_per_chunk_the_version_with_the_fewest_f
     for r in rows(out):
         assert r["versions"] == (2 if r["chunk_id"] in flagged else 1)
         assert len(r["quality"]["flags"]) == fewest[r["chunk_id"]]
+
+
+def test_review_counts_each_flag_and_shows_the_worst_beside_their_chunks(tmp_path):
+    out = tmp_path / "out"
+    assert export_v2("-o", out, "--max-length", 6).returncode == 0
+    run = json.loads((out / "run.json").read_text())
+    review = subprocess.run([str(BIN / "apiana-lab"), "review", str(out), "--flag", "truncated", "--worst", "3", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert review.returncode == 0, review.stderr
+    doc = json.loads(review.stdout)  # stdout is the one JSON document
+    assert doc["quality"]["flags"] == run["quality"]["flags"] and doc["quality"]["count"] == 12
+    assert len(doc["examples"]) == 3 and all("truncated" in e["flags"] for e in doc["examples"])
+    chunks = {json.loads(line)["chunk_id"] for line in (out / "summaries.jsonl").read_text().splitlines()}
+    assert all(e["chunk_id"] in chunks and e["chunk"].startswith("User:") for e in doc["examples"])
+    text = subprocess.run([str(BIN / "apiana-lab"), "review", str(out)], capture_output=True, text=True, timeout=120)
+    truncated = run["quality"]["flags"]["truncated"]["count"]
+    assert text.returncode == 0 and f"{run['quality']['flagged']} flagged" in text.stdout
+    assert any(line.split() == ["truncated", str(truncated), f"{truncated / 12:.0%}"] for line in text.stdout.splitlines())
+    wrong = subprocess.run([str(BIN / "apiana-lab"), "review", str(out), "--flag", "loops"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "unknown flag 'loops'" in wrong.stderr
+
+
+def test_the_progress_line_counts_the_flagged_summaries_as_they_come(tmp_path):
+    from apiana_lab.notebook import describe
+
+    seen = []
+    result = run_export(RunConfig(input=SAMPLE, output=str(tmp_path / "out"), backend="fake", max_length=6), progress=seen.append)
+    last = [p for p in seen if p.total][-1]
+    assert last.flagged == result["quality"]["flagged"] > 0
+    assert f"{result['quality']['flagged_share']:.0%} flagged" in describe(last)
+    assert [p.flagged for p in seen] == sorted(p.flagged for p in seen)  # counted as summaries arrive, never undone

@@ -30,8 +30,8 @@ TRANSCRIPT_SYSTEM = "Rewrite the conversation below as a transcript, word for wo
 TRANSCRIPT_TEMPLATE = ('Conversation "{title}" ({conversation_date}):\n\n{formatted_messages}\n\n---\n'
                        "Write this conversation out again as a transcript, word for word: every turn on its own line, "
                        "starting with 'User:' or 'Assistant:'.")
-WORKLOADS = {"real": {"chunks": 12, "chunk_size": 3500, "max_length": 300},
-             "short": {"chunks": 27, "chunk_size": 300, "max_length": 96}}
+WORKLOADS = {"real": {"n": 12, "chunk_size": 3500, "max_length": 300},
+             "short": {"n": 27, "chunk_size": 300, "max_length": 96}}
 SIDES = ("old", "new", "cut", "transcript")
 CASES = [  # (old side, new side, the verdict the tolerances must give)
     ("old", "new", "GO"),
@@ -51,7 +51,7 @@ def generate(workload: str, sides, saved: dict | None) -> dict:
     from apiana_lab.summarize import ParallelSummarizerTransform, SummarizerTransform
 
     w = WORKLOADS[workload]
-    chunks = sample_chunks([str(SAMPLE_PATH)], w["chunks"], w["chunk_size"])
+    chunks = sample_chunks([str(SAMPLE_PATH)], w["n"], w["chunk_size"])
     out = {"chunks": {c.id: c.text for c in chunks}, "sides": {}, "vllm_dtype": "auto", **w}
     if saved and set(saved["chunks"]) == set(out["chunks"]):
         out.update(sides={k: v for k, v in saved["sides"].items() if k not in sides}, vllm_dtype=saved["vllm_dtype"])
