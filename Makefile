@@ -36,7 +36,7 @@ demo: install
 # In a new random order each time (pytest-randomly); the seed is printed first, to replay an order.
 test: install
 	@seed=$$($(PY) -c 'import random; print(random.randrange(10**6))'); echo "test order: --randomly-seed=$$seed"; \
-	$(PY) -m pytest -q -ra tests --ignore=tests/browser -p randomly --randomly-seed=$$seed
+	$(PY) -m pytest -q -ra --durations=15 tests --ignore=tests/browser -p randomly --randomly-seed=$$seed
 
 # JupyterLab in headless Chromium: Debian's chromium (installed here when missing, which needs root),
 # Playwright's Python driver in the venv. Nothing downloads a browser build.
