@@ -22,7 +22,7 @@ from contract import *  # noqa: F401,F403  the shared backend contract, run here
 
 from apiana_lab.errors import PermanentProviderError
 from apiana_lab.providers import GenerationOptions
-from helpers import VLLMServer
+from apiana_lab.providers.vllm_server import VLLMServer
 
 pytestmark = pytest.mark.vllm
 

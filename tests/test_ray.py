@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-from helpers import start_cluster, write_dialogue_export
+from apiana_lab.ray_executor import start_cluster
+from helpers import write_dialogue_export
 
 ray = pytest.importorskip("ray")
 

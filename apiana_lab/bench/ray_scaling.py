@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..ray_executor import start_cluster
 from .common import machine, markdown_table, write_results
 
 TARGET_RATIO = 1.8  # two worker nodes against one
@@ -172,44 +173,6 @@ class _Named:
 
     def __init__(self, model: str):
         self.model = model
-
-
-def start_cluster(worker_cpus: float = 1, workers: int = 2, attempts: int = 4):
-    """A head (no CPUs: it holds the driver, its store and the chunk server) and `workers` worker nodes, on this machine."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster()
-    try:
-        _add_node(cluster, attempts, num_cpus=0, include_dashboard=False)
-        for _ in range(workers):
-            _add_node(cluster, attempts, num_cpus=worker_cpus)
-        cluster.wait_for_nodes(timeout=300)
-    except BaseException:
-        cluster.shutdown()
-        raise
-    return cluster
-
-
-def _add_node(cluster, attempts: int, **args):
-    """Add one node, trying again when it misses Ray's fixed 30 s start-up wait (a loaded machine does).
-
-    A node that timed out leaves its processes running, and they would join later as a stray
-    node: those this call started (children of this process that were not there before) go first.
-    """
-    import psutil
-
-    me = psutil.Process()
-    for attempt in range(1, attempts + 1):
-        before = {p.pid for p in me.children(recursive=True)}
-        try:
-            return cluster.add_node(**args)
-        except Exception:
-            for stray in me.children(recursive=True):
-                if stray.pid not in before:
-                    stray.kill()
-            if attempt == attempts:
-                raise
-            time.sleep(5 * attempt)
 
 
 def main(argv: list[str] | None = None) -> dict:
