@@ -489,9 +489,9 @@ def start_cluster(worker_cpus: float = 1, workers: int = 2, attempts: int = 4):
 
     cluster = Cluster()
     try:
-        _add_node(cluster, attempts, num_cpus=0, include_dashboard=False)
+        add_node(cluster, attempts, num_cpus=0, include_dashboard=False)
         for _ in range(workers):
-            _add_node(cluster, attempts, num_cpus=worker_cpus)
+            add_node(cluster, attempts, num_cpus=worker_cpus)
         cluster.wait_for_nodes(timeout=300)
     except BaseException:
         cluster.shutdown()
@@ -499,7 +499,7 @@ def start_cluster(worker_cpus: float = 1, workers: int = 2, attempts: int = 4):
     return cluster
 
 
-def _add_node(cluster, attempts: int, **args):
+def add_node(cluster, attempts: int = 4, **args):
     """Add one node, trying again when it misses Ray's fixed 30 s start-up wait (a loaded machine does).
 
     A node that timed out leaves its processes running, and they would join later as a stray
