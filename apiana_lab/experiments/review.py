@@ -15,25 +15,18 @@ def review(output_dir: str | Path, flag: str | None = None, worst: int = 5, exce
     With `flag`, the examples are those carrying it. The store is opened as a run would open it:
     summaries from before quality profiles are profiled (and saved) first.
     """
-    from ..store import SQLiteStore
-
-    folder = Path(output_dir)
-    jsonl, db = folder / "summaries.jsonl", folder / "apiana.sqlite"
-    if not jsonl.is_file() or not db.is_file():
-        raise ConfigError(f"{folder} holds no finished run (needs summaries.jsonl and apiana.sqlite); "
-                          f"run chatgpt-export-v2 -o {folder} first.")
     if flag is not None and flag not in FLAGS:
         raise ConfigError(f"unknown flag {flag!r}; flags: {', '.join(FLAGS)}")
-    ids = [json.loads(line)["chunk_id"] for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
-    with SQLiteStore(db) as store:
-        store.profile_missing()
-        kept = list(store.kept_versions(ids))
+
+    def worst_first(kept: list[dict]) -> list[dict]:
         chosen = [r for r in kept if flag is None or flag in r["quality"]["flags"]]
         # Most flags first; among equals, the loopiest and most copied, which a reader notices first.
         chosen.sort(key=lambda r: (-len(r["quality"]["flags"]), -r["quality"]["repeated_ngrams"],
                                    -r["quality"]["coverage"]))
-        chosen = chosen[:worst]
-        texts = {c.id: c.text for c in store.load_chunks([r["chunk_id"] for r in chosen])}
+        return chosen[:worst]
+
+    folder = Path(output_dir)
+    kept, chosen, texts = _read_run(folder, worst_first)
     return {
         "output": str(folder),
         "quality": summarize_profiles(r["quality"] for r in kept),
@@ -70,6 +63,27 @@ def format_review(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _read_run(folder: Path, choose) -> tuple[list[dict], list[dict], dict[str, str]]:
+    """A finished run's kept summaries, those `choose` picks from them, and the picked ones' chunk texts.
+
+    The store is opened as a run would open it: summaries from before quality profiles are
+    profiled (and saved) first.
+    """
+    from ..store import SQLiteStore
+
+    jsonl, db = folder / "summaries.jsonl", folder / "apiana.sqlite"
+    if not jsonl.is_file() or not db.is_file():
+        raise ConfigError(f"{folder} holds no finished run (needs summaries.jsonl and apiana.sqlite); "
+                          f"run chatgpt-export-v2 -o {folder} first.")
+    ids = [json.loads(line)["chunk_id"] for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with SQLiteStore(db) as store:
+        store.profile_missing()
+        kept = list(store.kept_versions(ids))
+        chosen = choose(kept)
+        texts = {c.id: c.text for c in store.load_chunks([r["chunk_id"] for r in chosen])}
+    return kept, chosen, texts
+
+
 def _cut(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -78,21 +92,13 @@ def quality_frame(output_dir: str | Path, excerpt: int = 400):
     """One row per kept summary of a run: the profile's measures, its flags, the summary and an excerpt of its chunk."""
     import pandas as pd
 
-    from ..store import SQLiteStore
-
-    result = review(output_dir, worst=0)  # checks the folder and profiles an older store
-    folder = Path(output_dir)
-    ids = [json.loads(line)["chunk_id"] for line in (folder / "summaries.jsonl").read_text(encoding="utf-8").splitlines()
-           if line.strip()]
-    with SQLiteStore(folder / "apiana.sqlite") as store:
-        kept = list(store.kept_versions(ids))
-        texts = {c.id: c.text for c in store.load_chunks([r["chunk_id"] for r in kept])}
+    kept, _, texts = _read_run(Path(output_dir), lambda kept: kept)
     rows = [{"chunk_id": r["chunk_id"], "title": r["title"], "flags": ", ".join(r["quality"]["flags"]),
              "flagged": bool(r["quality"]["flags"]),
              **{k: v for k, v in r["quality"].items() if k != "flags"},
              "summary": r["summary"], "chunk": _cut(texts[r["chunk_id"]], excerpt)} for r in kept]
     frame = pd.DataFrame(rows)
-    frame.attrs["quality"] = result["quality"]
+    frame.attrs["quality"] = summarize_profiles(r["quality"] for r in kept)
     return frame
 
 
