@@ -6,9 +6,9 @@ import difflib
 import hashlib
 import inspect
 import json
-from abc import ABC, abstractmethod
+import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import ClassVar, Iterable, Iterator, Sequence, Union
+from typing import Any, ClassVar, Iterable, Iterator, Sequence, Union
 
 from ..errors import ConfigError, ProviderError
 
@@ -75,6 +75,29 @@ class Completion:
     meta: dict = field(default_factory=dict)
 
 
+def as_text(prompt: Prompt) -> str:
+    """A chat as one plain text (each message's content, blank-line separated), for a backend that takes text."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(m["content"] for m in as_messages(prompt))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOption:
+    """One constructor argument a backend offers as an engine flag (`--flag-name`), with its type and help.
+
+    `type` is int, float, str or bool; a bool option is a switch (`--load-in-8bit`).
+    """
+
+    name: str
+    type: type = str
+    help: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
 def as_messages(prompt: Prompt) -> list[dict]:
     """Every prompt as a chat, so each backend applies the model's own chat template."""
     if isinstance(prompt, str):
@@ -86,25 +109,56 @@ def as_messages(prompt: Prompt) -> list[dict]:
     return messages
 
 
-class LLMProvider(ABC):
+class LLMProvider:
     """A language model backend.
 
-    Backends implement `complete` (one prompt, rich result) and, when they batch
-    natively, `complete_batch` with `supports_batch = True`. The design's string API,
-    `invoke` and `batch_invoke`, is built on top.
+    The design's interface is all a backend must write: `invoke(prompt) -> str` and, when it
+    batches natively, `batch_invoke(prompts) -> list[str]`. `supports_batch` is true exactly
+    when a class overrides `batch_invoke` (or the richer `complete_batch`). Backends that know
+    their token counts and why generation stopped implement `complete` (and `complete_batch`)
+    instead; the string API is then built on top.
+
+    A backend declares what the rest of the package reads about it, as class attributes:
+    `engine_options` (its engine flags), `loads_weights` (builds the model in the process that
+    constructs it, so a Ray driver must not), `extra` (the pip extra that brings its libraries),
+    `dtypes` (weight types it accepts, empty when it has no choice) and `benchmark_options`
+    (engine options that make repeated runs over the same prompts comparable).
+    It registers under a name in the entry-point group `apiana_lab.backends`.
     """
 
     name: ClassVar[str] = "base"
     supports_batch: ClassVar[bool] = False
     supports_stream: ClassVar[bool] = False  # has `stream`: requests in, completions out as each finishes
+    engine_options: ClassVar[tuple[EngineOption, ...]] = ()
+    loads_weights: ClassVar[bool] = False
+    extra: ClassVar[str | None] = None
+    dtypes: ClassVar[tuple[str, ...]] = ()
+    benchmark_options: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "supports_batch" not in cls.__dict__:
+            cls.supports_batch = (cls.batch_invoke is not LLMProvider.batch_invoke
+                                  or cls.complete_batch is not LLMProvider.complete_batch)
+        if cls.invoke is LLMProvider.invoke and cls.complete is LLMProvider.complete:
+            cls.__abstract_reason__ = f"{cls.__name__} implements neither invoke nor complete"
 
     def __init__(self, model: str = "", options: GenerationOptions | None = None):
+        if getattr(type(self), "__abstract_reason__", None) and "__abstract_reason__" in type(self).__dict__:
+            raise TypeError(f"Can't build {type(self).__name__}: {type(self).__abstract_reason__}")
         self.model = model
         self.options = options or GenerationOptions()
 
-    @abstractmethod
     def complete(self, prompt: Prompt, options: GenerationOptions | None = None) -> Completion:
-        """Generate for one prompt."""
+        """Generate for one prompt. By default through `invoke`, with token counts estimated (marked so)."""
+        text = self.invoke(as_text(prompt))
+        return self._estimated(prompt, text)
+
+    def _estimated(self, prompt: Prompt, text: str) -> Completion:
+        counted = self.count_tokens(prompt)
+        return Completion(text=text, prompt_tokens=counted if counted is not None else _estimate_tokens(as_text(prompt)),
+                          completion_tokens=_estimate_tokens(text), finish_reason="unknown",
+                          meta={"tokens_estimated": True})
 
     @classmethod
     def engine_option_names(cls) -> set[str]:
@@ -114,7 +168,11 @@ class LLMProvider(ABC):
         return {p.name for p in params if p.kind in named and p.name not in ("self", "model", "options")}
 
     def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None) -> list[Completion]:
-        """Generate for many prompts, results in input order; by default one after another."""
+        """Generate for many prompts, results in input order: through `batch_invoke` when the backend
+        overrides it, else one after another."""
+        if type(self).batch_invoke is not LLMProvider.batch_invoke:
+            texts = self.batch_invoke([as_text(p) for p in prompts])
+            return [self._estimated(p, t) for p, t in zip(prompts, texts, strict=True)]
         return [self.complete(p, options) for p in prompts]
 
     def invoke(self, prompt: Prompt) -> str:
@@ -153,6 +211,9 @@ class LLMProvider(ABC):
         """Requests in flight that keep this backend busy: the `--batch-size` default (and `--max-workers` without batching)."""
         return 16
 
+    def reset_caches(self) -> None:
+        """Forget cached work (prompt prefixes), so a configuration measured after another does not reuse it."""
+
     def engine_metrics(self) -> dict[str, float]:
         """Live engine figures (KV-cache use, running and waiting requests, preemptions); {} when not measured."""
         return {}
@@ -184,3 +245,8 @@ class LLMProvider(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _estimate_tokens(text: str) -> int:
+    """About four characters a token: for backends that do not say how many they used."""
+    return max(1, math.ceil(len(text) / 4)) if text else 0
