@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import collections
 import json
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from apiana_lab.export.synth import (
-    CLAUDE_ROOT, MB, SAMPLE_PATH, SAMPLE_SEED, SAMPLE_SIZE_MB, write_sample_export, write_synthetic_export,
+    CLAUDE_ROOT, MB, SAMPLE_PATH, SAMPLE_SEED, SAMPLE_SIZE_MB, vocabulary, write_sample_export,
+    write_synthetic_export,
 )
 
 
@@ -73,6 +75,36 @@ def test_same_seed_gives_identical_bytes(tmp_path, fmt):
             assert p.read_bytes() == (b / p.name).read_bytes()
     else:
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_word_lists_are_read_from_the_data_files(tmp_path):
+    folder = resources.files("apiana_lab").joinpath("data").joinpath("synth")
+    on_disk = {}
+    for f in folder.iterdir():
+        if f.name.endswith(".json"):
+            on_disk.update(json.loads(f.read_text(encoding="utf-8")))
+    words = vocabulary()
+    assert words == on_disk and vocabulary() is words  # every data file, read once
+    assert len(words["topics"]) >= 20 and {"ja", "ru", "zh"} <= {x["language"] for x in words["languages"]}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write_synthetic_export(a, size_mb=0.2, seed=12, demo=True)
+    write_synthetic_export(b, size_mb=0.2, seed=12, demo=True)
+    assert a.read_bytes() == b.read_bytes()
+    # What the export says comes from the data files, not from lists hidden in the code.
+    convs = json.loads(a.read_text(encoding="utf-8"))
+    titles = {t for x in words["topics"] + words["languages"] for t in x["titles"]} | set(words["titles_misc"])
+    used = {c["title"] for c in convs}
+    assert used <= titles and len(used) >= 5
+    assert {c["default_model_slug"] for c in convs} <= {m for era in words["models_by_era"] for m in era}
+    messages = [n["message"] for c in convs for n in c["mapping"].values() if n["message"]]
+    code = {m["content"]["text"] for m in messages if m["recipient"] == "python"}
+    assert code and code <= {run["code"] for run in words["python_runs"]}
+
+    claude = tmp_path / "claude.json"
+    write_synthetic_export(claude, size_mb=0.2, format="claude", seed=12)
+    names = {c["name"] for c in json.loads(claude.read_text(encoding="utf-8"))}
+    assert names - {""} and names <= titles | {""}
 
 
 def test_different_seeds_differ(tmp_path):
