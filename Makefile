@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-browser notebooks lab bench bench-read bench-ceiling bench-plan bench-summarize bench-memory bench-monitor bench-server bench-ray bench-window bench-batching clean-venv
+.PHONY: install demo test test-browser notebooks lab bench bench-read bench-ceiling bench-plan bench-summarize bench-memory bench-monitor bench-server bench-ray bench-window bench-batching bench-gpu clean-venv
 
 install: $(STAMP)
 
@@ -78,6 +78,11 @@ bench-window: install
 
 bench-batching: install
 	$(PY) -m apiana_lab.bench.transformers_batching
+
+# The prepared GPU check (README, "The GPU check"). It runs on the GPU machine's own python (torch with CUDA,
+# transformers), not in the venv and with nothing installed: the tree on PYTHONPATH. `--tiny` checks it on a CPU.
+bench-gpu:
+	PYTHONPATH=. $(PYTHON) -m apiana_lab.bench.gpu
 
 bench-summarize: install
 	$(PY) -m apiana_lab.bench.summarize

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from .engine_log import EngineLog
@@ -16,6 +17,7 @@ from .errors import ApianaError, ExportError
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED_CHUNKS, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_BUG = 1  # an unexpected exception: the traceback is shown, finished summaries are kept
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     s.add_argument("-v", "--verbose", action="store_true")
     pl = sub.add_parser("plan", help="project how long summarizing a whole export will take, from a measured sample")
     pl.add_argument("input", nargs="+", help="the export(s), as for inspect")
-    pl.add_argument("--backend", default="vllm", help="vllm (default), transformers, openai or fake")
+    pl.add_argument("--backend", default="vllm", help=_backend_help("vllm"))
     pl.add_argument("--model", default=None, help="as for chatgpt-export-v2")
     pl.add_argument("--sample", type=int, default=16, help="chunks to measure, spread from shortest to longest (default 16)")
     pl.add_argument("--chunk-size", type=int, default=3500)
@@ -171,33 +173,50 @@ def main(argv=None) -> int:
     return EXIT_OK
 
 
-# Engine flags: (flag, constructor argument, argparse settings). Which backend takes which is
-# checked against the backend's constructor, so a flag it does not take is a clear error.
-ENGINE_FLAGS = [
-    ("--tensor-parallel-size", "tensor_parallel_size", dict(type=int, help="vllm: GPUs per model (tensor parallelism)")),
-    ("--gpu-memory-utilization", "gpu_memory_utilization", dict(type=float, help="vllm: share of GPU memory for weights and KV cache")),
-    ("--max-model-len", "max_model_len", dict(type=int, help="vllm: longest prompt plus summary, in tokens")),
-    ("--dtype", "dtype", dict(help="vllm, transformers: auto, bfloat16, float16 or float32")),
-    ("--device", "device", dict(help="transformers: auto, cpu, cuda or cuda:N")),
-    ("--load-in-8bit", "load_in_8bit", dict(action="store_true", default=None, help="transformers: 8-bit weights (CUDA, bitsandbytes)")),
-    ("--max-batch-tokens", "max_batch_tokens", dict(type=int, help="transformers: most padded tokens per micro-batch, rows x (longest prompt + max new tokens)")),
-    ("--base-url", "base_url", dict(help="openai: the server, e.g. http://127.0.0.1:8000/v1")),
-    ("--api-key-env", "api_key_env", dict(help="openai: environment variable holding the API key (default OPENAI_API_KEY)")),
-]
+def _engine_flags() -> dict:
+    """Every backend's declared engine options, by constructor argument: (option, the backends that take it).
+
+    A backend that cannot be imported here offers no flags; `--engine-arg` still reaches it.
+    """
+    from .providers.registry import backends
+
+    merged: dict = {}
+    seen: set = set()
+    for name, backend in backends().items():
+        try:
+            cls = backend.load()
+        except ApianaError:
+            continue
+        if cls in seen:  # one class under two names (openai, server): name it once
+            continue
+        seen.add(cls)
+        for option in cls.engine_options:
+            merged.setdefault(option.name, (option, []))[1].append(name)
+    return merged
 
 
 def _add_engine_flags(parser) -> None:
-    engine = parser.add_argument_group("engine options (checked against the chosen backend)")
-    for flag, _, settings in ENGINE_FLAGS:
-        engine.add_argument(flag, **settings)
+    engine = parser.add_argument_group("engine options (each backend declares its own; checked against the chosen one)")
+    for option, names in _engine_flags().values():
+        help_ = f"{', '.join(names)}: {option.help}"
+        if option.type is bool:
+            engine.add_argument(option.flag, dest=option.name, action="store_true", default=None, help=help_)
+        else:
+            engine.add_argument(option.flag, dest=option.name, type=option.type, default=None, help=help_)
     engine.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="any other constructor argument of the backend (vllm: any vllm.EngineArgs field); "
                              "VALUE is read as JSON when it parses")
 
 
+def _backend_help(default: str) -> str:
+    from .providers.registry import describe_backends
+
+    return f"the backend (default {default}): {describe_backends()}"
+
+
 def _engine_options(args) -> dict:
     """The engine flags the user gave, as constructor arguments (ValueError on a malformed --engine-arg)."""
-    options = {name: getattr(args, name) for _, name, _ in ENGINE_FLAGS if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in _engine_flags() if getattr(args, name, None) is not None}
     options.update(parse_engine_args(args.engine_arg))
     return options
 
@@ -313,7 +332,7 @@ def export_v2_main(argv=None) -> int:
                         help="conversations.json, the export .zip, a shard folder, or a Claude export; "
                              "give -i several times to merge exports (newest version of each conversation wins)")
     parser.add_argument("-o", "--output", required=True, help="folder for apiana.sqlite, summaries.jsonl and run.json")
-    parser.add_argument("--backend", default="vllm", help="vllm (default), transformers, openai (a running server) or fake")
+    parser.add_argument("--backend", default="vllm", help=_backend_help("vllm"))
     parser.add_argument("--model", default=None, help="local HF model folder (default: the bundled SmolLM2-135M-Instruct); "
                                                       "with --backend openai, the server's model name (default: its first)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -350,10 +369,17 @@ def export_v2_main(argv=None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    for name in ("batch_size", "max_workers", "chunk_size", "max_length"):
+    for name in ("batch_size", "max_workers", "max_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    from .chunking import check_chunk_size
+    from .errors import ConfigError
+
+    try:
+        check_chunk_size(args.chunk_size)
+    except ConfigError as e:
+        return _fail(f"--chunk-size: {e}")
     if args.limit is not None and args.limit < 0:
         return _fail("--limit must be >= 0")
     if args.ray is None and (args.replicas, args.replica_gpus, args.replica_cpus) != (None, None, None):
@@ -402,6 +428,16 @@ def export_v2_main(argv=None) -> int:
         bar.close()
         print("interrupted: every finished summary is kept; rerun the same command to resume.", file=sys.stderr)
         return 130
+    except Exception:  # not one of ours: a bug, here or in a backend; its traceback says where
+        bar.close()
+        traceback.print_exc()
+        store = os.path.join(args.output, "apiana.sqlite")
+        print(f"error: the run stopped on an unexpected error (a bug; the traceback above says where). Every summary "
+              f"finished before it is kept: {SQLiteStore.peek(store)} in {store}. Rerun the same command to resume.",
+              file=sys.stderr)
+        if _engine_log_note(engine_log.path):
+            print(_engine_log_note(engine_log.path), file=sys.stderr)
+        return EXIT_BUG
     finally:
         bar.close()
     if sequential:

@@ -38,19 +38,22 @@ class ConfigError(ApianaError):
 class MissingDependencyError(ApianaError):
     """An optional library is not installed; the message names the install command."""
 
-    def __init__(self, package: str, extra: str):
+    def __init__(self, package: str, extra: str, *, distribution: str = "apiana-lab"):
         self.package = package
         self.extra = extra
-        super().__init__(
-            f"{package} is not installed. Install it with: pip install 'apiana-lab[{extra}]' "
-            f"(or run `make install` in a checkout)."
-        )
+        self.distribution = distribution
+        checkout = " (or run `make install` in a checkout)" if distribution == "apiana-lab" else ""
+        super().__init__(f"{package} is not installed. Install it with: pip install '{distribution}[{extra}]'{checkout}.")
 
 
 class ProviderError(ApianaError):
-    """A provider call failed. `transient` says whether retrying may help."""
+    """A provider call failed. Each backend maps its library's errors to these, in one place.
 
-    transient = False
+    The scheduler (apiana_lab.summarize) acts on the subclass alone: transient retries, permanent
+    fails that chunk, out of memory shrinks the batch, fatal stops the run; a plain ProviderError
+    counts as permanent. Any exception that is not a ProviderError is a bug and stops the run
+    with its traceback, keeping what finished.
+    """
 
 
 class TransientProviderError(ProviderError):
@@ -59,8 +62,6 @@ class TransientProviderError(ProviderError):
     `retry_after` (seconds), when the backend said how long to wait (an HTTP Retry-After
     header), is the least the caller waits before retrying.
     """
-
-    transient = True
 
     def __init__(self, message: str = "transient provider error", *, retry_after: float | None = None):
         self.retry_after = retry_after

@@ -2,7 +2,8 @@
 
     with MemoryMonitor(provider) as monitor:
         transform.run(chunks, progress=fan_out(bar, monitor.progress))
-    monitor.to_pandas(); monitor.save("results/run")
+    monitor.to_pandas()
+    monitor.save("results/run", figure=plot_monitor(monitor))  # the figure from apiana_lab.notebook
 
 Sources, each either read or recorded as absent with the reason (never as zeros):
 - `cpu`: resident memory of this process plus its children (vLLM's engine core is a child),
@@ -254,8 +255,13 @@ class MemoryMonitor:
         keep = [c for c in samples.columns if (c.endswith("_mb") and c not in skip and not c.endswith("_total_mb")) or c == "kv_cache_pct"]
         return {c: float(samples[c].max()) for c in keep if samples[c].notna().any()}
 
-    def save(self, folder) -> dict[str, Path]:
-        """Write memory.parquet (memory.csv without pyarrow), memory.png and memory.json (sources, events, peaks)."""
+    def save(self, folder, *, figure=None) -> dict[str, Path]:
+        """Write memory.parquet (memory.csv without pyarrow), memory.json (sources, events, peaks), memory.png.
+
+        Args:
+            figure: written as memory.png when given, e.g. `apiana_lab.notebook.plot_monitor(monitor)`.
+                The monitor draws nothing itself: the plots depend on it, not it on them.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         samples = self.to_pandas()
@@ -278,14 +284,8 @@ class MemoryMonitor:
         }
         (folder / "memory.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         written["summary"] = folder / "memory.json"
-        try:
-            from .notebook import plot_monitor
-
-            fig = plot_monitor(self)
-        except ImportError:
-            logger.warning("matplotlib is not installed: no memory.png (%s)", NOTEBOOKS_EXTRA)
-        else:
-            fig.savefig(folder / "memory.png", dpi=100)
+        if figure is not None:
+            figure.savefig(folder / "memory.png", dpi=100)
             written["figure"] = folder / "memory.png"
         return written
 

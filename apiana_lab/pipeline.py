@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
@@ -52,10 +52,6 @@ class Pipeline:
         for step in self.components:
             data = step(data)
         return data
-
-    def step(self, kind: type):
-        """The first step of this type (to read its figures after a run)."""
-        return next(c for c in self.components if isinstance(c, kind))
 
     def __repr__(self) -> str:
         names = " -> ".join(type(c).__name__ for c in self.components)
@@ -185,8 +181,7 @@ class Summarize:
 
         def relay(p: Progress) -> None:
             # The summarizer only sees chunks left to do; the user wants the whole picture.
-            progress(Progress(p.done + reused, p.total + reused, p.failed, reused, p.prompt_tokens, p.completion_tokens,
-                              p.elapsed, p.batch_size, p.retries, p.event, p.finished, p.error, tally.flagged))
+            progress(replace(p, done=p.done + reused, total=p.total + reused, reused=reused, flagged=tally.flagged))
 
         return self.summarizer.run(todo, relay if progress else None, load=self.store.load_chunks)
 
@@ -460,7 +455,7 @@ class _Finisher:
         if not self.finished:
             self.finished = True
             why = "" if error is None else f"{type(error).__name__}: {error}"
-            self.progress(Progress(0, 0, 0, 0, 0, 0, 0.0, 0, 0, "end", True, why))
+            self.progress(Progress(event="end", finished=True, error=why))
 
 
 def _primed(conversations: Iterator) -> Iterator:

@@ -7,19 +7,19 @@ from dataclasses import dataclass
 from typing import Callable
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Progress:
-    """A snapshot of a summarization run, sent after every finished batch."""
+    """A snapshot of a summarization run, sent after every finished batch (built by keyword; figures default to 0)."""
 
-    done: int  # chunks finished (summarized, reused or failed)
-    total: int
-    failed: int
-    reused: int
-    prompt_tokens: int
-    completion_tokens: int
-    elapsed: float  # seconds since summarization started
-    batch_size: int  # current, after any out-of-memory shrinking (for a streaming backend: the in-flight window)
-    retries: int
+    done: int = 0  # chunks finished (summarized, reused or failed)
+    total: int = 0
+    failed: int = 0
+    reused: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    elapsed: float = 0.0  # seconds since summarization started
+    batch_size: int = 0  # current, after any out-of-memory shrinking (for a streaming backend: the in-flight window)
+    retries: int = 0
     event: str = ""  # set when something worth a mark on a timeline happened: "start", "batch size 16 -> 8 (...)"
     finished: bool = False  # the last snapshot of a run
     error: str = ""  # on the last snapshot: why the run stopped early, "" when it ran to the end

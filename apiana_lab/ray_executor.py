@@ -8,35 +8,34 @@ summarizing moves:
 
 The texts reach the actors from the driver's `apiana.sqlite` through a small actor pinned to the
 driver's node (`_ChunkServer`), one Ray batch at a time, so the driver's memory stays flat and the
-cluster's machines need no shared file system. Ray is imported here only, and only when used.
+cluster's machines need no shared file system. Each replica runs the local scheduler
+(ParallelSummarizerTransform) on its Ray batch and hands back one typed row (`ReplicaBatch`): the
+records and the transform's own RunStats. Ray is imported here only, and only when used.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 from .chunking import Chunk, ChunkRef
+from .collate import Collator
 from .errors import ApianaError, ConfigError, MissingDependencyError
 from .progress import ProgressCallback
 from .providers.base import LLMProvider
-from .providers.registry import get_provider
-from .store import SummaryRecord
-from .summarize import Item, Loader, RunStats, SummarizerTransform, _describe, _Reporter
+from .providers.registry import get_provider, provider_class
+from .store import SummaryKey, SummaryRecord
+from .summarize import Item, Loader, Reporter, RunStats, SummarizerTransform, why_stopped
 
 logger = logging.getLogger(__name__)
 
-# Backends whose provider loads weights: on Ray the driver only names their model (the replicas
-# load it); any other backend (fake, a server's client) is cheap enough to build on the driver.
-LOADS_WEIGHTS = ("vllm", "transformers")
 # Rows per Ray batch: at least one engine batch, at most this many so that progress, commits and
 # the work a dead node takes with it stay small...
 MAX_ROWS_PER_BATCH = 256
@@ -103,9 +102,10 @@ class RayCluster:
     def describe_provider(self, backend: str, model: str | None, engine_options: dict) -> LLMProvider:
         """The provider as the driver sees it: its name and model (for the summary key and the tokenizer).
 
-        A backend that loads weights gets a stand-in that loads nothing; the replicas load the model.
+        A backend that loads weights gets a stand-in that loads nothing; the replicas load the model. Any
+        other backend (fake, a server's client) is cheap enough to build on the driver.
         """
-        if backend not in LOADS_WEIGHTS:
+        if not provider_class(backend).loads_weights:
             return get_provider(backend, model=model, **engine_options)
         from .models import resolve_model
 
@@ -259,7 +259,7 @@ class RaySummarizer(SummarizerTransform):
         start, epoch = time.perf_counter(), time.time()
         replicas, gpus, cpus = self.cluster.placement()
         rows = rows_per_batch(len(refs), replicas, self.batch_size)
-        report = _Reporter(progress, len(refs), stats, start)
+        report = Reporter(progress, len(refs), stats, start)
         self.facts = {"address": self.cluster.address, "ray_version": ray.__version__,
                       "nodes": [n["id"] for n in self.cluster.nodes()], "replicas": replicas, "replica_gpus": gpus,
                       "replica_cpus": cpus, "rows_per_batch": rows, "batches": 0, "startup_seconds": None,
@@ -274,14 +274,17 @@ class RaySummarizer(SummarizerTransform):
                 batches = iter(self._dataset(ray, refs, server, rows, replicas, gpus, cpus).iter_batches(
                     batch_size=None, batch_format="pyarrow"))
                 seen: set[str] = set()
+                by_id = {r.id: r for r in refs}
                 for table in batches:
-                    done = self._absorb(table.to_pylist(), time.perf_counter() - start, epoch, runs, seen)
-                    report.done += len(done)
-                    report(self.batch_size or 0)
-                    yield from done
+                    for row in table.to_pylist():  # one row per Ray batch a replica summarized
+                        done = self._absorb(ReplicaBatch.from_row(row), time.perf_counter() - start, epoch, by_id,
+                                            runs, seen)
+                        report.done += len(done)
+                        report(self.batch_size or 0)
+                        yield from done
             error = ""
         except BaseException as e:
-            error = _describe(e)
+            error = why_stopped(e)
             ours = _unwrapped(e)
             if ours is e:
                 raise
@@ -299,13 +302,13 @@ class RaySummarizer(SummarizerTransform):
         import pyarrow as pa
 
         # Longest first, as locally: an out-of-memory error shows up in the first batches, and
-        # chunks of similar length share a batch so padding stays small.
-        refs = sorted(refs, key=lambda r: -r.token_count)
+        # chunks of similar length share a batch so padding stays small. Records come back by
+        # chunk id, so no order needs restoring.
+        ids = [r.id for r in Collator.by(refs, lambda r: r.token_count).ordered(refs)]
         # One block per Ray batch: map_batches gives a whole block to one actor, so a single
         # block would send every chunk to one replica. from_blocks keeps the blocks as they are
         # and, unlike from_arrow, reads their metadata here rather than in a task per block.
-        blocks = [pa.table({"id": [r.id for r in refs[k:k + rows]], "tokens": [r.token_count for r in refs[k:k + rows]]})
-                  for k in range(0, len(refs), rows)]
+        blocks = [pa.table({"id": ids[k:k + rows]}) for k in range(0, len(ids), rows)]
         # Ray Data's actor pool already restarts a dead actor without limit and retries its
         # tasks on the new one (max_restarts=-1, max_task_retries=-1), which is what a lost node
         # needs; a provider error inside a batch is the transform's to retry, not Ray's.
@@ -318,66 +321,63 @@ class RaySummarizer(SummarizerTransform):
                                            engine_options=self.engine_options, transform_options=self.transform_options),
             )
 
-    def _absorb(self, rows: list[dict], arrived: float, epoch: float, runs: dict,
+    def _absorb(self, batch: "ReplicaBatch", arrived: float, epoch: float, refs: dict[str, ChunkRef], runs: dict,
                 seen: set[str]) -> list[tuple[ChunkRef, SummaryRecord]]:
-        """Count one Ray batch's records and figures; returns the pairs to yield (a batch redone after a node loss may repeat some)."""
-        stats, facts = self.stats, self.facts
-        meta = json.loads(rows[0]["stats"]) if rows else {}
-        if meta:
-            self._check_key(meta)
-            facts["batches"] += 1
-            stats.mode = meta["mode"]
-            self.batch_size, self.max_workers = meta["batch_size"], meta["max_workers"]
-            stats.retries += meta["retries"]
-            stats.latencies.extend(meta["latencies"])
-            # Replicas report wall-clock times (nodes' clocks are kept in sync, as Ray's own
-            # timeline assumes); the driver counts in seconds since this step began.
-            stats.provider_intervals.extend((a - epoch, b - epoch) for a, b in meta["busy"])
-            # Startup ends when a replica first calls its model: actor, model and chunk server all up.
-            began = min((a for a, _ in meta["busy"]), default=meta["began"]) - epoch
-            if facts["startup_seconds"] is None or began < facts["startup_seconds"]:
-                facts["startup_seconds"] = round(max(0.0, began), 3)
-            for change in meta["changes"]:
-                stats.batch_size_changes.append({**change, "node": rows[0]["node"]})
-            if meta["preemptions"] is not None:
-                stats.preemptions = (stats.preemptions or 0) + meta["preemptions"]
+        """Count one Ray batch's records and figures; returns the pairs to yield.
+
+        A batch redone after a node loss may repeat records that came back before; those are dropped.
+        """
+        stats, facts, theirs = self.stats, self.facts, batch.stats
+        self._check_key(batch)
+        facts["batches"] += 1
+        stats.mode = theirs.mode
+        self.batch_size, self.max_workers = batch.batch_size, batch.max_workers
+        stats.retries += theirs.retries
+        stats.latencies.extend(theirs.latencies)
+        # Replicas report wall-clock times (nodes' clocks are kept in sync, as Ray's own
+        # timeline assumes); the driver counts in seconds since this step began.
+        stats.provider_intervals.extend((a - epoch, b - epoch) for a, b in theirs.provider_intervals)
+        # Startup ends when a replica first calls its model: actor, model and chunk server all up.
+        began = min((a for a, _ in theirs.provider_intervals), default=batch.began) - epoch
+        if facts["startup_seconds"] is None or began < facts["startup_seconds"]:
+            facts["startup_seconds"] = round(max(0.0, began), 3)
+        stats.batch_size_changes.extend({**change, "node": batch.node} for change in theirs.batch_size_changes)
+        if theirs.preemptions is not None:
+            stats.preemptions = (stats.preemptions or 0) + theirs.preemptions
+        run = _replica_run(runs, batch)
+        run["batches"] += 1
+        run["provider_seconds"] = round(run["provider_seconds"] + theirs.figures()["provider_seconds"], 4)
         out = []
-        for row in rows:
-            if row["chunk_id"] in seen:
+        for record in batch.records:
+            if record.chunk_id in seen:
                 facts["duplicates_dropped"] += 1
                 continue
-            seen.add(row["chunk_id"])
-            record = SummaryRecord(row["chunk_id"], row["summary"], row["prompt_tokens"], row["completion_tokens"],
-                                   row["finish_reason"], row["error"], row["reason"], row["attempts"], worker=row["node"])
+            seen.add(record.chunk_id)
             stats.count(record)
             if record.error is None and stats.first_result_seconds is None:
                 stats.first_result_seconds = arrived
-            _replica_run(runs, row)["chunks"] += 1
-            out.append((ChunkRef(row["chunk_id"], row["tokens"]), record))
-        if meta:
-            run = _replica_run(runs, rows[0])
-            run["batches"] += 1
-            run["provider_seconds"] = round(run["provider_seconds"] + meta["provider_seconds"], 4)
+            run["chunks"] += 1
+            out.append((refs[record.chunk_id], record))
         return out
 
-    def _check_key(self, meta: dict) -> None:
-        theirs = meta["key"]
-        if (theirs["prompt_hash"], theirs["options_hash"]) != (self.key.prompt_hash, self.key.options_hash):
+    def _check_key(self, batch: "ReplicaBatch") -> None:
+        theirs = batch.key
+        if (theirs.prompt_hash, theirs.options_hash) != (self.key.prompt_hash, self.key.options_hash):
             raise ConfigError(
-                f"A replica on node {meta['node']} builds prompts or generation options differently from this driver "
+                f"A replica on node {batch.node} builds prompts or generation options differently from this driver "
                 f"(another apiana_lab version?); install the same version on every node."
             )
-        if theirs["model"] != self.key.model and not self._model_warned:
+        if theirs.model != self.key.model and not self._model_warned:
             self._model_warned = True
-            logger.warning("a replica loaded the model from %s; summaries are stored under this driver's name for it, %s",
-                           theirs["model"], self.key.model)
+            logger.warning("a replica loaded the model from %s; summaries are stored under this driver's name "
+                           "for it, %s", theirs.model, self.key.model)
 
 
-def _replica_run(runs: dict, row: dict) -> dict:
+def _replica_run(runs: dict, batch: "ReplicaBatch") -> dict:
     """What one replica did on one node (a replica restarted elsewhere gets a second entry)."""
-    key = (row["replica"], row["node"])
+    key = (batch.replica, batch.node)
     if key not in runs:
-        runs[key] = {"replica": row["replica"], "node": row["node"], "chunks": 0, "batches": 0, "provider_seconds": 0.0}
+        runs[key] = {"replica": batch.replica, "node": batch.node, "chunks": 0, "batches": 0, "provider_seconds": 0.0}
     return runs[key]
 
 
@@ -413,7 +413,7 @@ class _ChunkServer:
 
 
 class _Replica:
-    """One model replica: a Ray Data actor that summarizes the Ray batches it is given."""
+    """One model replica: a Ray Data actor that summarizes the Ray batches it is given with the local scheduler."""
 
     def __init__(self, server, backend: str, model: str | None, engine_options: dict, transform_options: dict):
         import ray
@@ -428,33 +428,22 @@ class _Replica:
         self.transform = ParallelSummarizerTransform(self.provider, **transform_options)
 
     def __call__(self, batch):
-        import pyarrow as pa
         import ray
 
         began = time.time()
-        ids, counts = batch["id"].to_pylist(), batch["tokens"].to_pylist()
         # The whole Ray batch's texts in one call (at most MAX_ROWS_PER_BATCH chunks): fetching
         # them per engine batch cost a round trip to the driver's node for every few chunks.
-        chunks = ray.get(self.server.load_chunks.remote(ids))
-        tokens = dict(zip(ids, counts))
-        rows = []
-        for _, r in self.transform.run(chunks):
-            rows.append({"chunk_id": r.chunk_id, "tokens": tokens[r.chunk_id], "summary": r.summary,
-                         "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                         "finish_reason": r.finish_reason, "error": r.error, "reason": r.reason, "attempts": r.attempts,
-                         "node": self.node, "replica": self.replica, "stats": None})
+        chunks = ray.get(self.server.load_chunks.remote(batch["id"].to_pylist()))
+        records = []
+        for _, record in self.transform.run(chunks):
+            record.worker = self.node
+            records.append(record)
         # perf_counter intervals to wall-clock ones, which the driver can place on its own timeline.
         shift = time.time() - time.perf_counter()
         stats = self.transform.stats
-        if rows:
-            rows[0]["stats"] = json.dumps({
-                "node": self.node, "key": asdict(self.transform.key), "mode": stats.mode, "began": began,
-                "batch_size": self.transform.batch_size, "max_workers": self.transform.max_workers,
-                "retries": stats.retries, "latencies": stats.latencies, "changes": stats.batch_size_changes,
-                "busy": [(a + shift, b + shift) for a, b in stats.provider_intervals],
-                "provider_seconds": stats.figures()["provider_seconds"], "preemptions": stats.preemptions,
-            })
-        return pa.Table.from_pylist(rows, schema=_schema())
+        stats = replace(stats, provider_intervals=[(a + shift, b + shift) for a, b in stats.provider_intervals])
+        return ReplicaBatch(self.node, self.replica, self.transform.key, began, self.transform.batch_size,
+                            self.transform.max_workers, stats, records).to_arrow()
 
     def __del__(self):
         provider = getattr(self, "provider", None)
@@ -462,13 +451,54 @@ class _Replica:
             provider.close()
 
 
+@dataclass
+class ReplicaBatch:
+    """What a replica hands back for one Ray batch: one row of the Ray dataset, its fields the columns."""
+
+    node: str  # the Ray node id (each record's `worker`)
+    replica: str  # the actor id
+    key: SummaryKey  # the replica's own, checked against the driver's
+    began: float  # wall clock, when the batch reached the replica
+    batch_size: int  # what the replica's transform ran with, after the backend's defaults
+    max_workers: int
+    stats: RunStats  # the transform's figures for this batch; provider_intervals in wall-clock seconds
+    records: list[SummaryRecord]
+
+    def to_arrow(self):
+        """A one-row pyarrow Table (the quality profile is the driver's to make, so it is not sent)."""
+        import pyarrow as pa
+
+        return pa.Table.from_pylist([asdict(self)], schema=_schema())
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ReplicaBatch":
+        """Back from a row of that table."""
+        stats = row["stats"]
+        stats = RunStats(**{**stats, "provider_intervals": [tuple(i) for i in stats["provider_intervals"]],
+                            "failures_by_reason": dict(stats["failures_by_reason"])})
+        return cls(**{**row, "key": SummaryKey(**row["key"]), "stats": stats,
+                      "records": [SummaryRecord(**r) for r in row["records"]]})
+
+
 def _schema():
+    """ReplicaBatch's columns, with SummaryKey, RunStats and SummaryRecord as typed structs."""
     import pyarrow as pa
 
-    text, number = pa.string(), pa.int64()
-    return pa.schema([("chunk_id", text), ("tokens", number), ("summary", text), ("prompt_tokens", number),
-                      ("completion_tokens", number), ("finish_reason", text), ("error", text), ("reason", text),
-                      ("attempts", number), ("node", text), ("replica", text), ("stats", text)])
+    text, number, real = pa.string(), pa.int64(), pa.float64()
+    key = pa.struct([("model", text), ("prompt_hash", text), ("options_hash", text)])
+    change = pa.struct([("from", number), ("to", number), ("reason", text), ("at_done", number), ("seconds", real)])
+    stats = pa.struct([
+        ("mode", text), ("computed", number), ("failed", number), ("retries", number), ("prompt_tokens", number),
+        ("completion_tokens", number), ("seconds", real), ("first_result_seconds", real), ("preemptions", number),
+        ("batch_size_changes", pa.list_(change)), ("latencies", pa.list_(real)),
+        ("provider_intervals", pa.list_(pa.list_(real, 2))), ("failures_by_reason", pa.map_(text, number)),
+    ])
+    record = pa.struct([
+        ("chunk_id", text), ("summary", text), ("prompt_tokens", number), ("completion_tokens", number),
+        ("finish_reason", text), ("error", text), ("reason", text), ("attempts", number), ("worker", text),
+    ])
+    return pa.schema([("node", text), ("replica", text), ("key", key), ("began", real), ("batch_size", number),
+                      ("max_workers", number), ("stats", stats), ("records", pa.list_(record))])
 
 
 def _unwrapped(error: BaseException) -> BaseException:

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
 from .chunking import Chunk, ChunkRef
-from .errors import ConfigError, FatalProviderError, PermanentProviderError, ProviderError, ProviderOutOfMemoryError
+from .collate import Collator
+from .errors import (
+    ConfigError,
+    FatalProviderError,
+    PermanentProviderError,
+    ProviderError,
+    ProviderOutOfMemoryError,
+    TransientProviderError,
+)
 from .progress import Progress, ProgressCallback
 from .prompts import SYSTEM_PROMPT, USER_TEMPLATE, check_template, load_prompt, prompt_hash, render_user_prompt
 from .providers.base import GenerationOptions, LLMProvider
@@ -67,7 +75,7 @@ class RunStats:
             "batches": len(lat),
             # Streaming has no batches: each request's own latency, from submission to its end.
             "latency_per": "request" if self.mode == "stream" else "batch",
-            "batch_latency_s": {f"p{q}": round(_percentile(lat, q), 4) for q in (50, 90, 99)} if lat else {},
+            "batch_latency_s": {f"p{q}": round(quantile(lat, q / 100), 4) for q in (50, 90, 99)} if lat else {},
             "provider_seconds": round(busy, 4),
             "orchestration_seconds": round(max(0.0, self.seconds - busy), 4),
             "batch_size_changes": list(self.batch_size_changes),
@@ -85,7 +93,7 @@ class RunStats:
             self.failures_by_reason[record.reason] = self.failures_by_reason.get(record.reason, 0) + 1
 
 
-class _Reporter:
+class Reporter:
     """Turns a run's state into Progress snapshots: a start, every change, and exactly one last one."""
 
     def __init__(self, progress: ProgressCallback | None, total: int, stats: RunStats, start: float):
@@ -102,8 +110,11 @@ class _Reporter:
         self.ended = finished
         if self.progress:
             s = self.stats
-            self.progress(Progress(self.done, self.total, s.failed, 0, s.prompt_tokens, s.completion_tokens,
-                                   time.perf_counter() - self.start, batch_size, s.retries, event, finished, error))
+            self.progress(Progress(
+                done=self.done, total=self.total, failed=s.failed, prompt_tokens=s.prompt_tokens,
+                completion_tokens=s.completion_tokens, elapsed=time.perf_counter() - self.start,
+                batch_size=batch_size, retries=s.retries, event=event, finished=finished, error=error,
+            ))
 
 
 class SummarizerTransform:
@@ -142,7 +153,7 @@ class SummarizerTransform:
         items = list(chunks)
         self.stats = stats = RunStats(mode="sequential")
         start = time.perf_counter()
-        report = _Reporter(progress, len(items), stats, start)
+        report = Reporter(progress, len(items), stats, start)
         report(1, "start")
         error = "stopped before the end"
         try:
@@ -169,7 +180,7 @@ class SummarizerTransform:
                 yield chunk, record
             error = ""
         except BaseException as e:
-            error = _describe(e)
+            error = why_stopped(e)
             raise
         finally:
             stats.seconds = time.perf_counter() - start
@@ -195,10 +206,14 @@ class ParallelSummarizerTransform(SummarizerTransform):
       the batch and retries the same chunks, then grows back after `grow_after` successes.
     - Any other provider gets `max_workers` concurrent single calls.
 
-    Transient errors retry with exponential backoff and jitter (at least as long as the
-    backend's Retry-After); permanent ones are isolated to the chunk that caused them; a
-    fatal one (rejected credentials) stops the run. `batch_size=None` and `max_workers=None`
-    take the provider's defaults (`default_window`).
+    Errors are told apart by their type alone (apiana_lab.errors): a TransientProviderError
+    retries with exponential backoff and jitter (at least as long as the backend's
+    Retry-After); a PermanentProviderError is isolated to the chunk that caused it; a
+    ProviderOutOfMemoryError shrinks the batch; a FatalProviderError (rejected credentials)
+    stops the run. Any other exception is a bug, in a provider or here: the run stops at once,
+    hands on the summaries that finished before it (so they are stored), and raises it with
+    its traceback. `batch_size=None` and `max_workers=None` take the provider's defaults
+    (`default_window`).
     """
 
     def __init__(
@@ -281,7 +296,7 @@ class ParallelSummarizerTransform(SummarizerTransform):
                 yield from _workers(state)
             error = ""
         except BaseException as e:
-            error = _describe(e)
+            error = why_stopped(e)
             raise
         finally:
             state.stop.set()
@@ -306,7 +321,7 @@ class _State:
         self.batching = t.provider.supports_batch and not t.streaming
         self.batch_size = t.batch_size if (self.batching or t.streaming) else 1
         self.streak = 0
-        self.reporter = _Reporter(progress, len(items), t.stats, self.start)
+        self.reporter = Reporter(progress, len(items), t.stats, self.start)
         if any(not isinstance(c, Chunk) for c in items) and load is None:
             raise ConfigError("ChunkRefs need a `load` function that fetches their texts")
         # Lengths come from the chunker's token counts plus the prompt's fixed part, measured
@@ -318,8 +333,10 @@ class _State:
         self.rejected = [i for i, n in enumerate(self.lengths) if limit and n + max_tokens > limit]
         rejected = set(self.rejected)
         # Longest first: an out-of-memory error shows up in the first batch, not after an
-        # hour, and chunks of similar length share a batch so padding stays small.
-        self.order = sorted((i for i in range(len(items)) if i not in rejected), key=lambda i: -self.lengths[i])
+        # hour, and chunks of similar length share a batch so padding stays small. Results
+        # carry their input index, so transform() puts them back in input order.
+        kept = [i for i in range(len(items)) if i not in rejected]
+        self.order = Collator.by(kept, lambda i: self.lengths[i]).ordered(kept)
         self.pending: deque[int] = deque(self.order)
         self.isolated: deque[int] = deque()  # singled out after a permanent error in a batch
         self.in_flight = 0
@@ -438,9 +455,7 @@ def _stream(state: _State) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
                 if not isinstance(result, BaseException):
                     record = state.succeed(i, chunk, result, attempts.get(i, 0) + 1)
                 else:
-                    kind = _classify(result)
-                    if kind == "fatal":
-                        raise result
+                    kind = _kind(result)  # raises a fatal error, and anything that is not a ProviderError
                     if kind == "permanent":
                         record = state.fail(i, _reason(result), str(result), attempts.get(i, 0) + 1)
                     else:
@@ -450,8 +465,7 @@ def _stream(state: _State) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
                     yield i, chunk, record
         except ProviderError as e:
             # The engine itself failed: everything in flight is lost and goes back in line.
-            if _classify(e) == "fatal":
-                raise
+            _kind(e)  # a fatal one stops the run
             logger.warning("the engine failed with %d requests in flight: %s", len(sent), e)
             for i, chunk, _ in list(sent.values()):
                 record = retry_or_fail(i, chunk, e)
@@ -481,6 +495,11 @@ def _workers(state: _State) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
         while remaining:
             item = state.out.get()
             if isinstance(item, BaseException):
+                # Stop at once, but first hand on what finished before the error, so it is stored.
+                state.stop.set()
+                with state.lock:  # whole batches: a worker puts a batch's records under the lock
+                    finished = _drain(state.out)
+                yield from finished
                 raise item
             remaining -= 1
             yield item
@@ -522,7 +541,7 @@ def _work(state: _State, worker: int) -> None:
                 with state.cond:
                     state.in_flight -= 1
                     state.cond.notify_all()
-    except BaseException as e:  # a bug in orchestration, or a fatal provider error, must surface, not hang the run
+    except BaseException as e:  # a fatal provider error, or a bug here or in the provider: stops the run
         state.out.put(e)
         with state.cond:
             state.stop.set()
@@ -545,7 +564,7 @@ def _run_batch(state: _State, batch: list[int], worker: int) -> None:
             else:
                 results = [t.provider.complete(prompts[0], t.options)]
             error = None
-        except Exception as e:  # classified below; anything unknown counts as transient
+        except ProviderError as e:  # anything else is a bug, and stops the run (see _work)
             results, error = None, e
         t1 = time.perf_counter()
         with state.lock:
@@ -553,7 +572,7 @@ def _run_batch(state: _State, batch: list[int], worker: int) -> None:
         if error is None:
             with state.lock:
                 stats.latencies.append(t1 - t0)
-                for i, chunk, c in zip(batch, chunks, results):
+                for i, chunk, c in zip(batch, chunks, results, strict=True):  # one result per prompt, or a bug
                     state.out.put((i, chunk, state.succeed(i, chunk, c, attempt + 1)))
                 state.streak += 1
                 if state.batching and state.streak >= t.grow_after and state.batch_size < t.batch_size:
@@ -561,9 +580,7 @@ def _run_batch(state: _State, batch: list[int], worker: int) -> None:
                 else:
                     state.report()
             return
-        kind = _classify(error)
-        if kind == "fatal":
-            raise error
+        kind = _kind(error)
         if kind == "oom":
             _shrink(state, batch, chunks, error)
             return
@@ -576,6 +593,8 @@ def _run_batch(state: _State, batch: list[int], worker: int) -> None:
                 _fail(state, batch, chunks, _reason(error), str(error))
             return
         attempt += 1
+        if state.stop.is_set():  # the run is stopping: leave the batch undone rather than wait for a retry
+            return
         if attempt > t.max_retries:
             _fail(state, batch, chunks, "transient", f"{error} (gave up after {t.max_retries} retries)", attempt)
             return
@@ -608,27 +627,41 @@ def _fail(state: _State, batch, chunks, reason: str, message: str, attempts: int
 # ---- errors and figures ---------------------------------------------------------------------
 
 
-def _classify(error: BaseException) -> str:
-    """fatal, oom, transient or permanent: decides between stop, shrink, retry and isolate."""
-    if isinstance(error, FatalProviderError):
-        return "fatal"
-    if isinstance(error, ProviderOutOfMemoryError) or "OutOfMemory" in type(error).__name__ or isinstance(error, MemoryError):
+def _kind(error: BaseException) -> str:
+    """oom, transient or permanent, by type alone: decides between shrink, retry and isolate.
+
+    Raises `error` itself when it is fatal, or when it is not a ProviderError at all (a bug).
+    """
+    if not isinstance(error, ProviderError) or isinstance(error, FatalProviderError):
+        raise error
+    if isinstance(error, ProviderOutOfMemoryError):
         return "oom"
-    if isinstance(error, (PermanentProviderError, ConfigError, ValueError, TypeError)):
-        return "permanent"
-    # TransientProviderError, timeouts, dropped connections, and anything unknown: worth a retry.
-    return "transient"
+    if isinstance(error, TransientProviderError):
+        return "transient"
+    return "permanent"  # PermanentProviderError, or a ProviderError that does not say it is transient
 
 
-def _reason(error: BaseException) -> str:
+def _reason(error: ProviderError) -> str:
     """The slug a failed chunk is stored under."""
-    kind = _classify(error)
-    if kind == "permanent":
-        return getattr(error, "reason", None) or kind  # "too_long" when the backend says so
-    return kind
+    if isinstance(error, PermanentProviderError):
+        return error.reason  # "too_long" when the backend says so
+    return _kind(error)
 
 
-def _describe(error: BaseException) -> str:
+def _drain(out: queue.Queue) -> list:
+    """The finished results waiting in `out` (errors from other workers dropped: the first one is raised)."""
+    finished = []
+    while True:
+        try:
+            item = out.get_nowait()
+        except queue.Empty:
+            return finished
+        if not isinstance(item, BaseException):
+            finished.append(item)
+
+
+def why_stopped(error: BaseException) -> str:
+    """What the last progress snapshot says about a run that `error` ended."""
     if isinstance(error, GeneratorExit):
         return "stopped before the end"
     if isinstance(error, KeyboardInterrupt):
@@ -636,10 +669,11 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _percentile(values: list[float], q: float) -> float:
+def quantile(values: Sequence[float], q: float) -> float | None:
+    """The q-quantile (0 to 1) of sorted `values`, interpolated between neighbours; None when empty."""
     if not values:
-        return 0.0
-    k = (len(values) - 1) * q / 100
+        return None
+    k = (len(values) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 

@@ -350,3 +350,78 @@ def test_explore_plots_draw_the_months_and_the_token_counts_with_units(tmp_path)
     assert_histogram(ax_chunk.containers[0], profile.chunk_tokens)
     assert list(ax_chunk.get_lines()[0].get_xdata()) == [64, 64]  # the chunk size, marked
     assert (ax_conv.get_xlabel(), ax_chunk.get_xlabel()) == ("tokens per conversation", "tokens per chunk")
+
+
+# ---- the lab's shared pieces: engine, sweep, record, chunk size --------------------------------------
+
+def test_loaded_warms_the_engine_up_once_and_takes_the_backends_benchmark_options():
+    from apiana_lab.experiments.engine import WARM_UP, backend_options, loaded
+
+    facts = {}
+    with loaded("fake", facts=facts, latency=0.0) as provider:
+        assert len(provider.history) == 1 and WARM_UP in str(provider.history[0]["prompts"])
+        assert isinstance(facts["load_s"], float)
+    with loaded("fake", warm_up=False) as provider:
+        assert provider.history == []
+    # Read from each backend's declaration, never from a name spelled out here; what the caller gives wins.
+    assert backend_options("vllm") == {"enable_prefix_caching": False}
+    assert backend_options("vllm", extra={"enable_prefix_caching": True}) == {"enable_prefix_caching": True}
+    assert backend_options("transformers", "float32") == {"dtype": "float32"}
+    assert backend_options("fake", "float32", stats=True) == {}  # the fake takes neither dtype nor stats
+
+
+def test_sweep_measures_each_configuration_and_keeps_a_tolerated_failure_as_a_row(dialogue_export):
+    from apiana_lab.experiments.measure import sweep
+    from apiana_lab.summarize import ParallelSummarizerTransform
+
+    chunks = sample_chunks(dialogue_export, 4, chunk_size=64)
+    provider = FakeProvider()
+    seen = []
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    configs = [("batch 2", ParallelSummarizerTransform(provider, batch_size=2, max_length=8), {"batch_size": 2}),
+               ("broken", broken, {"batch_size": 99}),
+               ("by hand", lambda: {"wall_s": 1.5})]
+    rows = sweep(configs, chunks, workload="w", on_row=seen.append, tolerate=(RuntimeError,))
+    assert seen == rows and [r.get("config") for r in rows] == ["batch 2", None, None]
+    assert rows[0]["batch_size"] == 2 and rows[0]["chunks"] == 4 and rows[0]["failed"] == 0
+    assert rows[0]["workload"] == "w"
+    assert rows[1] == {"batch_size": 99, "error": "RuntimeError: out of memory"}
+    assert rows[2] == {"wall_s": 1.5}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sweep([("broken", broken)], chunks)  # not tolerated: the sweep stops
+
+
+def test_record_writes_json_and_markdown_with_the_machine(tmp_path):
+    from apiana_lab.experiments.record import machine, markdown_table, write_result
+
+    facts = machine()
+    # Benchmarks read cpu, cores, when and loadavg_at_start; notebook runs read memory_gb, gpu and loadavg.
+    assert {"cpu", "cores", "when", "loadavg_at_start", "memory_gb", "gpu", "loadavg", "python"} <= set(facts)
+    table = markdown_table([{"a": 1234.5, "b": 2}], [("a", "A"), ("b", "B")])
+    json_path, md_path = write_result("bench-x", "x", {"machine": facts}, table, root=tmp_path)
+    assert json_path == tmp_path / "bench-x" / "x.json"
+    assert json.loads(json_path.read_text())["machine"]["cores"] == facts["cores"]
+    assert md_path.read_text() == "| A | B |\n|---|---|\n| 1,234 | 2 |\n"
+
+
+def test_chunk_size_has_one_bound_for_the_chunker_the_command_line_and_the_notebooks(tmp_path, capsys):
+    from apiana_lab.chunking import MIN_CHUNK_SIZE, ChunkingOptions, check_chunk_size
+    from apiana_lab.errors import ParameterError
+    from apiana_lab.experiments import checks
+
+    least = MIN_CHUNK_SIZE["tokens"]
+    assert check_chunk_size(least) == least and checks.check_chunk_size(least) == least
+    with pytest.raises(ConfigError, match=f"at least {least} tokens"):
+        ChunkingOptions(chunk_size=least - 1)
+    with pytest.raises(ParameterError, match=f"parameter chunk_size = {least - 1}: too small.*>= {least}"):
+        checks.check_chunk_size(least - 1)
+    with pytest.raises(ParameterError, match="not a whole number"):
+        checks.check_chunk_size(True)
+    assert ChunkingOptions(method="messages", chunk_size=1).chunk_size == 1  # a message count has its own bound
+    assert export_v2_main(["-i", str(SAMPLE), "-o", str(tmp_path / "out"), "--backend", "fake",
+                           "--chunk-size", str(least - 1)]) != 0
+    assert f"--chunk-size: chunk_size must be a whole number of at least {least} tokens" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "apiana.sqlite").exists()

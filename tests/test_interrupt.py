@@ -17,6 +17,7 @@ import pytest
 
 from apiana_lab import notebook
 from apiana_lab.monitor import MemoryMonitor
+from apiana_lab.notebook import live
 
 pytest.importorskip("ipywidgets")
 
@@ -31,7 +32,7 @@ def press_stop() -> None:
 def python_sigint(monkeypatch):
     """SIGINT raises KeyboardInterrupt in the main thread, as in a kernel; the figure is a stand-in."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    monkeypatch.setattr(notebook, "in_kernel", lambda: True)
+    monkeypatch.setattr(live, "in_kernel", lambda: True)
     yield
     signal.signal(signal.SIGINT, previous)
 
@@ -82,7 +83,7 @@ def figure_that(press_when):
 
 
 def run_and_interrupt(job, monkeypatch, figure, tmp_path, log=None):
-    monkeypatch.setattr(notebook, "LiveFigure", figure)
+    monkeypatch.setattr(live, "LiveFigure", figure)
     log = job.log if log is None else log
     progress = notebook.WidgetProgress(display=False)
     seen_at_interrupt = None
@@ -173,7 +174,7 @@ def test_a_second_interrupt_stops_waiting_and_says_so(monkeypatch, tmp_path, cap
         release.wait(10)  # stuck storing its results
         return result
 
-    monkeypatch.setattr(notebook, "LiveFigure", figure_that(lambda frame: frame in (1, 2)))
+    monkeypatch.setattr(live, "LiveFigure", figure_that(lambda frame: frame in (1, 2)))
     progress = notebook.WidgetProgress(display=False)
     try:
         with pytest.raises(KeyboardInterrupt):

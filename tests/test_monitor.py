@@ -18,7 +18,8 @@ from apiana_lab.summarize import ParallelSummarizerTransform
 
 
 def snapshot(done, total=10, tokens=0, elapsed=0.0, **kw):
-    return Progress(done, total, 0, 0, tokens * 5, tokens, elapsed, kw.pop("batch_size", 4), 0, **kw)
+    return Progress(done=done, total=total, prompt_tokens=tokens * 5, completion_tokens=tokens, elapsed=elapsed,
+                    batch_size=kw.pop("batch_size", 4), **kw)
 
 
 def test_cpu_rss_series_rises_when_the_process_allocates():
@@ -229,11 +230,13 @@ def test_absent_engine_source_says_why():
 def test_save_writes_the_series_the_figure_and_the_events(tmp_path, monkeypatch):
     import pandas as pd
 
+    from apiana_lab.notebook import plot_monitor
+
     with MemoryMonitor(interval=0.02) as monitor:
         monitor.progress(snapshot(0, event="start"))
         time.sleep(0.1)
         monitor.progress(snapshot(10, tokens=50, elapsed=0.1, finished=True, error="cancelled"))
-    written = monitor.save(tmp_path / "run")
+    written = monitor.save(tmp_path / "run", figure=plot_monitor(monitor))
     assert written["series"].name == "memory.parquet"
     saved = pd.read_parquet(written["series"])
     assert saved["rss_mb"].tolist() == monitor.to_pandas()["rss_mb"].tolist()
@@ -245,6 +248,7 @@ def test_save_writes_the_series_the_figure_and_the_events(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
     written = monitor.save(tmp_path / "csv")
     assert written["series"].name == "memory.csv" and not (tmp_path / "csv" / "memory.parquet").exists()
+    assert "figure" not in written and not (tmp_path / "csv" / "memory.png").exists()  # no figure given
     assert pd.read_csv(written["series"])["rss_mb"].tolist() == pytest.approx(saved["rss_mb"].tolist())
 
 

@@ -2,6 +2,8 @@
 
 import io
 
+import pytest
+
 from apiana_lab.chunking import Chunk
 from apiana_lab.progress import Progress, TerminalProgress
 from apiana_lab.providers.fake import FakeProvider
@@ -29,15 +31,23 @@ def test_snapshots_cover_counts_rates_batch_size_retries_and_failures():
 
 
 def test_eta_counts_only_computed_chunks():
-    p = Progress(done=60, total=100, failed=0, reused=40, prompt_tokens=0, completion_tokens=0, elapsed=10.0, batch_size=8, retries=0)
+    p = Progress(done=60, total=100, reused=40, elapsed=10.0, batch_size=8)
     assert p.eta == 20.0  # 20 computed in 10 s; 40 left at that rate
 
 
 def test_terminal_bar_shows_the_figures():
     out = io.StringIO()
     bar = TerminalProgress(file=out)
-    bar(Progress(0, 10, 0, 0, 0, 0, 0.0, 16, 0))
-    bar(Progress(5, 10, 1, 0, 500, 100, 2.0, 8, 3))
+    bar(Progress(total=10, batch_size=16))
+    bar(Progress(done=5, total=10, failed=1, prompt_tokens=500, completion_tokens=100, elapsed=2.0, batch_size=8,
+                 retries=3))
     bar.close()
     text = out.getvalue()
     assert "5/10" in text and "50.0 out tok/s" in text and "batch 8" in text and "retries 3" in text and "failed 1" in text
+
+
+def test_snapshots_are_built_by_keyword_with_figures_defaulting_to_zero():
+    with pytest.raises(TypeError):
+        Progress(5, 10)  # twelve positional figures were too easy to swap
+    end = Progress(event="end", finished=True)
+    assert (end.done, end.total, end.elapsed, end.error, end.eta) == (0, 0, 0.0, "", None)

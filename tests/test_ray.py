@@ -76,6 +76,45 @@ def test_rows_per_batch_and_placement_follow_the_cluster(monkeypatch):
         RayCluster("x", replica_gpus=0, replica_cpus=4).placement()
 
 
+def test_the_driver_builds_a_provider_only_when_its_backend_declares_no_weights():
+    from apiana_lab.providers.fake import FakeProvider
+    from apiana_lab.providers.registry import provider_class
+    from apiana_lab.ray_executor import RayCluster
+
+    cluster = RayCluster("x")
+    built = cluster.describe_provider("fake", None, {"latency": 0.5})
+    assert isinstance(built, FakeProvider) and built.latency == 0.5
+    named = cluster.describe_provider("transformers", None, {"device": "cpu"})  # the replicas load the weights
+    assert provider_class("transformers").loads_weights and not isinstance(named, provider_class("transformers"))
+    assert named.name == "transformers" and named.model
+
+
+def test_a_replica_batch_crosses_arrow_as_typed_columns():
+    """What a replica hands back is its transform's own RunStats and records, typed, with no field left behind."""
+    from dataclasses import fields
+
+    import pyarrow as pa
+
+    from apiana_lab.ray_executor import ReplicaBatch
+    from apiana_lab.store import SummaryKey, SummaryRecord
+    from apiana_lab.summarize import RunStats
+
+    stats = RunStats(mode="batch", computed=1, failed=1, retries=2, prompt_tokens=50, completion_tokens=9, seconds=1.5,
+                     first_result_seconds=0.25, preemptions=3, latencies=[0.5, 0.75], provider_intervals=[(10.0, 10.5)],
+                     batch_size_changes=[{"from": 8, "to": 4, "reason": "out of memory at batch size 8", "at_done": 0,
+                                          "seconds": 0.1}], failures_by_reason={"oom": 1})
+    records = [SummaryRecord("c1", "a summary", 50, 9, "stop", worker="node-1"),
+               SummaryRecord("c2", error="out of memory even at batch size 1", reason="oom", attempts=2, worker="node-1")]
+    batch = ReplicaBatch("node-1", "actor-1", SummaryKey("m", "p", "o"), 9.5, 8, 2, stats, records)
+    table = batch.to_arrow()
+    assert table.num_rows == 1 and table.schema.field("stats").type.num_fields == len(fields(RunStats))
+    assert {f.name for f in table.schema.field("stats").type} == {f.name for f in fields(RunStats)}
+    record_type = table.schema.field("records").type.value_type
+    assert {f.name for f in record_type} == {f.name for f in fields(SummaryRecord)} - {"quality"}
+    assert record_type.field("attempts").type == pa.int64() and table.schema.field("began").type == pa.float64()
+    assert ReplicaBatch.from_row(table.to_pylist()[0]) == batch
+
+
 def test_store_from_before_ray_gains_a_worker_column(tmp_path):
     from apiana_lab.store import SQLiteStore, SummaryKey, SummaryRecord
 

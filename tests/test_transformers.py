@@ -143,3 +143,17 @@ def test_hub_id_offline_says_no_network():
 
     with pytest.raises(ConfigError, match="no network"):
         TransformersProvider("some-org/some-model-that-is-not-here", device="cpu")
+
+
+def test_torch_out_of_memory_is_the_contracts_out_of_memory_and_other_errors_stay_as_they_are():
+    """The one error map: torch's OutOfMemoryError (what CUDA raises) becomes ProviderOutOfMemoryError
+    with the batch size, so the scheduler halves the batch; an error it does not know is left to surface."""
+    import torch
+
+    from apiana_lab.errors import ProviderOutOfMemoryError
+    from apiana_lab.providers.transformers_backend import provider_error
+
+    oom = provider_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), 12)
+    assert isinstance(oom, ProviderOutOfMemoryError) and oom.batch_size == 12
+    assert str(oom) == "CUDA out of memory. Tried to allocate 2.00 GiB (batch size 12)"
+    assert provider_error(ValueError("bad generation config"), 12) is None

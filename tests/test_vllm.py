@@ -88,14 +88,15 @@ def test_engine_metrics_show_the_kv_cache_in_use_while_a_run_is_in_flight(provid
     assert samples["kv_cache_pct"].max() > 0 and samples["requests_running"].max() >= 1
     # The engine core is a child process: its memory (weights, the KV cache) shows in the tree's RSS.
     assert samples["rss_children_mb"].max() > 500
-    written = monitor.save(tmp_path)
-    assert written["figure"].stat().st_size > 0 and json.loads(written["summary"].read_text())["peaks"]["kv_cache_pct"] > 0
-    # The figure's engine panel draws those real gauges.
     import numpy as np
 
     from apiana_lab.notebook import plot_monitor
 
-    kv_line = plot_monitor(monitor).axes[1].get_lines()[0]
+    figure = plot_monitor(monitor)
+    written = monitor.save(tmp_path, figure=figure)
+    assert written["figure"].stat().st_size > 0 and json.loads(written["summary"].read_text())["peaks"]["kv_cache_pct"] > 0
+    # The figure's engine panel draws those real gauges.
+    kv_line = figure.axes[1].get_lines()[0]
     np.testing.assert_array_equal(kv_line.get_ydata(), samples["kv_cache_pct"].to_numpy())
 
 
@@ -105,19 +106,91 @@ def test_default_window_is_twice_the_engines_sequence_slots(provider):
     assert provider.default_window == 2 * slots
 
 
-def test_stream_equals_llm_chat_under_greedy(provider):
-    """Our one tokenization (chat template in the tokenizer) gives what vLLM's own chat path gives."""
+def test_stream_uses_vllms_supported_request_api_and_equals_llm_chat_under_greedy(provider):
+    """The stream hands the engine what vLLM's renderer makes of our token ids, as `LLM.generate` does.
+
+    Pins the installed vLLM: raw prompts to `LLMEngine.add_request` are deprecated there ("Passing
+    raw prompts to InputProcessor is deprecated"), logged once per process through the 'vllm'
+    logger. And our one tokenization (the chat template in the tokenizer) gives what vLLM's own
+    chat path gives, token for token. An upgrade that changes either fails here.
+    """
+    import logging
+    import warnings
+
     import vllm
+    import vllm.logger
 
     s = SummarizerTransform(provider, max_length=32)
     prompts = [dialogue_prompt(s, name, pad) for name, pad in zip(NAMES, (0, 24, 6))] + [FRANCE]
     chats = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     reference = provider.llm.chat(chats, vllm.SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
-    streamed = dict(provider.stream(((str(i), p) for i, p in enumerate(prompts)), s.options))
+
+    logged: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    # vLLM logs each deprecation once per process: forget earlier ones, so this stream is heard afresh.
+    vllm.logger._print_warning_once.cache_clear()
+    keep = Keep(logging.WARNING)
+    logging.getLogger("vllm").addHandler(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            streamed = dict(provider.stream(((str(i), p) for i, p in enumerate(prompts)), s.options))
+    finally:
+        logging.getLogger("vllm").removeHandler(keep)
+    assert not [m for m in logged if "deprecated" in m.lower()], logged
     for i, ref in enumerate(reference):
         got = streamed[str(i)]
         assert got.prompt_tokens == len(ref.prompt_token_ids)
         assert got.text == ref.outputs[0].text.strip() and got.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_reset_caches_forgets_cached_prefixes(provider):
+    """What a benchmark calls between configurations, so the second is not flattered by the first's prefixes."""
+    import vllm
+
+    long_prompt = {"prompt_token_ids": list(range(1000, 1400))}  # prefixes are cached in whole blocks
+    params = vllm.SamplingParams(temperature=0, max_tokens=2)
+
+    def cached() -> int:
+        return provider.llm.generate([long_prompt], params, use_tqdm=False)[0].num_cached_tokens
+
+    cached()
+    assert cached() > 0  # the engine keeps prefixes (vLLM's default)
+    provider.reset_caches()
+    assert cached() == 0
+
+
+def test_vllm_errors_map_to_the_contract():
+    """vLLM's own exception classes, as the installed version raises them, each become the project's error."""
+    import torch
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from apiana_lab.errors import PermanentProviderError, ProviderOutOfMemoryError, TransientProviderError
+    from apiana_lab.providers.vllm_backend import provider_error
+
+    assert isinstance(provider_error(EngineDeadError(), 3), FatalProviderError)
+    message = "The decoder prompt (length 5000) is longer than the maximum model length of 4096. Make sure..."
+    too_long = provider_error(VLLMValidationError(message), 3, "request 'k'")
+    assert isinstance(too_long, PermanentProviderError) and too_long.reason == "too_long" and "'k'" in str(too_long)
+    invalid = provider_error(VLLMValidationError("top_k must be -1", parameter="top_k", value=0), 3)
+    assert isinstance(invalid, PermanentProviderError) and invalid.reason == "permanent"
+    oom = provider_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 7)
+    assert isinstance(oom, ProviderOutOfMemoryError) and oom.batch_size == 7
+    assert isinstance(provider_error(RuntimeError("worker hiccup"), 3), TransientProviderError)
+    assert provider_error(KeyError("a bug of ours"), 3) is None
+
+
+def test_engine_options_are_engine_arguments_and_benchmark_options_reach_the_engine():
+    from apiana_lab.providers.vllm_backend import VLLMProvider
+
+    known = VLLMProvider.engine_option_names()
+    assert {o.name for o in VLLMProvider.engine_options} <= known
+    assert set(VLLMProvider.benchmark_options) <= known  # an EngineArgs field, passed to vllm.LLM unchanged
 
 
 def test_dead_engine_fails_fast_and_close_releases_it(model_dir):

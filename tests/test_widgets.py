@@ -54,7 +54,8 @@ def feed(widget, n, failed=0):
     # Snapshots arrive from worker threads in a real run.
     def work():
         for i in range(1, n + 1):
-            widget(Progress(i, n, min(failed, i), 2, 150 * i, 30 * i, 0.5 * i, 8, 1))
+            widget(Progress(done=i, total=n, failed=min(failed, i), reused=2, prompt_tokens=150 * i,
+                            completion_tokens=30 * i, elapsed=0.5 * i, batch_size=8, retries=1))
     t = threading.Thread(target=work)
     t.start()
     t.join()
@@ -67,13 +68,16 @@ def widget_notebook(tmp_path_factory):
         SETUP,
         # 1: a run that ends well; the finished snapshot comes from the main thread
         "w = WidgetProgress('demo run')\nfeed(w, 20)\n"
-        "w(Progress(20, 20, 0, 2, 3000, 600, 10.0, 8, 1, finished=True))",
+        "w(Progress(done=20, total=20, reused=2, prompt_tokens=3000, completion_tokens=600, elapsed=10.0, "
+        "batch_size=8, retries=1, finished=True))",
         # 2: failed chunks
         "w2 = WidgetProgress('with failures')\nfeed(w2, 10, failed=3)\n"
-        "w2(Progress(10, 10, 3, 2, 1500, 300, 5.0, 4, 1, finished=True))",
+        "w2(Progress(done=10, total=10, failed=3, reused=2, prompt_tokens=1500, completion_tokens=300, elapsed=5.0, "
+        "batch_size=4, retries=1, finished=True))",
         # 3: stopped early, the last snapshot from a worker: the line waits for close() on the main thread
         "w3 = WidgetProgress('stopped')\nfeed(w3, 4)\n"
-        "t = threading.Thread(target=w3, args=(Progress(4, 10, 0, 0, 600, 120, 2.0, 8, 0, finished=True, error='cancelled'),))\n"
+        "t = threading.Thread(target=w3, args=(Progress(done=4, total=10, prompt_tokens=600, completion_tokens=120, "
+        "elapsed=2.0, batch_size=8, finished=True, error='cancelled'),))\n"
         "t.start(); t.join()\nprint('before close:', w3.summary is not None)\nw3.close()",
         # 4: inside a kernel auto_progress picks the widget
         "p = auto_progress('auto')\nprint(type(p).__name__)",
@@ -119,9 +123,10 @@ def test_auto_progress_without_ipywidgets_falls_back_to_text_with_a_hint(monkeyp
     import sys
 
     import apiana_lab.notebook as notebook
+    from apiana_lab.notebook import widgets
     from apiana_lab.progress import TerminalProgress
 
-    monkeypatch.setattr(notebook, "in_kernel", lambda: True)
+    monkeypatch.setattr(widgets, "in_kernel", lambda: True)
     monkeypatch.setitem(sys.modules, "ipywidgets", None)  # as if it were not installed
     with caplog.at_level("WARNING", logger="apiana_lab.notebook"):
         bar = notebook.auto_progress()
@@ -136,14 +141,14 @@ def test_widget_updates_are_throttled_but_first_event_and_last_always_apply():
     values = []
     w.bar.observe(lambda change: values.append(change["new"]), "value")
     for i in range(1, 500):
-        w(Progress(i, 1000, 0, 0, 0, 0, 1.0, 8, 0))
-    w(Progress(600, 1000, 0, 0, 0, 0, 1.0, 4, 0, event="batch size 8 -> 4"))
-    w(Progress(700, 1000, 0, 0, 0, 0, 1.0, 4, 0))
+        w(Progress(done=i, total=1000, elapsed=1.0, batch_size=8))
+    w(Progress(done=600, total=1000, elapsed=1.0, batch_size=4, event="batch size 8 -> 4"))
+    w(Progress(done=700, total=1000, elapsed=1.0, batch_size=4))
     assert values == [1, 600]  # the first, then the one with an event; the rest held back
     w.flush()
     assert values[-1] == 700 and w.bar.value == 700
-    w(Progress(1000, 1000, 0, 0, 0, 0, 2.0, 4, 0, finished=True))
-    w(Progress(999, 1000, 0, 0, 0, 0, 2.0, 4, 0))  # a straggler from another worker
+    w(Progress(done=1000, total=1000, elapsed=2.0, batch_size=4, finished=True))
+    w(Progress(done=999, total=1000, elapsed=2.0, batch_size=4))  # a straggler from another worker
     assert w.bar.value == 1000 and w.bar.bar_style == "success" and w.summary.startswith("summarizing: finished")
 
 

@@ -1,1 +1,1 @@
-"""Benchmark scripts: `python -m apiana_lab.bench.read` and `python -m apiana_lab.bench.summarize`."""
+"""Benchmark scripts (`python -m apiana_lab.bench.<name>`): each declares a workload and configurations for the lab."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from apiana_lab.bench.common import RESULTS_DIR, machine, markdown_table, write_results
+from apiana_lab.experiments.record import machine, markdown_table, results_root, write_result
 
 NAME = "bench-ab-quality"
 TRANSCRIPT_SYSTEM = "Rewrite the conversation below as a transcript, word for word."
@@ -44,10 +44,9 @@ CASES = [  # (old side, new side, the verdict the tolerances must give)
 
 def generate(workload: str, sides, saved: dict | None) -> dict:
     """The chosen sides' records as plain rows, with the chunks' texts; other sides come from `saved`."""
-    from apiana_lab.experiments.compare import backend_options
+    from apiana_lab.experiments.engine import loaded
     from apiana_lab.experiments.measure import measure, sample_chunks
     from apiana_lab.export.synth import SAMPLE_PATH
-    from apiana_lab.providers.registry import get_provider
     from apiana_lab.summarize import ParallelSummarizerTransform, SummarizerTransform
 
     w = WORKLOADS[workload]
@@ -63,11 +62,11 @@ def generate(workload: str, sides, saved: dict | None) -> dict:
         print(workload, name, {k: figures.get(k) for k in ("wall_s", "completion_tokens")}, flush=True)
 
     if "old" in sides:
-        with get_provider("transformers", **backend_options("transformers", "float32", {})) as provider:
+        with loaded("transformers", dtype="float32") as provider:
             keep("old", *measure(SummarizerTransform(provider, max_length=w["max_length"]), chunks, config="old"))
     vllm_sides = [s for s in ("new", "cut", "transcript") if s in sides]
     if vllm_sides:
-        with get_provider("vllm", **backend_options("vllm", "auto", {})) as provider:
+        with loaded("vllm", dtype="auto") as provider:
             try:  # what the engine resolved "auto" to: bfloat16 where the CPU has it natively, else float32
                 out["vllm_dtype"] = str(provider.llm.llm_engine.model_config.dtype).removeprefix("torch.")
             except AttributeError:
@@ -118,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     results, markdown = [], ["# A/B quality tolerances on the sample, with the bundled model\n"]
     for workload in args.workloads.split(","):
-        saved_path = RESULTS_DIR / NAME / f"outputs-{workload}.json"
+        saved_path = results_root() / NAME / f"outputs-{workload}.json"
         saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else None
         if args.judge:
             outputs = saved
@@ -137,7 +136,7 @@ def main() -> None:
         markdown.append(f"## {workload}: {len(outputs['chunks'])} chunks at chunk size {outputs['chunk_size']}, "
                         f"max_length {outputs['max_length']}, vLLM dtype {outputs['vllm_dtype']}\n\n{table}\n\n"
                         f"Failed checks:\n{failed}\n")
-    write_results(NAME, "ab-quality", {"machine": machine(), "results": results}, "\n".join(markdown))
+    write_result(NAME, "ab-quality", {"machine": machine(), "results": results}, "\n".join(markdown))
     print("\n".join(markdown))
 
 

@@ -14,7 +14,8 @@ vLLM, one engine for every configuration, in this order on each workload:
   - pipeline defaults: `ParallelSummarizerTransform(provider)`, what `chatgpt-export-v2` runs;
   - `--batch-size 16`: the same streaming path with a window of 16;
   - batch path: `stream=False`, batches of 16 from 2 workers (what ran before streaming).
-The prefix cache is reset before each one. Also the time to the first finished summary.
+The engine is loaded with vLLM's benchmark options and its caches are reset before each one.
+Also the time to the first finished summary.
 
 Transformers: sequential (`--sequential`) against the default parallel transform on the first
 `--transformers-chunks` chunks of each workload.
@@ -26,15 +27,13 @@ with --skip-vllm, so a transformers-only run leaves the vLLM figures in place).
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
-import os
 import sys
-import time
 
-from apiana_lab.experiments.measure import measure, reset_engine_cache, workload_chunks
+from apiana_lab.experiments.engine import loaded
+from apiana_lab.experiments.measure import clock, sweep, workload_chunks
 
-from .common import machine, markdown_table, write_results
+from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 logger = logging.getLogger("apiana_lab.bench.ceiling")
 
@@ -54,14 +53,10 @@ def workloads(n_a: int, n_b: int, chosen=("a", "b")) -> dict:
 
 def ceiling(provider, transform, chunks: list, workload: str) -> dict:
     """`LLM.chat` with every prompt at once: the engine alone, with our prompts and sampling."""
-    reset_engine_cache(provider)
-    gc.collect()
-    load_before = os.getloadavg()[0]
     params = provider._sampling_params(transform.options)
     conversations = [transform.prompt(c) for c in chunks]
-    start = time.perf_counter()
-    outputs = provider.llm.chat(conversations, params, use_tqdm=False)
-    wall = time.perf_counter() - start
+    with clock(provider) as timed:
+        outputs = provider.llm.chat(conversations, params, use_tqdm=False)
     completion = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     return {
@@ -69,12 +64,12 @@ def ceiling(provider, transform, chunks: list, workload: str) -> dict:
         "config": "ceiling: LLM.chat(all)",
         "chunks": len(chunks),
         "failed": 0,
-        "wall_s": wall,
+        "wall_s": timed.wall_s,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "completion_tokens_per_s": completion / wall,
-        "first_result_s": wall,  # everything comes back together
-        "load_1m": "{:.1f}→{:.1f}".format(load_before, os.getloadavg()[0]),
+        "completion_tokens_per_s": completion / timed.wall_s,
+        "first_result_s": timed.wall_s,  # everything comes back together
+        "load_1m": timed.load_1m,
     }
 
 
@@ -86,57 +81,41 @@ def echo(row: dict) -> dict:
 
 
 def run_vllm(loads: dict, rows: list, facts: dict, checkpoint) -> None:
-    from apiana_lab.providers import GenerationOptions, get_provider
+    """The ceiling, then the pipeline's configurations, on one vLLM engine for each workload."""
     from apiana_lab.summarize import ParallelSummarizerTransform
 
-    start = time.perf_counter()
-    provider = get_provider("vllm")
-    facts["vllm_load_s"] = round(time.perf_counter() - start, 1)
-    facts["vllm_default_window"] = provider.default_window
-    provider.complete("Say hello.", GenerationOptions(max_tokens=4))  # warm-up
-    try:
+    timing: dict = {}
+    with loaded("vllm", facts=timing) as provider:
+        facts["vllm_load_s"] = round(timing["load_s"], 1)
+        facts["vllm_default_window"] = provider.default_window
         for workload, (chunks, max_tokens) in loads.items():
+            default = ParallelSummarizerTransform(provider, max_length=max_tokens)
             configs = [
-                ("pipeline defaults", ParallelSummarizerTransform(provider, max_length=max_tokens)),
+                ("ceiling", lambda: ceiling(provider, default, chunks, workload)),
+                ("pipeline defaults", default),
                 ("pipeline --batch-size 16", ParallelSummarizerTransform(provider, batch_size=16, max_length=max_tokens)),
                 ("batch path (16 x 2 workers)", ParallelSummarizerTransform(
                     provider, batch_size=16, max_workers=2, stream=False, max_length=max_tokens)),
             ]
-            rows.append(echo(ceiling(provider, configs[0][1], chunks, workload)))
-            checkpoint()
-            for config, transform in configs:
-                row, _ = measure(transform, chunks, config=config, workload=workload)
-                row["engine"] = "vllm"
-                rows.append(echo(row))
-                checkpoint()
-    finally:
-        provider.close()
-        del provider
-        gc.collect()
+            engine = [(label, run, {} if label == "ceiling" else {"engine": "vllm"}) for label, run in configs]
+            sweep(engine, chunks, workload=workload, rows=rows, on_row=lambda row: (echo(row), checkpoint()))
 
 
 def run_transformers(loads: dict, n: int, rows: list, facts: dict, checkpoint) -> None:
-    from apiana_lab.providers import GenerationOptions, get_provider
+    """Sequential against the default parallel transform, on the first `n` chunks of each workload."""
     from apiana_lab.summarize import ParallelSummarizerTransform, SummarizerTransform
 
-    provider = get_provider("transformers")
-    facts["transformers_max_batch_tokens"] = provider.max_batch_tokens
-    facts["transformers_default_window"] = provider.default_window
-    provider.complete("Say hello.", GenerationOptions(max_tokens=4))
-    try:
+    with loaded("transformers") as provider:
+        facts["transformers_max_batch_tokens"] = provider.max_batch_tokens
+        facts["transformers_default_window"] = provider.default_window
         for workload, (chunks, max_tokens) in loads.items():
-            chunks = chunks[:n]
-            for config, transform in (
-                ("transformers sequential", SummarizerTransform(provider, max_length=max_tokens)),
-                ("transformers parallel (defaults)", ParallelSummarizerTransform(provider, max_length=max_tokens)),
-            ):
-                row, _ = measure(transform, chunks, config=config, workload=workload)
-                row["engine"] = "transformers"
-                rows.append(echo(row))
-                checkpoint()
-    finally:
-        provider.close()
-        gc.collect()
+            configs = [
+                ("transformers sequential", SummarizerTransform(provider, max_length=max_tokens),
+                 {"engine": "transformers"}),
+                ("transformers parallel (defaults)", ParallelSummarizerTransform(provider, max_length=max_tokens),
+                 {"engine": "transformers"}),
+            ]
+            sweep(configs, chunks[:n], workload=workload, rows=rows, on_row=lambda row: (echo(row), checkpoint()))
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -209,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     def checkpoint():
         results["ratios"] = ratios(results["rows"])
         results["targets"] = targets(results["ratios"])
-        write_results("bench-ceiling", stem, results, render(results))
+        write_result("bench-ceiling", stem, results, render(results))
 
     loads = workloads(args.chunks_a, args.chunks_b, chosen)
     results["facts"]["workloads"] = {k: {"chunks": len(c), "prompt_tokens_per_chunk": round(sum(x.token_count for x in c) / len(c)),

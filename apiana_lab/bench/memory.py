@@ -5,7 +5,7 @@ the kernel (`wait4`'s rusage), so nothing in the measured process measures itsel
 backend answers instantly, so what is measured is reading, chunking, storing, the checkpoint,
 the to-do list and writing summaries: everything that could grow with the export.
 
-    python -m apiana_lab.bench.memory                 # 200 MB and 1 GB (about 5 minutes here)
+    python -m apiana_lab.bench.memory                 # 200 MB and 1 GB (wall times: results/bench-memory/memory.md)
     python -m apiana_lab.bench.memory --sizes 5 20    # a quick check
 """
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import machine, markdown_table, write_results
+from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 TARGET_PEAK_MB_AT_1GB = 1000.0
 TARGET_GROWTH = 1.3  # peak at the largest size / peak at the smallest
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         + "\n".join(f"- {k}: {'met' if v else 'NOT met'}" for k, v in results["targets"].items()) + "\n"
     )
     stem = "memory" if sorted(args.sizes) == [200, 1000] else "memory-" + "-".join(f"{s:g}" for s in sorted(args.sizes))
-    write_results("bench-memory", stem, results, markdown)
+    write_result("bench-memory", stem, results, markdown)
     print(markdown)
     return results
 

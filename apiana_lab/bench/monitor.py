@@ -18,14 +18,14 @@ Writes results/bench-monitor/monitor.json and .md (stats.*; *-quick.* with --qui
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import statistics
 import sys
-import time
 
-from .common import machine, markdown_table, write_results
+from apiana_lab.experiments.engine import loaded
+from apiana_lab.experiments.measure import measure, workload_chunks
+from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 logger = logging.getLogger("apiana_lab.bench.monitor")
 TARGET_MAX_COST = 0.02  # the monitor may cost at most 2% of throughput
@@ -41,33 +41,23 @@ def make_transform(provider, n: int, max_tokens: int):
 
 
 def timed_run(transform, chunks: list, monitor=None) -> dict:
-    """One run of the transform over the chunks, with a monitor sampling around it or not."""
-    gc.collect()
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
+    """One run of the transform over the chunks (the lab's `measure`), with a monitor sampling around it or not."""
     if monitor is not None:
         with monitor:
-            records = [r for _, r in transform.run(chunks, progress=monitor.progress)]
+            row, _ = measure(transform, chunks, monitor=monitor)
     else:
-        records = [r for _, r in transform.run(chunks)]
-    wall = time.perf_counter() - start
-    failures = [r for r in records if r.error is not None]
-    if failures:
-        raise RuntimeError(f"{len(failures)} of {len(records)} chunks failed ({failures[0].reason}: {failures[0].error}); "
-                           "the comparison needs identical work")
-    row = {
-        "wall_s": wall,
-        "completion_tokens": transform.stats.completion_tokens,
-        "completion_tokens_per_s": transform.stats.completion_tokens / wall,
-        "load_1m": f"{load_before:.1f}→{os.getloadavg()[0]:.1f}",
-    }
+        row, _ = measure(transform, chunks)
+    if row["failed"]:
+        raise RuntimeError(f"{row['failed']} of {row['chunks']} chunks failed ({row['failures_by_reason']}: "
+                           f"{row.get('first_failure')}); the comparison needs identical work")
+    out = {key: row[key] for key in ("wall_s", "completion_tokens", "completion_tokens_per_s", "load_1m")}
     if monitor is not None:
         samples = monitor.to_pandas()
-        row["samples"] = len(samples)
-        row["mean_sample_ms"] = float(samples["sample_ms"].mean())
-        row["mean_sample_cpu_ms"] = float(samples["sample_cpu_ms"].mean())
-        row["kv_cache_pct_peak"] = float(samples["kv_cache_pct"].max()) if "kv_cache_pct" in samples else None
-    return row
+        out["samples"] = len(samples)
+        out["mean_sample_ms"] = float(samples["sample_ms"].mean())
+        out["mean_sample_cpu_ms"] = float(samples["sample_cpu_ms"].mean())
+        out["kv_cache_pct_peak"] = float(samples["kv_cache_pct"].max()) if "kv_cache_pct" in samples else None
+    return out
 
 
 def pairs(repeats: int, a: str, b: str) -> list[tuple[str, str]]:
@@ -94,12 +84,9 @@ def summarize_pairs(rows: list[dict], base: str, other: str) -> dict:
 def monitor_cost(model, chunks: list, max_tokens: int, repeats: int, interval: float, rows: list, checkpoint) -> dict:
     """The same chunks with and without the monitor, on one engine with stats on."""
     from apiana_lab.monitor import MemoryMonitor
-    from apiana_lab.providers.vllm_backend import VLLMProvider
 
-    start = time.perf_counter()
-    provider = VLLMProvider(model, stats=True, enable_prefix_caching=False)
-    facts = {"load_s": round(time.perf_counter() - start, 1)}
-    try:
+    facts: dict = {}
+    with loaded("vllm", model, stats=True, facts=facts) as provider:
         transform = make_transform(provider, len(chunks), max_tokens)
         timed_run(transform, chunks)  # warm-up: first-run allocations are not throughput
         for r, order in enumerate(pairs(repeats, "without monitor", "with monitor")):
@@ -110,28 +97,20 @@ def monitor_cost(model, chunks: list, max_tokens: int, repeats: int, interval: f
                 print(f"  pair {r} {config:<16} {row['wall_s']:7.2f} s {row['completion_tokens_per_s']:8.1f} tok/s",
                       file=sys.stderr, flush=True)
                 checkpoint()
-    finally:
-        provider.close()
-    return facts
+    return {"load_s": round(facts["load_s"], 1)}
 
 
 def stats_cost(model, chunks: list, max_tokens: int, repeats: int, rows: list, checkpoint) -> dict:
     """Fresh engines with stats off and on, alternating, each measured after a warm-up run."""
-    from apiana_lab.providers.vllm_backend import VLLMProvider
-
     loads = []
     for r, order in enumerate(pairs(repeats, "stats off", "stats on")):
         for config in order:
-            start = time.perf_counter()
-            provider = VLLMProvider(model, stats=config == "stats on", enable_prefix_caching=False)
-            loads.append(time.perf_counter() - start)
-            try:
+            facts: dict = {}
+            with loaded("vllm", model, stats=config == "stats on", facts=facts) as provider:
+                loads.append(facts["load_s"])
                 transform = make_transform(provider, len(chunks), max_tokens)
                 timed_run(transform, chunks)  # warm-up
                 row = {"pair": r, "config": config, **timed_run(transform, chunks)}
-            finally:
-                provider.close()
-                gc.collect()
             rows.append(row)
             print(f"  pair {r} {config:<10} {row['wall_s']:7.2f} s {row['completion_tokens_per_s']:8.1f} tok/s",
                   file=sys.stderr, flush=True)
@@ -183,7 +162,7 @@ def save(results: dict, stem: str) -> str:
             results["summary"]["target_max_cost"] = TARGET_MAX_COST
             results["summary"]["met"] = results["summary"]["cost"] < TARGET_MAX_COST
     markdown = render_markdown(results)
-    write_results("bench-monitor", stem, results, markdown)
+    write_result("bench-monitor", stem, results, markdown)
     return markdown
 
 
@@ -200,8 +179,6 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from .summarize import workload_chunks
-
     n, max_tokens, repeats = (4, 16, 1) if args.quick else (args.chunks, args.max_tokens, args.repeats)
     # Real-length chunks (about 1,000-1,400 tokens), as a summarization run sends them.
     chunks, _ = workload_chunks(n)

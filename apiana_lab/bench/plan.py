@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import machine, markdown_table, write_results
+from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 TARGET_ERROR = 0.25
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Target: |error| ≤ {TARGET_ERROR:.0%} on summarizing: {results['target']['measured']:+.1%}, "
         f"{'met' if results['target']['met'] else 'NOT met'}.", "", "```", format_plan(plan), "```",
     ])
-    write_results("bench-plan", "plan", results, markdown)
+    write_result("bench-plan", "plan", results, markdown)
     print(markdown)
     return results
 

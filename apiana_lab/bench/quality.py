@@ -30,7 +30,7 @@ from apiana_lab.export.reader import read_export  # noqa: E402
 from apiana_lab.export.synth import SAMPLE_PATH  # noqa: E402
 from apiana_lab.quality import profile, summarize_profiles  # noqa: E402
 
-from .common import machine, markdown_table, write_results  # noqa: E402
+from apiana_lab.experiments.record import machine, markdown_table, write_result  # noqa: E402
 
 logger = logging.getLogger("apiana_lab.bench.quality")
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Rerun: `python -m apiana_lab.bench.quality`",
     ])
-    json_path, md_path = write_results("bench-quality", "quality", figures, md)
+    json_path, md_path = write_result("bench-quality", "quality", figures, md)
     logger.info("%d summaries in %.1f s (%.0f/s, %.2f ms each) on one core; wrote %s and %s",
                 args.summaries, wall, args.summaries / wall, 1000 * wall / args.summaries, json_path, md_path)
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from apiana_lab.quality import DEFAULT_THRESHOLDS, load_labels, score_flags
 
-from .common import machine, markdown_table, write_results
+from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 logger = logging.getLogger("apiana_lab.bench.quality_labels")
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Rerun: `python -m apiana_lab.bench.quality_labels`",
     ]
-    json_path, md_path = write_results("bench-quality", "labels", figures, "\n".join(md))
+    json_path, md_path = write_result("bench-quality", "labels", figures, "\n".join(md))
     logger.info("%s\n\nwrote %s and %s", "\n".join(md), json_path, md_path)
     return 0
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from ..ray_executor import start_cluster
-from .common import machine, markdown_table, write_results
+from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 TARGET_RATIO = 1.8  # two worker nodes against one
 
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Ray's overhead against the same provider locally: **{figures['overhead_ms_per_chunk']:.2f} ms per chunk** "
         f"after startup, {figures['overhead_ms_per_chunk_with_startup']:.2f} ms per chunk counting the replicas' startup.\n"
     )
-    json_path, md_path = write_results("bench-ray", "ray_scaling-quick" if args.quick else "ray_scaling", results, markdown)
+    json_path, md_path = write_result("bench-ray", "ray_scaling-quick" if args.quick else "ray_scaling", results, markdown)
     print(markdown)
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return results
@@ -247,7 +247,7 @@ def main_ray_data_llm(chunks: int = 24) -> dict:
         ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
     results = {"benchmark": "ray_data_llm", "machine": machine(), "ray_version": ray.__version__, **figures}
-    json_path, md_path = write_results("bench-ray", "ray_data_llm", results, ray_data_llm_markdown(results))
+    json_path, md_path = write_result("bench-ray", "ray_data_llm", results, ray_data_llm_markdown(results))
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return results

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from apiana_lab.bench.common import machine, markdown_table, write_results
+from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 TRIES = [  # (name, RunConfig fields for the redo)
     ("sampling, temperature 0.7, seed 1", {"temperature": 0.7, "seed": 1}),
@@ -28,7 +28,7 @@ TRIES = [  # (name, RunConfig fields for the redo)
 def main() -> None:
     from apiana_lab.export.synth import SAMPLE_PATH
     from apiana_lab.pipeline import RunConfig, run_export
-    from apiana_lab.providers.registry import get_provider
+    from apiana_lab.experiments.engine import loaded
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="vllm")
@@ -37,7 +37,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="apiana-redo-"))
     base = dict(input=str(SAMPLE_PATH), backend=args.backend, max_length=args.max_length)
     rows = []
-    with get_provider(args.backend) as provider:
+    with loaded(args.backend) as provider:
         first = run_export(RunConfig(output=str(work / "greedy"), **base), provider=provider)
         before = first["quality"]
         rows.append({"options": "greedy (the first run)", "redone": None, **_figures(before)})
@@ -58,7 +58,7 @@ def main() -> None:
                 f"{args.max_length})\n\nThe first row is the greedy run; every other row is one `--redo flagged` on a "
                 f"copy of it, keeping per chunk the version with the fewest flags.\n\n{table}\n\n"
                 f"Rerun: `python -m apiana_lab.bench.redo --backend {args.backend} --max-length {args.max_length}`\n")
-    write_results("bench-redo", "redo", {"machine": machine(), "rows": rows}, markdown)
+    write_result("bench-redo", "redo", {"machine": machine(), "rows": rows}, markdown)
     print(markdown)
 
 

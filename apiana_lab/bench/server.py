@@ -19,66 +19,42 @@ import logging
 import os
 import signal
 import sys
-import threading
 
-from ..providers.vllm_server import VLLMServer
-from .common import machine, markdown_table, write_results
+from apiana_lab.experiments.engine import loaded
+from apiana_lab.experiments.measure import sweep
+from apiana_lab.experiments.record import machine, markdown_table, write_result
+from apiana_lab.providers.vllm_server import VLLMServer
+
+from .summarize import echo
 
 logger = logging.getLogger("apiana_lab.bench.server")
 
 TARGET_RATIO = 0.9  # best server concurrency against offline vLLM, output tokens/s
 
 
-class _RunningSampler:
-    """Polls the server's /metrics in a thread while a measurement runs: how many requests it really ran at once."""
-
-    def __init__(self, provider, every: float = 0.2):
-        self.provider, self.every = provider, every
-        self.running: list[float] = []
-        self.waiting: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="metrics-sampler", daemon=True)
-
-    def _loop(self):
-        while not self._stop.wait(self.every):
-            m = self.provider.engine_metrics()
-            if m:
-                self.running.append(m.get("num_requests_running", 0.0))
-                self.waiting.append(m.get("num_requests_waiting", 0.0))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 def measure_offline(provider, chunks: list, max_tokens: int, label: str) -> dict:
     """Offline vLLM through the pipeline's transform, every chunk in flight at once (its window is the chunk count)."""
     from apiana_lab.summarize import ParallelSummarizerTransform
 
-    from .summarize import measure
-
     transform = ParallelSummarizerTransform(provider, max_workers=1, batch_size=len(chunks), max_length=max_tokens, ignore_eos=True)
-    row = measure(label, "a", transform, chunks)
+    row = sweep([(label, transform)], chunks, workload="a", on_row=echo)[0]
     row["in_flight"] = len(chunks)
     return row
 
 
 def measure_server(provider, chunks: list, max_tokens: int, concurrency: int) -> dict:
     """The openai backend with `concurrency` requests in flight, the server's own queue sampled meanwhile."""
+    from apiana_lab.monitor import MemoryMonitor
     from apiana_lab.summarize import ParallelSummarizerTransform
 
-    from .summarize import measure
-
     transform = ParallelSummarizerTransform(provider, max_workers=concurrency, max_length=max_tokens, ignore_eos=True)
-    with _RunningSampler(provider) as sampler:
-        row = measure(f"server, {concurrency} in flight", "a", transform, chunks)
+    # The monitor's engine source reads the server's /metrics: how many requests it really ran at once.
+    with MemoryMonitor(provider, interval=0.2, gpu=False) as watch:
+        row = sweep([(f"server, {concurrency} in flight", transform)], chunks, workload="a", on_row=echo)[0]
+    samples = watch.to_pandas()
     row["in_flight"] = min(concurrency, len(chunks))
-    row["server_running_max"] = max(sampler.running, default=None)
-    row["server_waiting_max"] = max(sampler.waiting, default=None)
+    for column, key in (("requests_running", "server_running_max"), ("requests_waiting", "server_waiting_max")):
+        row[key] = float(samples[column].max()) if column in samples and samples[column].notna().any() else None
     return row
 
 
@@ -129,7 +105,7 @@ def save(results: dict, stem: str) -> str:
     """Ratios from what is measured so far, written to results/bench-server/."""
     add_ratios(results)
     markdown = render_markdown(results)
-    write_results("bench-server", stem, results, markdown)
+    write_result("bench-server", stem, results, markdown)
     return markdown
 
 
@@ -150,9 +126,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from apiana_lab.experiments.measure import workload_chunks
     from apiana_lab.models import resolve_model
-    from apiana_lab.providers import GenerationOptions
-    from apiana_lab.providers.openai_backend import OpenAIProvider
-    from apiana_lab.providers.vllm_backend import VLLMProvider
 
     n, max_tokens = (4, 16) if args.quick else (args.chunks, args.max_tokens)
     levels = [1, 4] if args.quick else [int(c) for c in args.concurrency.split(",")]
@@ -163,34 +136,32 @@ def main(argv: list[str] | None = None) -> dict:
                "settings": {"chunks": n, "max_tokens": max_tokens, "concurrency": levels, "dtype": args.dtype, "model": model,
                             "chunk_tokens": [min(c.token_count for c in chunks), max(c.token_count for c in chunks)],
                             "prefix_caching": False, "forced_length": True}}
-    warm = GenerationOptions(max_tokens=4)
 
     # Both engines stay up together (2 GiB of KV cache each), so offline can run again after the
     # server rows: an idle engine waits on its queue and takes no CPU from the other.
     print("offline vLLM: loading", file=sys.stderr, flush=True)
-    offline = VLLMProvider(model, max_model_len=4096, dtype=args.dtype, enable_prefix_caching=False)
     server = None
-    try:
-        offline.complete("Say hello.", warm)  # lazy initialisation is not throughput
-        dtype = str(offline.llm.llm_engine.model_config.dtype).removeprefix("torch.")
-        results["settings"]["offline_dtype"] = dtype
-        # The server gets the dtype the offline engine resolved: "auto" means float32 to VLLMProvider on a CPU
-        # without native bfloat16, but bfloat16 to a bare server, which would then run many times slower.
-        server = VLLMServer(model, ["--max-model-len", "4096", "--enforce-eager", "--dtype", dtype, "--no-enable-prefix-caching"])
-        print(f"vLLM server: starting ({server.log_path})", file=sys.stderr, flush=True)
-        server.start()
-        with OpenAIProvider(base_url=server.base_url) as remote:
-            remote.complete("Say hello.", warm)
-            results["rows"].append(measure_offline(offline, chunks, max_tokens, "offline vLLM (before)"))
-            save(results, stem)
-            for level in levels:
-                results["rows"].append(measure_server(remote, chunks, max_tokens, level))
+    # Prefix caching off on both sides, named here because the server's flags must match it.
+    with loaded("vllm", model, dtype=args.dtype, max_model_len=4096, enable_prefix_caching=False) as offline:
+        try:
+            dtype = str(offline.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+            results["settings"]["offline_dtype"] = dtype
+            # The server gets the dtype the offline engine resolved: "auto" means float32 to VLLMProvider on a CPU
+            # without native bfloat16, but bfloat16 to a bare server, which would then run many times slower.
+            server = VLLMServer(model, ["--max-model-len", "4096", "--enforce-eager", "--dtype", dtype,
+                                        "--no-enable-prefix-caching"])
+            print(f"vLLM server: starting ({server.log_path})", file=sys.stderr, flush=True)
+            server.start()
+            with loaded("openai", base_url=server.base_url) as remote:
+                results["rows"].append(measure_offline(offline, chunks, max_tokens, "offline vLLM (before)"))
                 save(results, stem)
-            results["rows"].append(measure_offline(offline, chunks, max_tokens, "offline vLLM (after)"))
-    finally:
-        if server is not None:
-            server.stop()
-        offline.close()
+                for level in levels:
+                    results["rows"].append(measure_server(remote, chunks, max_tokens, level))
+                    save(results, stem)
+                results["rows"].append(measure_offline(offline, chunks, max_tokens, "offline vLLM (after)"))
+        finally:
+            if server is not None:
+                server.stop()
     results["server_log"] = str(server.log_path)
     results["complete"] = True
     markdown = save(results, stem)

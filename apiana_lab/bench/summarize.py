@@ -19,10 +19,10 @@ import os
 import sys
 import time
 
-from apiana_lab.experiments.measure import SHORT_SYSTEM, SHORT_TEMPLATE, workload_chunks
-from apiana_lab.experiments.measure import measure as measure_run
+from apiana_lab.experiments.engine import loaded
+from apiana_lab.experiments.measure import SHORT_SYSTEM, SHORT_TEMPLATE, sweep, workload_chunks
 
-from .common import machine, markdown_table, write_results
+from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 logger = logging.getLogger("apiana_lab.bench.summarize")
 
@@ -75,12 +75,10 @@ def cpu_limits(n: int) -> dict:
     }
 
 
-def measure(config: str, workload: str, transform, chunks: list) -> dict:
-    """One configuration's figures (the shared implementation), echoed to stderr as it goes."""
-    row, _ = measure_run(transform, chunks, config=config, workload=workload)
-    print(f"  [{workload}] {config:<28} {row['wall_s']:8.1f} s  {row['completion_tokens']:6d} new tokens  "
+def echo(row: dict) -> None:
+    """One measured configuration, on stderr as it goes."""
+    print(f"  [{row['workload']}] {row['config']:<28} {row['wall_s']:8.1f} s  {row['completion_tokens']:6d} new tokens  "
           f"{row['completion_tokens_per_s']:7.1f} tok/s  {row['failed']} failed", file=sys.stderr, flush=True)
-    return row
 
 
 def transforms(provider, n: int, max_tokens: int, prompts: dict, engine: str) -> list[tuple[str, object]]:
@@ -96,45 +94,39 @@ def transforms(provider, n: int, max_tokens: int, prompts: dict, engine: str) ->
     return [("vllm parallel", ParallelSummarizerTransform(provider, max_workers=1, batch_size=n, max_length=max_tokens, **prompts))]
 
 
+def engine_facts(provider, engine: str) -> dict:
+    """What decides the figures of this engine: dtype, and the model's size (transformers) or context (vLLM)."""
+    if engine == "transformers":
+        model = provider.models[0]
+        cfg = model.config
+        return {"dtype": str(provider.dtype), "n_params": sum(p.numel() for p in model.parameters()),
+                "embedding_params": model.get_input_embeddings().weight.numel(),
+                "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
+    return {"dtype": str(provider.llm.llm_engine.model_config.dtype), "max_model_len": provider.max_context,
+            "VLLM_CPU_KVCACHE_SPACE_GiB": os.environ.get("VLLM_CPU_KVCACHE_SPACE")}
+
+
 def run_engine(engine: str, workloads: dict, n: int, rows: list, facts: dict, checkpoint=lambda: None) -> None:
     """Load one engine, run every configuration of it on both workloads, then free it.
 
     `checkpoint` is called after each measurement, so a run cut short still leaves its figures.
     """
-    from apiana_lab.providers import GenerationOptions, get_provider
-
-    start = time.perf_counter()
-    provider = get_provider(engine)
-    facts["load_s"] = round(time.perf_counter() - start, 1)
-    provider.complete("Say hello.", GenerationOptions(max_tokens=4))  # warm-up: lazy init is not throughput
-    if engine == "transformers":
-        model = provider.models[0]
-        facts["dtype"] = str(provider.dtype)
-        facts["n_params"] = sum(p.numel() for p in model.parameters())
-        facts["embedding_params"] = model.get_input_embeddings().weight.numel()
-        cfg = model.config
-        facts["layers"], facts["hidden"] = cfg.num_hidden_layers, cfg.hidden_size
-    else:
-        facts["dtype"] = str(provider.llm.llm_engine.model_config.dtype)
-        facts["max_model_len"] = provider.max_context
-        facts["VLLM_CPU_KVCACHE_SPACE_GiB"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    try:
+    timing: dict = {}
+    with loaded(engine, facts=timing) as provider:
+        facts["load_s"] = round(timing["load_s"], 1)
+        facts.update(engine_facts(provider, engine))
         for name, (chunks, max_tokens, prompts, force) in workloads.items():
-            for config, transform in transforms(provider, n, max_tokens, prompts, engine):
+            configs = transforms(provider, n, max_tokens, prompts, engine)
+            for _, transform in configs:
                 if force:
                     transform.options = transform.options.replace(ignore_eos=True)
-                rows.append(measure(config, name, transform, chunks))
-                checkpoint()
+            sweep(configs, chunks, workload=name, rows=rows, on_row=lambda row: (echo(row), checkpoint()))
         if engine == "vllm":
             # Prefill alone: the same (a) prompts with one new token.
             chunks, _, prompts, _ = workloads["a"]
             _, transform = transforms(provider, n, 1, prompts, engine)[0]
-            rows.append(measure("vllm prefill (max_tokens=1)", "a", transform, chunks))
-            checkpoint()
-    finally:
-        provider.close()
-        del provider
-        gc.collect()
+            sweep([("vllm prefill (max_tokens=1)", transform)], chunks, workload="a", rows=rows,
+                  on_row=lambda row: (echo(row), checkpoint()))
 
 
 def orchestration(n: int, short_chunks: list, batch_size: int, max_workers: int) -> dict:
@@ -252,7 +244,7 @@ def save(results: dict, stem: str) -> str:
         }
     results["prefill"] = prefill_figures(results["rows"], results["engines"]["transformers"], results.get("cpu_matmul_gflops"))
     markdown = render_markdown(results)
-    write_results("bench-summarize", stem, results, markdown)
+    write_result("bench-summarize", stem, results, markdown)
     return markdown
 
 

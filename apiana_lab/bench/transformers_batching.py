@@ -15,14 +15,14 @@ what a user waits. Writes results/bench-transformers/batching.json and .md
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
 import time
 
-from .common import machine, markdown_table, write_results
-from .summarize import SHORT_SYSTEM, SHORT_TEMPLATE, workload_chunks
+from apiana_lab.experiments.engine import loaded
+from apiana_lab.experiments.measure import SHORT_SYSTEM, SHORT_TEMPLATE, clock, sweep, workload_chunks
+from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 logger = logging.getLogger("apiana_lab.bench.transformers_batching")
 
@@ -33,18 +33,18 @@ def run_config(provider, prompts: list, options, budget: int | None) -> tuple[di
     """One configuration over all prompts (budget None: one prompt at a time): its figures and texts."""
     from apiana_lab.providers.transformers_backend import micro_batches
 
-    gc.collect()
-    load_before = os.getloadavg()[0]
-    wall, cpu = time.perf_counter(), time.process_time()
-    if budget is None:
-        results = [provider.complete(p, options) for p in prompts]
-        shapes = [1] * len(prompts)
-    else:
-        provider.max_batch_tokens = budget or 10**12
-        results = provider.complete_batch(prompts, options)
-        lengths = sorted((r.prompt_tokens for r in results), reverse=True)
-        shapes = [len(g) for g in micro_batches(lengths, options.max_tokens, provider.max_batch_tokens)]
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    with clock(provider) as timed:
+        cpu = time.process_time()
+        if budget is None:
+            results = [provider.complete(p, options) for p in prompts]
+            shapes = [1] * len(prompts)
+        else:
+            provider.max_batch_tokens = budget or 10**12
+            results = provider.complete_batch(prompts, options)
+            lengths = sorted((r.prompt_tokens for r in results), reverse=True)
+            shapes = [len(g) for g in micro_batches(lengths, options.max_tokens, provider.max_batch_tokens)]
+        cpu = time.process_time() - cpu
+    wall = timed.wall_s
     tokens = sum(r.completion_tokens for r in results)
     return {
         "budget": "sequential" if budget is None else ("unbounded" if budget == 0 else budget),
@@ -55,28 +55,28 @@ def run_config(provider, prompts: list, options, budget: int | None) -> tuple[di
         "completion_tokens_per_cpu_s": tokens / cpu,
         "micro_batches": len(shapes),
         "rows": f"{max(shapes)}-{min(shapes)}" if len(set(shapes)) > 1 else str(shapes[0]),
-        "load_1m": "{:.1f}→{:.1f}".format(load_before, os.getloadavg()[0]),
+        "load_1m": timed.load_1m,
     }, [r.text for r in results]
 
 
-def sweep(provider, name: str, prompts: list, options, budgets: list[int], rows: list, checkpoint) -> None:
+def sweep_budgets(provider, name: str, prompts: list, options, budgets: list[int], rows: list, checkpoint) -> None:
     """Sequential first, then every budget, on the same prompts; ratios against sequential."""
-    base, base_texts = run_config(provider, prompts, options, None)
-    base.update(workload=name, x_sequential_wall=1.0, x_sequential_cpu=1.0, same_texts=len(prompts))
-    rows.append(base)
-    _log(base)
-    checkpoint()
-    for budget in budgets:
+    base: dict = {}
+
+    def point(budget):
         row, texts = run_config(provider, prompts, options, budget)
-        row.update(
-            workload=name,
-            x_sequential_wall=row["completion_tokens_per_s"] / base["completion_tokens_per_s"],
-            x_sequential_cpu=row["completion_tokens_per_cpu_s"] / base["completion_tokens_per_cpu_s"],
-            same_texts=sum(a == b for a, b in zip(texts, base_texts)),
-        )
-        rows.append(row)
-        _log(row)
-        checkpoint()
+        if budget is None:
+            base.update(row=row, texts=texts)
+            return {**row, "workload": name, "x_sequential_wall": 1.0, "x_sequential_cpu": 1.0,
+                    "same_texts": len(prompts)}
+        first = base["row"]
+        return {**row, "workload": name,
+                "x_sequential_wall": row["completion_tokens_per_s"] / first["completion_tokens_per_s"],
+                "x_sequential_cpu": row["completion_tokens_per_cpu_s"] / first["completion_tokens_per_cpu_s"],
+                "same_texts": sum(a == b for a, b in zip(texts, base["texts"]))}
+
+    points = [(str(b), lambda b=b: point(b)) for b in [None, *budgets]]
+    sweep(points, rows=rows, on_row=lambda row: (_log(row), checkpoint()))
 
 
 def _log(row: dict) -> None:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--load-format", default="auto", help="'dummy': random weights of the model's shape")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice). On a busy shared machine use 1: threads that "
-                             "wait on each other at every op's barrier made a forward pass 16x slower here")
+                             "wait on each other at every op's barrier slow every forward pass down")
     parser.add_argument("--quick", action="store_true", help="3 prompts, 8 new tokens: checks the script works")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -129,7 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from apiana_lab.providers import GenerationOptions
-    from apiana_lab.providers.transformers_backend import TransformersProvider
     from apiana_lab.summarize import SummarizerTransform
 
     if args.threads:
@@ -137,33 +136,32 @@ def main(argv: list[str] | None = None) -> dict:
 
     n = 3 if args.quick else args.chunks
     max_a, max_b = (8, 8) if args.quick else (args.max_tokens_a, args.max_tokens_b)
-    provider = TransformersProvider(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format)
-    default = provider.max_batch_tokens
-    budgets = [default if b.strip() == "default" else int(b) for b in args.budgets.split(",")]
-    stem = ("batching-quick" if args.quick else "batching") + ("" if args.workloads == "a,b" else "-" + args.workloads.replace(",", ""))
-    results = {"benchmark": "transformers_batching", "complete": False, "machine": machine(),
-               "model": provider.model, "device": provider.devices[0], "dtype": str(provider.dtype),
-               "default_max_batch_tokens": default, "torch_threads": torch.get_num_threads(),
-               "settings": {"chunks": n, "max_tokens_a": max_a, "max_tokens_b": max_b, "budgets": budgets}, "rows": []}
+    with loaded("transformers", args.model, dtype=args.dtype, device=args.device,
+                load_format=args.load_format) as provider:
+        default = provider.max_batch_tokens
+        budgets = [default if b.strip() == "default" else int(b) for b in args.budgets.split(",")]
+        stem = (("batching-quick" if args.quick else "batching")
+                + ("" if args.workloads == "a,b" else "-" + args.workloads.replace(",", "")))
+        results = {"benchmark": "transformers_batching", "complete": False, "machine": machine(),
+                   "model": provider.model, "device": provider.devices[0], "dtype": str(provider.dtype),
+                   "default_max_batch_tokens": default, "torch_threads": torch.get_num_threads(),
+                   "settings": {"chunks": n, "max_tokens_a": max_a, "max_tokens_b": max_b, "budgets": budgets},
+                   "rows": []}
 
-    def checkpoint():
-        write_results("bench-transformers", stem, results, render_markdown(results))
+        def checkpoint():
+            write_result("bench-transformers", stem, results, render_markdown(results))
 
-    real, short = workload_chunks(n)
-    long_prompts = SummarizerTransform(provider)
-    short_prompts = SummarizerTransform(provider, system_prompt=SHORT_SYSTEM, user_template=SHORT_TEMPLATE)
-    workloads = {
-        "a": ([long_prompts.prompt(c) for c in real], GenerationOptions(max_tokens=max_a)),
-        "b": ([short_prompts.prompt(c) for c in short], GenerationOptions(max_tokens=max_b, ignore_eos=True)),
-    }
-    provider.complete("Say hello.", GenerationOptions(max_tokens=4))  # warm-up: lazy init is not throughput
-    try:
+        real, short = workload_chunks(n)
+        long_prompts = SummarizerTransform(provider)
+        short_prompts = SummarizerTransform(provider, system_prompt=SHORT_SYSTEM, user_template=SHORT_TEMPLATE)
+        workloads = {
+            "a": ([long_prompts.prompt(c) for c in real], GenerationOptions(max_tokens=max_a)),
+            "b": ([short_prompts.prompt(c) for c in short], GenerationOptions(max_tokens=max_b, ignore_eos=True)),
+        }
         for name in args.workloads.split(","):
             prompts, options = workloads[name]
             print(f"({name}) {len(prompts)} prompts, max_tokens {options.max_tokens}", file=sys.stderr, flush=True)
-            sweep(provider, name, prompts, options, budgets, results["rows"], checkpoint)
-    finally:
-        provider.close()
+            sweep_budgets(provider, name, prompts, options, budgets, results["rows"], checkpoint)
     results["targets"] = {
         f"{r['workload']}: default budget": {"target_min": TARGETS[r["workload"]], "measured": r["x_sequential_wall"],
                                              "met": r["x_sequential_wall"] >= TARGETS[r["workload"]]}

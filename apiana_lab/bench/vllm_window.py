@@ -6,21 +6,21 @@ One engine with `max_num_seqs` shrunk to `--slots`, so that a window of a few ti
 is cheap to measure on a CPU (the default, 256 slots, would need thousands of prompts). Short
 prompts with natural summary lengths: sequences finish at different steps, and each finished
 slot must be refilled. The ceiling is `vllm.LLM.generate` with every prompt at once (through
-`complete_batch`); each window runs `stream` over the same prompts. Prefix caching is off, so
-no run reuses another's prefill. Writes results/bench-vllm-window/window.json and .md.
+`complete_batch`); each window runs `stream` over the same prompts. With vLLM's benchmark options
+prefix caching is off, so no run reuses another's prefill. Writes results/bench-vllm-window/window.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
 import time
 
-from .common import machine, markdown_table, write_results
-from .summarize import SHORT_SYSTEM, SHORT_TEMPLATE, workload_chunks
+from apiana_lab.experiments.engine import loaded
+from apiana_lab.experiments.measure import SHORT_SYSTEM, SHORT_TEMPLATE, clock, sweep, workload_chunks
+from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 logger = logging.getLogger("apiana_lab.bench.vllm_window")
 
@@ -29,18 +29,15 @@ MULTIPLES = (0.5, 1, 2, 4)  # windows, in engine slots
 
 def run(provider, prompts: list, options, window: int | None) -> dict:
     """The ceiling (window None: every prompt at once) or one stream with this window."""
-    gc.collect()
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    if window is None:
-        results = provider.complete_batch(prompts, options)
-        first = time.perf_counter() - start  # a batch returns everything at once
-    else:
-        results, first = [], None
-        for _, completion in provider.stream(((str(i), p) for i, p in enumerate(prompts)), options, window=window):
-            first = first if first is not None else time.perf_counter() - start
-            results.append(completion)
-    wall = time.perf_counter() - start
+    with clock(provider) as timed:
+        if window is None:
+            results = provider.complete_batch(prompts, options)
+            first = time.perf_counter() - timed.start  # a batch returns everything at once
+        else:
+            results, first = [], None
+            for _, completion in provider.stream(((str(i), p) for i, p in enumerate(prompts)), options, window=window):
+                first = first if first is not None else time.perf_counter() - timed.start
+                results.append(completion)
     failed = [r for r in results if isinstance(r, Exception)]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0]}")
@@ -48,11 +45,11 @@ def run(provider, prompts: list, options, window: int | None) -> dict:
     return {
         "config": "ceiling: generate(all)" if window is None else f"stream, window {window}",
         "window": window,
-        "wall_s": wall,
+        "wall_s": timed.wall_s,
         "first_result_s": first,
         "completion_tokens": tokens,
-        "completion_tokens_per_s": tokens / wall,
-        "load_1m": "{:.1f}→{:.1f}".format(load_before, os.getloadavg()[0]),
+        "completion_tokens_per_s": tokens / timed.wall_s,
+        "load_1m": timed.load_1m,
     }
 
 
@@ -68,36 +65,33 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from apiana_lab.providers import GenerationOptions
-    from apiana_lab.providers.vllm_backend import VLLMProvider
     from apiana_lab.summarize import SummarizerTransform
 
     slots, n, max_tokens, repeats = (2, 6, 8, 1) if args.quick else (args.slots, args.chunks, args.max_tokens, args.repeats)
     windows = [None] + sorted({max(1, int(m * slots)) for m in MULTIPLES})
     _, short = workload_chunks(n)
     stem = "window-quick" if args.quick else "window"
-    provider = VLLMProvider(max_model_len=2048, max_num_seqs=slots, enable_prefix_caching=False)
-    results = {"benchmark": "vllm_window", "complete": False, "machine": machine(),
-               "settings": {"slots": slots, "chunks": n, "max_tokens": max_tokens, "repeats": repeats,
-                            "dtype": str(provider.llm.llm_engine.model_config.dtype)},
-               "rows": []}
-    try:
-        prompts = [SummarizerTransform(provider, system_prompt=SHORT_SYSTEM, user_template=SHORT_TEMPLATE).prompt(c) for c in short]
+    with loaded("vllm", max_model_len=2048, max_num_seqs=slots) as provider:
+        results = {"benchmark": "vllm_window", "complete": False, "machine": machine(),
+                   "settings": {"slots": slots, "chunks": n, "max_tokens": max_tokens, "repeats": repeats,
+                                "dtype": str(provider.llm.llm_engine.model_config.dtype)},
+                   "rows": []}
+        short_prompts = SummarizerTransform(provider, system_prompt=SHORT_SYSTEM, user_template=SHORT_TEMPLATE)
+        prompts = [short_prompts.prompt(c) for c in short]
         options = GenerationOptions(max_tokens=max_tokens)
-        provider.complete("Say hello.", GenerationOptions(max_tokens=4))  # warm-up
-        for r in range(repeats):
-            for window in windows:
-                row = run(provider, prompts, options, window)
-                row["pass"] = r + 1
-                results["rows"].append(row)
-                print(f"  pass {r + 1} {row['config']:<24} {row['wall_s']:6.1f} s  {row['completion_tokens_per_s']:6.1f} tok/s",
-                      file=sys.stderr, flush=True)
-                write_results("bench-vllm-window", stem, results, render_markdown(results))
-    finally:
-        provider.close()
+
+        def echo(row: dict) -> None:
+            print(f"  pass {row['pass']} {row['config']:<24} {row['wall_s']:6.1f} s  "
+                  f"{row['completion_tokens_per_s']:6.1f} tok/s", file=sys.stderr, flush=True)
+            write_result("bench-vllm-window", stem, results, render_markdown(results))
+
+        points = [(f"window {w}", lambda w=w: run(provider, prompts, options, w), {"pass": r + 1})
+                  for r in range(repeats) for w in windows]
+        sweep(points, rows=results["rows"], on_row=echo)
     results["summary"] = summarize(results["rows"], slots)
     results["complete"] = True
     markdown = render_markdown(results)
-    write_results("bench-vllm-window", stem, results, markdown)
+    write_result("bench-vllm-window", stem, results, markdown)
     print(markdown)
     return results
 

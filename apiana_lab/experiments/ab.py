@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from apiana_lab.summarize import quantile
+
 from ..errors import ApianaError, ConfigError
 
 
@@ -155,8 +157,8 @@ def compare(old: list[dict], new: list[dict], chunk_ids: list[str] | None = None
         "failed_new": sum(r["failed_new"] for r in rows),
         "exact_match_rate": _share(r["exact"] for r in compared),
         "similarity_mean": statistics.fmean(sims) if sims else None,
-        "similarity_p10": _quantile(sims, 0.10),
-        "similarity_median": _quantile(sims, 0.50),
+        "similarity_p10": quantile(sims, 0.10),
+        "similarity_median": quantile(sims, 0.50),
         "similarity_min": sims[0] if sims else None,
         "length_ratio_median": statistics.median(ratios) if ratios else None,
         "finish_agreement": _share(r["finish_old"] == r["finish_new"] for r in compared),
@@ -311,13 +313,12 @@ def run_migration(chunks, old: dict, new: dict, *, model: str | None = None, **k
     `old`, `new`: {"backend", "dtype", "engine_options"}. Each engine is loaded in turn and
     freed before the next, so the two never share memory. `kwargs` go to `migrate`.
     """
-    from ..providers.registry import get_provider
-    from .compare import backend_options
+    from apiana_lab.experiments.engine import loaded
 
     sides = []
     for side in (old, new):
-        options = backend_options(side["backend"], side.get("dtype"), side.get("engine_options"))
-        with get_provider(side["backend"], model=model, **options) as provider:
+        options = dict(side.get("engine_options") or {})
+        with loaded(side["backend"], model, dtype=options.pop("dtype", side.get("dtype")), **options) as provider:
             sides.append(_run_side(provider, chunks, sequential=not sides, **kwargs))
     changed = any(old.get(k) != new.get(k) for k in ("backend", "dtype", "engine_options"))
     return _judge(chunks, *sides[0], *sides[1], kwargs.get("thresholds"), migration=changed)
@@ -358,8 +359,7 @@ def run_ab_on_backend(chunks, backend: str, *, model: str | None = None, dtype: 
     With `new_backend`, `new_dtype` or `new_engine_options`, the new side runs on that engine
     instead (`run_migration`).
     """
-    from ..providers.registry import get_provider
-    from .compare import backend_options
+    from apiana_lab.experiments.engine import loaded
 
     if new_backend or new_dtype or new_engine_options:
         kwargs = {k: v for k, v in kwargs.items() if not (k.startswith("new_") and not v)}  # unset: unchanged
@@ -371,7 +371,8 @@ def run_ab_on_backend(chunks, backend: str, *, model: str | None = None, dtype: 
             raise ConfigError(f"{', '.join(sorted(unknown))} cannot be combined with another engine on the new side; "
                               f"change one thing at a time.")
         return run_migration(chunks, old, new, model=model, **kwargs)
-    with get_provider(backend, model=model, **backend_options(backend, dtype, engine_options)) as provider:
+    options = dict(engine_options or {})
+    with loaded(backend, model, dtype=options.pop("dtype", dtype), **options) as provider:
         return run_ab(chunks, provider, **kwargs)
 
 
@@ -458,14 +459,6 @@ def profiled_rows(records, chunks) -> list[dict]:
 def _share(flags) -> float | None:
     flags = list(flags)
     return sum(flags) / len(flags) if flags else None
-
-
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def _at_least(value, threshold) -> bool:

@@ -14,28 +14,42 @@ import os
 from datetime import date
 from pathlib import Path
 
-from ..errors import ConfigError, ParameterError
-from ..providers.registry import BACKENDS, check_options
+from apiana_lab import chunking
+from apiana_lab.errors import ApianaError, ConfigError, ParameterError
+from apiana_lab.providers.registry import backend_names, check_options, provider_class
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXPORT_KINDS = ("a ChatGPT conversations.json, the export .zip, a folder of conversations-NNN.json shards, "
                 "or a Claude conversations.json")
 
 
 # -- the small checks -----------------------------------------------------------------------
+def dtypes() -> tuple[str, ...]:
+    """The weight dtypes the backends declare, "auto" (the backend's choice) first; others ignore the dtype."""
+    out = ["auto"]
+    for backend in backend_names():
+        try:
+            declared = provider_class(backend).dtypes
+        except ApianaError:  # a plugin that cannot load here declares nothing
+            continue
+        out += [d for d in declared if d not in out]
+    return tuple(out)
+
+
 def check_backend(value, name: str = "backend") -> str:
     """A registered backend's name."""
-    if not isinstance(value, str) or value not in BACKENDS:
-        close = difflib.get_close_matches(str(value), BACKENDS, n=1)
+    names = backend_names()
+    if not isinstance(value, str) or value not in names:
+        close = difflib.get_close_matches(str(value), names, n=1)
         problem = "unknown backend" + (f" (did you mean {close[0]!r}?)" if close else "")
-        raise ParameterError(name, value, problem, "one of " + ", ".join(BACKENDS))
+        raise ParameterError(name, value, problem, "one of " + ", ".join(names))
     return value
 
 
 def check_backends(values, name: str = "backends") -> list[str]:
     """A non-empty list of registered backends, each once."""
     if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
-        raise ParameterError(name, values, "not a non-empty list", f'a list of backends, e.g. ["transformers", "vllm"], from {", ".join(BACKENDS)}')
+        raise ParameterError(name, values, "not a non-empty list",
+                             "a list of backends from " + ", ".join(backend_names()))
     for i, value in enumerate(values):
         check_backend(value, f"{name}[{i}]")
     twice = sorted({v for v in values if list(values).count(v) > 1})
@@ -113,10 +127,21 @@ def check_batch_sizes(values, name: str = "batch_sizes") -> list[int]:
 
 
 def check_dtype(value, name: str = "dtype") -> str:
-    """A weight dtype both local backends understand."""
-    if value not in DTYPES:
-        raise ParameterError(name, value, "unknown dtype", "one of " + ", ".join(DTYPES))
+    """A weight dtype some backend declares (`dtypes`)."""
+    known = dtypes()
+    if value not in known:
+        raise ParameterError(name, value, "unknown dtype", "one of " + ", ".join(known))
     return value
+
+
+def check_chunk_size(value, name: str = "chunk_size") -> int:
+    """A chunk size the chunker can cut to (`chunking.check_chunk_size`: at least MIN_CHUNK_SIZE tokens)."""
+    try:
+        return chunking.check_chunk_size(value)
+    except ConfigError:
+        least = chunking.MIN_CHUNK_SIZE["tokens"]
+        raise ParameterError(name, value, "too small" if _is_int(value) else "not a whole number",
+                             f"a whole number of tokens >= {least}") from None
 
 
 def check_model(value, name: str = "model") -> str | None:
@@ -172,7 +197,7 @@ def check_options_per_backend(names: list[str], options, name: str = "engine_opt
 
 def check_output_dir(value, name: str = "output_dir") -> str:
     """A folder the run can write apiana.sqlite, summaries.jsonl and run.json into, made absolute."""
-    from ..pipeline import check_output
+    from apiana_lab.pipeline import check_output
 
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise ParameterError(name, value, "no folder given", "a folder path (created if missing)")
@@ -201,7 +226,7 @@ def explore_export(*, input_paths, chunk_size, longest, rate_tokens_per_s, summa
     rate = check_number(rate_tokens_per_s, "rate_tokens_per_s")
     params = {
         "input_paths": check_inputs(input_paths),
-        "chunk_size": check_whole(chunk_size, "chunk_size", 16),
+        "chunk_size": check_chunk_size(chunk_size),
         "longest": check_whole(longest, "longest"),
         "rate_tokens_per_s": rate,
         "summary_tokens": check_whole(summary_tokens, "summary_tokens"),
@@ -229,7 +254,7 @@ def summarize_export(*, input_paths, output_dir: str, backend: str, model, batch
         "model": check_model(model),
         "batch_size": check_optional_whole(batch_size, "batch_size"),
         "max_workers": check_optional_whole(max_workers, "max_workers"),
-        "chunk_size": check_whole(chunk_size, "chunk_size", 16),
+        "chunk_size": check_chunk_size(chunk_size),
         "max_length": check_whole(max_length, "max_length"),
         "limit": check_optional_whole(limit, "limit"),
         "fresh": fresh,
@@ -250,7 +275,7 @@ def backend_comparison(*, input_paths, backends: list, model, chunks, chunk_size
         "backends": names,
         "model": check_model(model),
         "chunks": check_whole(chunks, "chunks"),
-        "chunk_size": check_whole(chunk_size, "chunk_size", 16),
+        "chunk_size": check_chunk_size(chunk_size),
         "max_length": check_whole(max_length, "max_length"),
         "batch_size": check_optional_whole(batch_size, "batch_size"),
         "dtype": check_dtype(dtype),
@@ -272,7 +297,7 @@ def batch_size_sweep(*, input_paths, backend: str, model, batch_sizes: list, chu
         "model": check_model(model),
         "batch_sizes": check_batch_sizes(batch_sizes),
         "chunks": check_whole(chunks, "chunks"),
-        "chunk_size": check_whole(chunk_size, "chunk_size", 16),
+        "chunk_size": check_chunk_size(chunk_size),
         "max_length": check_whole(max_length, "max_length"),
         "dtype": check_dtype(dtype),
         "headroom": head,
@@ -288,7 +313,7 @@ def ab_migration_check(*, input_paths, backend: str, model, chunks, chunk_size, 
                        min_finish_agreement, max_extra_failures, min_speedup, new_backend="", new_dtype="",
                        max_flagged_increase=0.05, max_measure_ratio=1.5) -> dict:
     """ab_migration_check.ipynb's parameters; params["thresholds"] holds ab.Thresholds' arguments."""
-    from .ab import Thresholds
+    from apiana_lab.experiments.ab import Thresholds
 
     thresholds = {name: check_fraction(value, name) for name, value in (
         ("min_exact_match", min_exact_match), ("min_similarity_p10", min_similarity_p10),
@@ -316,7 +341,7 @@ def ab_migration_check(*, input_paths, backend: str, model, chunks, chunk_size, 
         backend=b,
         model=check_model(model),
         chunks=check_whole(chunks, "chunks"),
-        chunk_size=check_whole(chunk_size, "chunk_size", 16),
+        chunk_size=check_chunk_size(chunk_size),
         batch_size=check_optional_whole(batch_size, "batch_size"),
         max_workers=check_optional_whole(max_workers, "max_workers"),
         max_length=check_whole(max_length, "max_length"),

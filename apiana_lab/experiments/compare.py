@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import gc
 import logging
-import time
 
-from ..errors import ApianaError
-from ..providers.base import GenerationOptions
-from ..providers.registry import get_provider, provider_class
-from ..summarize import ParallelSummarizerTransform
-from .measure import measure
+from apiana_lab.errors import ApianaError
+from apiana_lab.experiments.engine import backend_options, loaded
+from apiana_lab.experiments.measure import measure, sweep
+from apiana_lab.providers.registry import provider_class
+from apiana_lab.summarize import ParallelSummarizerTransform
+
+__all__ = ["backend_options", "compare_backends", "comparison_table", "describe_sweep", "sweep_batch_sizes",
+           "sweep_table", "sweep_turn"]
 
 logger = logging.getLogger(__name__)
-
-
-def backend_options(backend: str, dtype: str | None = None, extra: dict | None = None, *, stats: bool = False) -> dict:
-    """Constructor arguments for one backend: dtype (and engine stats) only where the backend takes them."""
-    options = dict(extra or {})
-    accepted = provider_class(backend).engine_option_names()
-    if dtype and "dtype" in accepted:
-        options.setdefault("dtype", dtype)
-    if stats and "stats" in accepted:
-        options.setdefault("stats", True)  # vLLM's KV-cache gauges, for the memory timeline
-    if backend == "vllm":
-        # The same chunks run once per configuration: cached prefixes would flatter whoever runs second.
-        options.setdefault("enable_prefix_caching", False)
-    return options
 
 
 def compare_backends(chunks, backends: list[str], *, model: str | None = None, max_length: int = 128,
@@ -40,38 +27,29 @@ def compare_backends(chunks, backends: list[str], *, model: str | None = None, m
     """
     rows, monitors = [], {}
     for backend in backends:
-        options = backend_options(backend, dtype, (engine_options or {}).get(backend), stats=monitor)
+        extra = dict((engine_options or {}).get(backend) or {})
         row = {"backend": backend, "model": model, "dtype": dtype}
         mon = None
-        provider = None
         try:
             if monitor:
-                from ..monitor import MemoryMonitor
+                from apiana_lab.monitor import MemoryMonitor
 
-                mon = MemoryMonitor(interval=interval).start()
-                mon.mark(f"{backend}: load")
-            start = time.perf_counter()
-            provider = get_provider(backend, model=model, **options)
-            row["load_s"] = time.perf_counter() - start
-            if mon is not None:
-                mon.attach(provider)
-            provider.complete("Say hello.", GenerationOptions(max_tokens=4))  # lazy start-up is not throughput
-            transform = ParallelSummarizerTransform(provider, batch_size=batch_size, max_length=max_length)
-            figures, _ = measure(transform, chunks, config=backend, monitor=mon)
-            row.update(figures)
-            row["model"] = provider.model
+                mon = MemoryMonitor(interval=interval)
+            with loaded(backend, model, dtype=extra.pop("dtype", dtype), stats=monitor, monitor=mon, facts=row,
+                        **extra) as provider:
+                transform = ParallelSummarizerTransform(provider, batch_size=batch_size, max_length=max_length)
+                figures, _ = measure(transform, chunks, config=backend, monitor=mon)
+                row.update(figures)
+                row["model"] = provider.model
         except (ApianaError, RuntimeError, ValueError, OSError) as e:
             logger.warning("%s failed: %s", backend, e)
             row["error"] = f"{type(e).__name__}: {e}"
         finally:
-            if provider is not None:
-                provider.close()
             if mon is not None:
                 mon.stop()
                 monitors[backend] = mon
                 if "error" not in row:
                     row.update({f"peak_{k}": v for k, v in mon.peaks().items()})
-            gc.collect()
         rows.append(row)
     return {"rows": rows, "monitors": monitors}
 
@@ -85,33 +63,25 @@ def sweep_batch_sizes(chunks, backend: str, batch_sizes: list[int], *, model: st
     throughput whose peak memory stays under (1 - headroom) of the limit: the GPU's memory when
     one is visible, else this machine's RAM (or `memory_limit_mb`).
     """
-    from ..monitor import MemoryMonitor
+    from apiana_lab.monitor import MemoryMonitor
 
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes must be a non-empty list of positive integers, not {batch_sizes!r}")
-    options = backend_options(backend, dtype, engine_options, stats=True)
+    extra = dict(engine_options or {})
     if "max_batch_tokens" in provider_class(backend).engine_option_names():
         # The point is to see what batch size does; a token budget would cap it, so lift it.
-        options.setdefault("max_batch_tokens", 10**9)
-    rows = []
+        extra.setdefault("max_batch_tokens", 10**9)
     with MemoryMonitor(interval=interval) as mon:
-        provider = get_provider(backend, model=model, **options)
-        mon.attach(provider)
-        try:
-            provider.complete("Say hello.", GenerationOptions(max_tokens=4))
-            for b in sorted(int(x) for x in batch_sizes):
-                row = {"batch_size": b}
-                try:
-                    transform = ParallelSummarizerTransform(provider, batch_size=b, max_workers=1, max_length=max_length)
-                    figures, _ = measure(transform, chunks, config=f"batch {b}", monitor=mon)
-                    row.update(figures)
-                    row["oom"] = figures["batch_size_changes"] > 0 or "oom" in figures["failures_by_reason"]
-                except (ApianaError, RuntimeError, MemoryError) as e:  # a failed point is a point
-                    row.update(error=f"{type(e).__name__}: {e}", oom="memory" in str(e).lower())
-                rows.append(row)
-        finally:
-            provider.close()
+        with loaded(backend, model, dtype=extra.pop("dtype", dtype), stats=True, monitor=mon, **extra) as provider:
+            points = [(f"batch {b}", ParallelSummarizerTransform(provider, batch_size=b, max_workers=1,
+                                                                 max_length=max_length), {"batch_size": b})
+                      for b in sorted(int(x) for x in batch_sizes)]
+            # A failed point is a point: out of memory at one batch size says where the limit is.
+            rows = sweep(points, chunks, monitor=mon, tolerate=(ApianaError, RuntimeError, MemoryError))
         limit = memory_limit_mb or _memory_limit_mb(mon)
+    for row in rows:
+        row["oom"] = ("memory" in row["error"].lower() if "error" in row else
+                      row["batch_size_changes"] > 0 or "oom" in row["failures_by_reason"])
     budget = limit * (1 - headroom) if limit else None
     # On a GPU the card's memory is what runs out; on a CPU this process tree's resident memory.
     gpu_keys = sorted({k for r in rows for k in r if k.startswith("peak_gpu") and k.endswith("_used_mb")})

@@ -7,10 +7,11 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..chunking import Chunk, Chunker, ChunkingOptions, load_tokenizer
-from ..quality import profile, summarize_profiles
+from apiana_lab.chunking import Chunk, Chunker, ChunkingOptions, load_tokenizer
+from apiana_lab.quality import profile, summarize_profiles
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +79,36 @@ def sample_chunks(paths, n: int, chunk_size: int = 3500, tokenizer=None, profile
     return out
 
 
-def reset_engine_cache(provider) -> None:
-    """Forget cached prompt prefixes, so a configuration measured after another does not reuse its work."""
-    llm = getattr(provider, "llm", None)
-    if llm is not None and hasattr(llm, "reset_prefix_cache"):
-        llm.reset_prefix_cache()
+class Clock:
+    """One timed run: its start (perf_counter), wall seconds and this machine's 1-minute load before and after
+    (the last two filled when the block ends)."""
+
+    def __init__(self):
+        self.load_before_after = [os.getloadavg()[0]] * 2
+        self.wall_s = 0.0
+        self.start = time.perf_counter()
+
+    @property
+    def load_1m(self) -> str:
+        """The load as a table shows it, e.g. "1.9→2.3"."""
+        return "{:.1f}→{:.1f}".format(*self.load_before_after)
+
+
+@contextmanager
+def clock(provider=None):
+    """Time a block after resetting the provider's caches and collecting garbage: what every measurement does first.
+
+    Each configuration runs on the same prompts: cached prefixes would flatter whichever runs second.
+    """
+    if provider is not None:
+        provider.reset_caches()
+    gc.collect()
+    timed = Clock()
+    try:
+        yield timed
+    finally:
+        timed.wall_s = time.perf_counter() - timed.start
+        timed.load_before_after[1] = os.getloadavg()[0]
 
 
 def measure(transform, chunks: list[Chunk], *, config: str = "", workload: str = "", monitor=None) -> tuple[dict, list]:
@@ -91,16 +117,13 @@ def measure(transform, chunks: list[Chunk], *, config: str = "", workload: str =
     Records come back in input order. With a MemoryMonitor, its peaks during this run are
     added to the figures; the monitor's series keep the whole timeline.
     """
-    reset_engine_cache(transform.provider)
-    gc.collect()
-    load_before = os.getloadavg()[0]
     progress = monitor.progress if monitor is not None else None
     if monitor is not None:
         monitor.mark(f"{config or 'run'} start")
-    start = time.perf_counter()
-    by_id = {record.chunk_id: record for _, record in transform.run(chunks, progress)}
+    with clock(transform.provider) as timed:
+        by_id = {record.chunk_id: record for _, record in transform.run(chunks, progress)}
     records = [by_id[c.id] for c in chunks]
-    wall = time.perf_counter() - start
+    wall = timed.wall_s
     stats = transform.stats
     figures = stats.figures()
     done = [r for r in records if r.error is None]
@@ -137,9 +160,9 @@ def measure(transform, chunks: list[Chunk], *, config: str = "", workload: str =
         "flagged_share": quality["flagged_share"] if done else None,
         "flagged_by_flag": {name: f["count"] for name, f in quality["flags"].items() if f["count"]},
         # The machine is shared: a load above the core count means these seconds include waiting for a core.
-        "loadavg_1m_before_after": [load_before, os.getloadavg()[0]],
+        "loadavg_1m_before_after": timed.load_before_after,
+        "load_1m": timed.load_1m,
     }
-    row["load_1m"] = "{:.1f}→{:.1f}".format(*row["loadavg_1m_before_after"])
     failures = [r.error for r in records if r.error is not None]
     if failures:
         row["first_failure"] = failures[0][:500]
@@ -149,3 +172,33 @@ def measure(transform, chunks: list[Chunk], *, config: str = "", workload: str =
     logger.info("[%s] %s: %.1f s, %d new tokens, %.1f tok/s, %d failed", workload, config, wall,
                 row["completion_tokens"], row["completion_tokens_per_s"], row["failed"])
     return row, records
+
+
+def sweep(configurations, chunks: list[Chunk] | None = None, *, workload: str = "", monitor=None,
+          rows: list | None = None, on_row=None, tolerate: tuple[type[BaseException], ...] = ()) -> list[dict]:
+    """Measure each configuration in turn, on the same chunks: one row each, in order.
+
+    Args:
+        configurations: (label, run) or (label, run, fields) tuples. `run` is a transform, measured
+            over `chunks` with `measure` (label as its config), or a function of no arguments that
+            measures something else and returns its row. `fields` go into the row first.
+        rows: a list to append to, so a run cut short keeps what it measured.
+        on_row: called with each row as it is added (to echo it, or to write the results so far).
+        tolerate: exceptions that make a point of the sweep (a row with its error, e.g. out of
+            memory) rather than end it.
+    """
+    rows = [] if rows is None else rows
+    for label, run, *fields in configurations:
+        row = dict(fields[0]) if fields else {}
+        try:
+            if hasattr(run, "run"):
+                row.update(measure(run, chunks, config=label, workload=workload, monitor=monitor)[0])
+            else:
+                row.update(run())
+        except tolerate as e:
+            logger.warning("%s failed: %s", label, e)
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows

@@ -11,37 +11,23 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import ConfigError
+from apiana_lab.errors import ConfigError
+from apiana_lab.experiments.record import PACKAGE, checkout, machine, results_root
 
 logger = logging.getLogger(__name__)
 
 NOTEBOOKS = ("explore_export", "summarize_export", "backend_comparison", "batch_size_sweep", "ab_migration_check")
 
 
-PACKAGE = Path(__file__).resolve().parents[1]
-
-
-def checkout() -> Path | None:
-    """The source checkout this package runs from (the repository, or an editable install of it); None when installed."""
-    folder = PACKAGE.parent
-    if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
-        return folder
-    return None
-
-
 def default_root() -> Path:
-    """$APIANA_LAB_RESULTS, else the checkout's results/ (when run from one), else ./results."""
-    if os.environ.get("APIANA_LAB_RESULTS"):
-        return Path(os.environ["APIANA_LAB_RESULTS"]).expanduser()
-    repo = checkout()
-    return repo / "results" if repo else Path("results")
+    """The results root (`record.results_root`): $APIANA_LAB_RESULTS, the checkout's results/, else ./results."""
+    return results_root()
 
 
 def notebooks_dir() -> Path:
@@ -156,23 +142,6 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             continue
     return out
-
-
-def machine() -> dict:
-    """The machine the figures were measured on."""
-    from ..bench.common import cpu_name
-
-    cpu = cpu_name()
-    gpu = None
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        gpu = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())]
-    except Exception:  # no driver, no GPU, or nvidia-ml-py missing: the machine has no usable GPU
-        gpu = None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "gpu": gpu, "platform": platform.platform(), "loadavg": os.getloadavg()}
 
 
 def kernel_manager_class():

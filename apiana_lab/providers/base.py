@@ -119,10 +119,11 @@ class LLMProvider:
     instead; the string API is then built on top.
 
     A backend declares what the rest of the package reads about it, as class attributes:
-    `engine_options` (its engine flags), `loads_weights` (builds the model in the process that
-    constructs it, so a Ray driver must not), `extra` (the pip extra that brings its libraries),
-    `dtypes` (weight types it accepts, empty when it has no choice) and `benchmark_options`
-    (engine options that make repeated runs over the same prompts comparable).
+    `engine_options` (its engine flags), `requires` (the modules it imports when built),
+    `extra` (the pip extra that brings them), `loads_weights` (builds the model in the process
+    that constructs it, so a Ray driver must not), `dtypes` (weight types it accepts, empty when
+    it has no choice) and `benchmark_options` (engine options that make repeated runs over the
+    same prompts comparable).
     It registers under a name in the entry-point group `apiana_lab.backends`.
     """
 
@@ -132,6 +133,7 @@ class LLMProvider:
     engine_options: ClassVar[tuple[EngineOption, ...]] = ()
     loads_weights: ClassVar[bool] = False
     extra: ClassVar[str | None] = None
+    requires: ClassVar[tuple[str, ...]] = ()  # top-level modules it imports when built; missing ones name `extra`
     dtypes: ClassVar[tuple[str, ...]] = ()
     benchmark_options: ClassVar[dict[str, Any]] = {}
 

@@ -21,7 +21,7 @@ except ImportError as e:  # the registry turns this into the install command
     raise ImportError("httpx is needed for the openai backend", name="httpx") from e
 
 from ..errors import ConfigError, FatalProviderError, PermanentProviderError, ProviderError, TransientProviderError
-from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_messages
+from .base import Completion, EngineOption, GenerationOptions, LLMProvider, Prompt, as_messages
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,12 @@ class OpenAIProvider(LLMProvider):
 
     name = "openai"
     supports_batch = False
+    requires = ("httpx",)
+    extra = "openai"
+    engine_options = (
+        EngineOption("base_url", str, "the server, e.g. http://127.0.0.1:8000/v1"),
+        EngineOption("api_key_env", str, "environment variable holding the API key (default OPENAI_API_KEY)"),
+    )
 
     def __init__(
         self,

@@ -7,15 +7,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-try:
-    import torch
-    import transformers
-except ImportError as e:  # the registry turns this into the install command
-    raise ImportError(f"{e.name} is needed for the transformers backend", name=e.name) from e
-
-from ..errors import ConfigError, MissingDependencyError, PermanentProviderError, ProviderOutOfMemoryError
-from ..models import hub_error_hint, resolve_model
-from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_messages
+from apiana_lab.collate import Collator
+from apiana_lab.errors import ConfigError, MissingDependencyError, ProviderError, ProviderOutOfMemoryError
+from apiana_lab.models import hub_error_hint, resolve_model
+from apiana_lab.providers.base import Completion, EngineOption, GenerationOptions, LLMProvider, Prompt
+from apiana_lab.providers.tokens import check_fits, encode_chat
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +48,17 @@ class TransformersProvider(LLMProvider):
 
     name = "transformers"
     supports_batch = True
+    engine_options = (
+        EngineOption("dtype", str, "auto, bfloat16, float16 or float32"),
+        EngineOption("device", str, "auto, cpu, cuda or cuda:N"),
+        EngineOption("load_in_8bit", bool, "8-bit weights (CUDA, bitsandbytes)"),
+        EngineOption("max_batch_tokens", int,
+                     "most padded tokens per micro-batch, rows x (longest prompt + max new tokens)"),
+    )
+    loads_weights = True
+    requires = ("torch", "transformers")
+    extra = "transformers"
+    dtypes = ("auto", "float32", "bfloat16", "float16")
 
     def __init__(
         self,
@@ -64,6 +71,11 @@ class TransformersProvider(LLMProvider):
         load_format: str = "auto",
         max_batch_tokens: int | None = None,
     ):
+        try:
+            import torch  # noqa: F401
+            import transformers
+        except ImportError as e:
+            raise MissingDependencyError(e.name or "transformers", self.extra) from e
         path = resolve_model(model)
         super().__init__(path, options)
         devices = _devices(device)
@@ -87,9 +99,12 @@ class TransformersProvider(LLMProvider):
         self._locks = [threading.Lock() for _ in devices]
         self._context = int(getattr(self.models[0].config, "max_position_embeddings", 0) or 0) or None
         self.max_batch_tokens = max_batch_tokens or min(default_max_batch_tokens(m) for m in self.models)
-        logger.info("transformers: %s on %s (%s), up to %d padded tokens per batch", path, ", ".join(devices), self.dtype, self.max_batch_tokens)
+        logger.info("transformers: %s on %s (%s), up to %d padded tokens per batch",
+                    path, ", ".join(devices), self.dtype, self.max_batch_tokens)
 
     def _load(self, path: str, device: str, load_in_8bit: bool, load_format: str):
+        import transformers
+
         kwargs = {"dtype": self.dtype}
         if load_in_8bit:
             try:
@@ -126,10 +141,7 @@ class TransformersProvider(LLMProvider):
         return self._context
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return encode_chat(self.tokenizer, prompt)
 
     def count_tokens(self, prompt: Prompt) -> int:
         return len(self._encode(prompt))
@@ -137,45 +149,45 @@ class TransformersProvider(LLMProvider):
     def complete(self, prompt: Prompt, options: GenerationOptions | None = None) -> Completion:
         return self.complete_batch([prompt], options)[0]
 
-    def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None, replica: int | None = None) -> list[Completion]:
+    def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None,
+                       replica: int | None = None) -> list[Completion]:
         """Generate for many prompts; split across replicas, or all on `replica` when given."""
         options = options or self.options
         encoded = [self._encode(p) for p in prompts]
-        if self._context:
-            for i, ids in enumerate(encoded):
-                if len(ids) + options.max_tokens > self._context:
-                    raise PermanentProviderError(
-                        f"prompt {i} has {len(ids)} tokens; with max_tokens={options.max_tokens} it exceeds the "
-                        f"model's context of {self._context}. Use a smaller --chunk-size or --max-length.",
-                        reason="too_long",
-                    )
+        for i, ids in enumerate(encoded):
+            check_fits(ids, options.max_tokens, self._context, f"prompt {i}")
         # Longest first, so padding is small within a batch and an OOM shows up at once.
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        collator = Collator.by(encoded, len)
+        ordered = collator.ordered(encoded)
+        positions = list(range(len(ordered)))
         if replica is not None:
-            shares = [(replica % len(self.models), order)]
+            shares = [(replica % len(self.models), positions)]
         else:
-            shares = [(r, order[r :: len(self.models)]) for r in range(len(self.models))]
-            shares = [(r, idx) for r, idx in shares if idx]
+            shares = [(r, positions[r :: len(self.models)]) for r in range(len(self.models))]
+            shares = [(r, share) for r, share in shares if share]
         results: dict[int, Completion] = {}
         if len(shares) == 1:
-            r, idx = shares[0]
-            results.update(self._generate_share(r, idx, encoded, options))
+            r, share = shares[0]
+            results.update(self._generate_share(r, share, ordered, options))
         else:
             with ThreadPoolExecutor(len(shares)) as pool:
-                futures = [pool.submit(self._generate_share, r, idx, encoded, options) for r, idx in shares]
+                futures = [pool.submit(self._generate_share, r, share, ordered, options) for r, share in shares]
                 for fut in futures:
                     results.update(fut.result())
-        return [results[i] for i in range(len(encoded))]
+        return collator.restore([results[p] for p in positions])
 
-    def _generate_share(self, replica: int, idx: list[int], encoded: list[list[int]], options: GenerationOptions) -> dict[int, Completion]:
-        """One replica's prompts (longest first), in micro-batches within the token budget."""
+    def _generate_share(self, replica: int, share: list[int], ordered: list[list[int]],
+                        options: GenerationOptions) -> dict[int, Completion]:
+        """One replica's prompts (positions in `ordered`, longest first), in micro-batches within the token budget."""
         results = {}
-        for group in micro_batches([len(encoded[i]) for i in idx], options.max_tokens, self.max_batch_tokens):
-            chosen = [idx[j] for j in group]
-            results.update(zip(chosen, self._generate(replica, [encoded[i] for i in chosen], options)))
+        for group in micro_batches([len(ordered[p]) for p in share], options.max_tokens, self.max_batch_tokens):
+            chosen = [share[j] for j in group]
+            results.update(zip(chosen, self._generate(replica, [ordered[p] for p in chosen], options)))
         return results
 
     def _generate(self, replica: int, batch: list[list[int]], options: GenerationOptions) -> list[Completion]:
+        import torch
+
         model = self.models[replica]
         padded = self.tokenizer.pad({"input_ids": batch}, padding=True, return_tensors="pt").to(model.device)
         kwargs = dict(
@@ -200,10 +212,11 @@ class TransformersProvider(LLMProvider):
         try:
             with self._locks[replica], torch.inference_mode():
                 out = model.generate(**padded, **kwargs)
-        except torch.OutOfMemoryError as e:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise ProviderOutOfMemoryError(str(e).splitlines()[0], batch_size=len(batch)) from e
+        except Exception as e:
+            error = provider_error(e, len(batch))
+            if error is None:
+                raise
+            raise error from e
         new = out[:, padded["input_ids"].shape[1] :].tolist()
         return [self._finish(ids, len(prompt), options) for ids, prompt in zip(new, batch)]
 
@@ -225,12 +238,31 @@ class TransformersProvider(LLMProvider):
         self.models = []
         import gc
 
+        import torch
+
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
 LocalTransformersLLM = TransformersProvider
+
+
+def provider_error(e: BaseException, batch_size: int) -> ProviderError | None:
+    """transformers' or torch's failure as the project's error; None for one not known (a bug to see).
+
+    Out of memory (torch's OutOfMemoryError, CUDA's included) frees the cached GPU memory so
+    the caller's retry with a smaller batch has it.
+    """
+    if isinstance(e, ProviderError):
+        return e
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return ProviderOutOfMemoryError((str(e).splitlines() or ["out of memory"])[0], batch_size=batch_size)
+    return None
 
 
 _GROUPED_SDPA = "apiana_grouped_sdpa"
@@ -253,6 +285,7 @@ def _keep_kv_heads_grouped(model) -> None:
     if (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) == cfg.num_attention_heads:
         return
     try:
+        import transformers
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
         transformers.AttentionInterface.register(_GROUPED_SDPA, _grouped_sdpa)
@@ -264,10 +297,13 @@ def _keep_kv_heads_grouped(model) -> None:
 
 def _grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' SDPA attention for decoder models, with grouped heads passed to torch as they are."""
+    import torch
+
     if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers does: a causal prefill without a mask lets the kernel skip the masked half.
     causal = query.shape[2] > 1 and attention_mask is None and causal
@@ -302,10 +338,13 @@ def default_max_batch_tokens(model) -> int:
     """
     per_token = _kv_bytes_per_token(model)
     if model.device.type == "cuda":
+        import torch
+
         free, _ = torch.cuda.mem_get_info(model.device)
         # A token's transient activations in a layer: hidden states, attention output, MLP.
         cfg = model.config.get_text_config()
-        activation = (4 * cfg.hidden_size + 2 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)) * model.dtype.itemsize
+        activation = ((4 * cfg.hidden_size + 2 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size))
+                      * model.dtype.itemsize)
         return max(1, int(GPU_MEMORY_SHARE * free / (per_token + activation)))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return max(1, int(CPU_KV_PER_WEIGHT * weights / per_token))
@@ -321,6 +360,8 @@ def _kv_bytes_per_token(model) -> int:
 
 
 def _devices(device: str) -> list[str]:
+    import torch
+
     if device == "auto":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return [f"cuda:{i}" for i in range(n)] or ["cpu"]
@@ -330,6 +371,8 @@ def _devices(device: str) -> list[str]:
 
 
 def _dtype(name: str, device: str):
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     value = getattr(torch, name, None)

