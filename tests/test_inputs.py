@@ -108,8 +108,8 @@ def test_sharded_export_repeating_a_conversation_across_shards(tmp_path):
 def overlapping(tmp_path):
     """An older export as downloaded (zip) and a newer one unpacked (folder): `a` grew in between."""
     old = zipped(tmp_path / "2024.zip", [conv("a", "question", updated=1700000000.0), conv("b", "only old")])
-    new = write(tmp_path / "2025" / "conversations.json",
-                [conv("a", "question", "answer", updated=1800000000.0), conv("c", "only new")])
+    write(tmp_path / "2025" / "conversations.json",
+          [conv("a", "question", "answer", updated=1800000000.0), conv("c", "only new")])
     return old, tmp_path / "2025"
 
 
@@ -197,7 +197,7 @@ def test_malformed_and_duplicate_conversations_are_each_counted_once(tmp_path, c
     assert report.conversations == 2 and report.duplicates == 1
     assert report.duplicate_detail == [{"id": "x", "input": str(second), "index": 1, "kept_input": str(first),
                                         "kept_index": 2}]
-    # Two passes, but each malformed conversation is skipped, logged and counted once.
+    # Each malformed conversation is skipped, logged and counted once, and never wins as a newer version.
     assert [(s["input"], s["index"], s["id"], s["reason"]) for s in report.skipped] == [
         (str(first), 1, None, "not_an_object"), (str(first), 3, "bad", "bad_type"),
         (str(second), 0, "a", "bad_type"), (str(second), 2, "bad", "bad_type"), (str(second), 3, None, "not_an_object"),
@@ -245,23 +245,51 @@ def test_a_broken_later_input_stops_the_read_before_any_conversation(tmp_path):
     assert seen == [] and e.value.path == str(cut)
 
 
-@pytest.mark.parametrize("rewritten", [[conv("a", "hi")], [conv("a", "hi"), {"id": "b", "mapping": 3}]])
-def test_an_input_rewritten_between_the_two_passes_is_an_error(tmp_path, monkeypatch, rewritten):
+def test_each_input_is_read_once_even_with_duplicates_and_skips(tmp_path, monkeypatch):
     from apiana_lab.export import reader
 
-    path = write(tmp_path / "c.json", [conv("a", "hi"), conv("b", "there")])
-    first_pass = reader._plan
+    first = write(tmp_path / "first.json", [conv("a", "old", updated=1.0), 17, conv("b", "b")])
+    shards = tmp_path / "shards"
+    write(shards / "conversations-000.json", [conv("a", "new", updated=2.0)])
+    write(shards / "conversations-001.json", [conv("a", "newer", updated=3.0), conv("c", "c")])
+    opened = []
+    real = reader.open_json
 
-    def plan_then_rewrite(layouts, report):
-        # Still downloading or unzipping when the run started: the file differs the second time.
-        plan = first_pass(layouts, report)
-        write(path, rewritten)
-        return plan
+    def counting(stream, name, **kw):
+        opened.append(name)
+        return real(stream, name, **kw)
 
-    monkeypatch.setattr(reader, "_plan", plan_then_rewrite)
-    with pytest.raises(ExportError, match="changed while it was being read") as e:
+    monkeypatch.setattr(reader, "open_json", counting)
+    conversations, report = read([first, shards])
+    assert [(c.id, words(c)) for c in conversations] == [("b", ["b"]), ("a", ["newer"]), ("c", ["c"])]
+    assert report.duplicates == 2 and len(report.skipped) == 1
+    assert opened == [str(first), str(shards / "conversations-000.json"), str(shards / "conversations-001.json")]
+
+
+def test_an_input_rewritten_once_the_read_has_begun_changes_nothing(tmp_path):
+    # Still downloading or unzipping when the run started: what comes out is each file as it was read.
+    first = write(tmp_path / "first.json", [conv("a", "hi"), conv("b", "there")])
+    second = write(tmp_path / "second.json", [conv("c", "you"), conv("a", "hi again", updated=1800000000.0)])
+    report = ReadReport()
+    it = read_export([first, second], report=report)
+    yielded = [next(it)]
+    write(second, [conv("x", "rewritten"), {"id": "y", "mapping": 3}])
+    yielded += list(it)
+    assert [(c.id, words(c)) for c in yielded] == [("b", ["there"]), ("c", ["you"]), ("a", ["hi again"])]
+    assert report.conversations == 3 and report.duplicates == 1 and report.skipped == []
+
+
+def test_no_room_for_the_temporary_copy_is_an_export_error_naming_the_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    path = write(tmp_path / "c.json", [conv("a", "hi")])
+    missing = tmp_path / "no-such-tmp"
+    monkeypatch.setattr(tempfile, "tempdir", str(missing))
+    with pytest.raises(ExportError, match="set TMPDIR to a folder with room") as e:
         list(read_export(path))
-    assert e.value.path == str(path)
+    assert e.value.path == str(missing)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert [c.id for c in read_export(path)] == ["a"] and list(tmp_path.glob("apiana-read-*")) == []
 
 
 # ---------------------------------------------------------------- a conversation that grew keeps its chunk ids

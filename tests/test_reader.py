@@ -738,7 +738,7 @@ def test_garbage_between_elements_in_a_multi_block_file(tmp_path):
     with pytest.raises(ExportError) as e:
         for c in read_export(path):
             seen.append(c.id)
-    assert seen == []  # the first pass finds it before any conversation is handed on
+    assert seen == []  # the whole file is read before any conversation is handed on
     assert e.value.offset == len(text[:text.index("@@garbage")].encode("utf-8"))
 
 

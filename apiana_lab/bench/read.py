@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import RESULTS_DIR, machine, markdown_table, peak_rss_mb, write_results
+from apiana_lab.experiments.record import machine, markdown_table, peak_rss_mb, results_root, write_result
 
 PHASES = ("json_load", "read", "read_chunk", "read_chunk_store")
 LABELS = {
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                              "met": final["peak_rss_mb"] <= TARGET_PEAK_RSS_MB},
         }
         if args.profile:
-            profile_path = RESULTS_DIR / "bench-read" / f"profile-read-chunk-{size_label}mb.txt"
+            profile_path = results_root() / "bench-read" / f"profile-read-chunk-{size_label}mb.txt"
             profile_path.parent.mkdir(parents=True, exist_ok=True)
             in_subprocess("read_chunk", export, workdir, profile_to=profile_path)
             print(f"profile of read + chunk: {profile_path}", file=sys.stderr)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             f"TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']} unless the row says otherwise.\n\n"
             f"{table}\n\nTargets: {met}.\n"
         )
-        write_results("bench-read", f"read-{size_label}mb", results, markdown)
+        write_result("bench-read", f"read-{size_label}mb", results, markdown)
         print(markdown)
         return results
     finally:

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
+import pickle
 import re
+import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Self
 
 from apiana_lab.errors import ConversationError, ExportError
 from apiana_lab.export import chatgpt, claude
 from apiana_lab.export.jsonstream import open_json
-from apiana_lab.export.types import DUPLICATE_DETAIL_LIMIT, Conversation, ReadReport
+from apiana_lab.export.types import DUPLICATE_DETAIL_LIMIT, Conversation, Entry, ReadReport
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,15 @@ _PLAIN = "conversations.json"
 _MANIFEST = "export_manifest.json"
 _MANIFEST_LIST_KEYS = ("files", "shards", "conversations", "conversation_files", "parts", "entries")
 _MANIFEST_NAME_KEYS = ("name", "path", "file", "filename", "file_name")
+_SPOOL_BUFFER = 1024 * 1024
+# Entries go to the spool as their field values: the dataclass's own pickling looks its fields up
+# once per object, which cost as much as parsing them again.
+_ENTRY_FIELDS = operator.attrgetter(*(f.name for f in fields(Entry)))
+_CONVERSATION_FIELDS = operator.attrgetter(*(f.name for f in fields(Conversation)))
+_SPOOL_REDUCERS = {
+    Entry: lambda entry: (Entry, _ENTRY_FIELDS(entry)),
+    Conversation: lambda conversation: (Conversation, _CONVERSATION_FIELDS(conversation)),
+}
 _PARSERS: dict[str, Callable[[Any, int, str], Conversation]] = {
     CHATGPT: chatgpt.parse_conversation,
     CHATGPT_SHARDED: chatgpt.parse_conversation,
@@ -66,10 +79,12 @@ def read_export(
     Inputs may mix kinds: zips, folders, conversations.json files, shards, Claude exports. Every
     path is checked at once (ExportError naming the bad one). A conversation id seen more than once
     keeps its version with the newest `update_time`; a tie goes to the later input, or the later
-    position in one input. Nothing is yielded until every input has been read through once, so a
-    broken file stops the read before any work is done. `report`, when given, holds the inputs,
-    formats, skipped conversations and duplicates from the first conversation on, and the count
-    once the iterator is exhausted.
+    position in one input. Every input is read once: each conversation is parsed as it streams in
+    and kept in a private temporary file (under half the export's size, in TMPDIR) until the
+    last input is through. Nothing is yielded before that, so a broken file stops the read before
+    any work is done, and what is yielded is each input as it was when read. `report`, when given,
+    holds the inputs, formats, skipped conversations and duplicates from the first conversation on,
+    and the count once the iterator is exhausted.
     """
     report = report if report is not None else ReadReport()
     inputs = _as_paths(paths)
@@ -145,40 +160,28 @@ def _single_format(value: Any, name: str) -> str:
 
 
 def _read(layouts: list[_Layout], report: ReadReport) -> Iterator[Conversation]:
-    plan = _plan(layouts, report)
-    for k, layout in enumerate(layouts):
-        seen = 0
-        for position, fmt, value in _values(layout):
-            seen += 1
-            if (k, position) in plan.drop:
+    """Read every input through once, then yield the kept conversations in input order, then position."""
+    with _Spool() as spool:
+        drop = _plan(layouts, report, spool)
+        logger.debug("%d conversations (%.1f MB) kept in a temporary file until every input was read",
+                     spool.count, spool.file.tell() / 1e6)
+        for k, position, conversation in spool:
+            if (k, position) in drop:
                 continue
-            try:
-                conversation = _parse(value, k, position, fmt, report.inputs[k])
-            except ConversationError:
-                raise _changed(report.inputs[k]) from None
             report.conversations += 1
             yield conversation
-        if seen != plan.counts[k]:
-            raise _changed(report.inputs[k])
     logger.info("read %d conversations from %s (%d skipped, %d older duplicates dropped)",
                 report.conversations, report.path, len(report.skipped), report.duplicates)
 
 
-@dataclass
-class _Plan:
-    """What the first pass decided: the (input, position) pairs not to yield, and each input's size."""
+def _plan(layouts: list[_Layout], report: ReadReport, spool: _Spool) -> set[tuple[int, int]]:
+    """The one pass over the inputs: parse each conversation, skip the malformed, spool the rest.
 
-    drop: set[tuple[int, int]]
-    counts: list[int]
-
-
-def _plan(layouts: list[_Layout], report: ReadReport) -> _Plan:
-    """First pass: formats, malformed conversations, and the version of each repeated id to keep.
-
-    Only ids, timestamps and positions are held, never conversations, so memory stays flat.
+    Returns the (input, position) pairs of older versions of a repeated id, which must not be
+    yielded. Only ids, timestamps and positions are held, never conversations, so memory stays flat.
     """
     newest: dict[str, tuple[float, int, int]] = {}  # id -> (update time, input, position) of the version kept
-    plan = _Plan(drop=set(), counts=[])
+    drop: set[tuple[int, int]] = set()
     for k, layout in enumerate(layouts):
         fmt = CHATGPT_SHARDED if layout.sharded else CHATGPT  # an empty input's; else its last conversation's
         count = 0
@@ -188,28 +191,18 @@ def _plan(layouts: list[_Layout], report: ReadReport) -> _Plan:
                 conversation = _parse(value, k, position, fmt, report.inputs[k])
             except ConversationError as e:
                 _skip(report, e, report.inputs[k])
-                plan.drop.add((k, position))
                 continue
-            if _IDS[fmt](value) is None:
-                continue  # nothing to merge by
-            updated = conversation.update_time
-            stamp = updated.timestamp() if updated is not None else float("-inf")
-            held = newest.get(conversation.id)
-            if held is None:
-                newest[conversation.id] = (stamp, k, position)
-                continue
-            # Versions arrive in (input, position) order, so on a tie this one is the later.
-            if stamp >= held[0]:
-                newest[conversation.id] = (stamp, k, position)
-                loser = held[1:]
-            else:
-                loser = (k, position)
-            plan.drop.add(loser)
-            report.duplicates += 1
-            if len(report.duplicate_detail) < DUPLICATE_DETAIL_LIMIT:
-                report.duplicate_detail.append({"id": conversation.id, "input": report.inputs[loser[0]],
-                                                "index": loser[1]})
-        plan.counts.append(count)
+            loser = None
+            if _IDS[fmt](value) is not None:
+                loser = _merge(newest, conversation, k, position)
+            if loser is not None:
+                drop.add(loser)
+                report.duplicates += 1
+                if len(report.duplicate_detail) < DUPLICATE_DETAIL_LIMIT:
+                    report.duplicate_detail.append({"id": conversation.id, "input": report.inputs[loser[0]],
+                                                    "index": loser[1]})
+            if loser != (k, position):
+                spool.add(k, position, conversation)
         report.formats.append(fmt)
         if count == 0:
             logger.warning("%s holds no conversations", layout.path)
@@ -219,7 +212,64 @@ def _plan(layouts: list[_Layout], report: ReadReport) -> _Plan:
     report.format = report.formats[0] if len(set(report.formats)) == 1 else "mixed"
     if report.duplicates:
         logger.info("%d older versions of repeated conversation ids dropped", report.duplicates)
-    return plan
+    return drop
+
+
+def _merge(newest: dict[str, tuple[float, int, int]], conversation: Conversation, k: int,
+           position: int) -> tuple[int, int] | None:
+    """Record this version of its id; the (input, position) of the version that loses, or None if it is the first."""
+    updated = conversation.update_time
+    stamp = updated.timestamp() if updated is not None else float("-inf")
+    held = newest.get(conversation.id)
+    # Versions arrive in (input, position) order, so on a tie this one is the later.
+    if held is None or stamp >= held[0]:
+        newest[conversation.id] = (stamp, k, position)
+        return held[1:] if held is not None else None
+    return k, position
+
+
+class _Spool:
+    """Parsed conversations, kept in a private temporary file until every input has been read through.
+
+    It lets the read parse each conversation once and still yield nothing before the last input
+    is through. It takes under half the export's size on disk, in TMPDIR, and no memory.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        with self._guard():
+            # Closed by __exit__: the spool is always used as a context manager.
+            self.file = tempfile.TemporaryFile(prefix="apiana-read-", buffering=_SPOOL_BUFFER)  # noqa: SIM115
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def add(self, k: int, position: int, conversation: Conversation) -> None:
+        with self._guard():
+            pickler = pickle.Pickler(self.file, pickle.HIGHEST_PROTOCOL)
+            pickler.dispatch_table = _SPOOL_REDUCERS
+            pickler.dump((k, position, conversation))
+        self.count += 1
+
+    def __iter__(self) -> Iterator[tuple[int, int, Conversation]]:
+        with self._guard():
+            self.file.seek(0)
+            for _ in range(self.count):
+                yield pickle.load(self.file)
+
+    @staticmethod
+    @contextmanager
+    def _guard() -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            where = tempfile.gettempdir()
+            raise ExportError(f"cannot keep the parsed conversations in a temporary file ({e.strerror or e}); "
+                              f"free space there or set TMPDIR to a folder with room for half the export",
+                              path=where) from None
 
 
 def _values(layout: _Layout) -> Iterator[tuple[int, str, Any]]:
@@ -265,10 +315,6 @@ def _parse(value: Any, k: int, position: int, fmt: str, source: str) -> Conversa
         conversation.id = f"index-{k}-{position}"
     conversation.source = source
     return conversation
-
-
-def _changed(source: str) -> ExportError:
-    return ExportError("the export changed while it was being read; run again once it is complete", path=source)
 
 
 def _skip(report: ReadReport, error: ConversationError, source: str) -> None:
