@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from .errors import ConfigError
 from .export import types as t
@@ -48,8 +48,9 @@ def check_chunk_size(value, method: str = "tokens") -> int:
     """
     least = MIN_CHUNK_SIZE.get(method, 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"chunk_size must be a whole number of at least {least} {method} "
-                          f"for chunk method {method!r}, not {value!r}")
+        raise ConfigError(
+            f"chunk_size must be a whole number of at least {least} {method} for chunk method {method!r}, not {value!r}"
+        )
     return value
 
 
@@ -74,7 +75,9 @@ class ChunkingOptions:
             raise ConfigError(f"unknown entry kinds {sorted(unknown)}; known: {', '.join(t.ENTRY_KINDS)}")
 
     def key(self) -> str:
-        return f"{self.method}:{self.chunk_size}:{self.overlap}:{','.join(sorted(self.include))}:{self.non_dialogue_chars}"
+        return (
+            f"{self.method}:{self.chunk_size}:{self.overlap}:{','.join(sorted(self.include))}:{self.non_dialogue_chars}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +122,9 @@ def load_tokenizer(model_dir: str | Path | None = None):
         model_dir = default_model_dir()
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
-        raise ConfigError(f"{path} not found: the model folder needs a fast tokenizer (tokenizer.json) to count tokens.")
+        raise ConfigError(
+            f"{path} not found: the model folder needs a fast tokenizer (tokenizer.json) to count tokens."
+        )
     return Tokenizer.from_file(str(path))
 
 
@@ -132,7 +137,10 @@ def render_entry(entry: Entry, options: ChunkingOptions) -> str | None:
         return _render_with_inline(entry, speaker, options) if entry.inline else f"{speaker}: {entry.text}"
     text = entry.text
     if len(text) > options.non_dialogue_chars:
-        text = text[: options.non_dialogue_chars] + f" [... {len(entry.text) - options.non_dialogue_chars} more characters]"
+        text = (
+            text[: options.non_dialogue_chars]
+            + f" [... {len(entry.text) - options.non_dialogue_chars} more characters]"
+        )
     label = _LABELS.get(entry.kind, entry.kind)
     if entry.recipient and entry.recipient != "all":
         label += f" ({entry.recipient})"
@@ -260,5 +268,9 @@ class Chunker:
 class ConversationChunkerComponent(Chunker):
     """The design's name for the chunker step: `chunk_method`, `chunk_size`, `overlap`."""
 
-    def __init__(self, chunk_method: str = "tokens", chunk_size: int = 3500, overlap: int = 0, tokenizer=None, **options):
-        super().__init__(ChunkingOptions(method=chunk_method, chunk_size=chunk_size, overlap=overlap, **options), tokenizer)
+    def __init__(
+        self, chunk_method: str = "tokens", chunk_size: int = 3500, overlap: int = 0, tokenizer=None, **options
+    ):
+        super().__init__(
+            ChunkingOptions(method=chunk_method, chunk_size=chunk_size, overlap=overlap, **options), tokenizer
+        )

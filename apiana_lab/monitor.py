@@ -86,7 +86,7 @@ class MemoryMonitor:
         """Whether the sampler thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> "MemoryMonitor":
+    def start(self) -> MemoryMonitor:
         """Probe the sources and start sampling; the clock (`t_s`) starts here on the first start."""
         if self.running:
             return self
@@ -123,7 +123,7 @@ class MemoryMonitor:
             source.close()
         self._closed = True
 
-    def __enter__(self) -> "MemoryMonitor":
+    def __enter__(self) -> MemoryMonitor:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -152,7 +152,9 @@ class MemoryMonitor:
                 values = source.read(pids)
             except Exception as e:  # a source failing mid-run must not stop the others
                 if not source.failed:
-                    logger.warning("memory monitor: reading %s failed, recording it as missing from now on: %s", source.name, e)
+                    logger.warning(
+                        "memory monitor: reading %s failed, recording it as missing from now on: %s", source.name, e
+                    )
                 source.failed = f"read failed: {e}"
                 continue
             if source is cpu:
@@ -237,12 +239,25 @@ class MemoryMonitor:
                 span = 0.0  # the closing snapshot adds no work: no rate, rather than a drop
             rate = (p.completion_tokens - start.completion_tokens) / span if span > 0 else math.nan
             in_rate = (p.prompt_tokens - start.prompt_tokens) / span if span > 0 else math.nan
-            rows.append({
-                "t_s": t, "done": p.done, "total": p.total, "failed": p.failed, "reused": p.reused,
-                "prompt_tokens": p.prompt_tokens, "completion_tokens": p.completion_tokens, "elapsed_s": p.elapsed,
-                "batch_size": p.batch_size, "retries": p.retries, "output_tokens_per_s": rate,
-                "input_tokens_per_s": in_rate, "event": p.event, "finished": p.finished, "error": p.error,
-            })
+            rows.append(
+                {
+                    "t_s": t,
+                    "done": p.done,
+                    "total": p.total,
+                    "failed": p.failed,
+                    "reused": p.reused,
+                    "prompt_tokens": p.prompt_tokens,
+                    "completion_tokens": p.completion_tokens,
+                    "elapsed_s": p.elapsed,
+                    "batch_size": p.batch_size,
+                    "retries": p.retries,
+                    "output_tokens_per_s": rate,
+                    "input_tokens_per_s": in_rate,
+                    "event": p.event,
+                    "finished": p.finished,
+                    "error": p.error,
+                }
+            )
             points.add(_Point(p.elapsed, p.done - p.reused, p.prompt_tokens, p.completion_tokens))
             previous = p
         columns = ["t_s", "done", "total", "output_tokens_per_s", "input_tokens_per_s"]
@@ -252,7 +267,11 @@ class MemoryMonitor:
         """The highest value of each memory column (MB) and of KV-cache use (%), for comparison tables."""
         samples = self.to_pandas()
         skip = ("system_available_mb", "rss_children_mb")
-        keep = [c for c in samples.columns if (c.endswith("_mb") and c not in skip and not c.endswith("_total_mb")) or c == "kv_cache_pct"]
+        keep = [
+            c
+            for c in samples.columns
+            if (c.endswith("_mb") and c not in skip and not c.endswith("_total_mb")) or c == "kv_cache_pct"
+        ]
         return {c: float(samples[c].max()) for c in keep if samples[c].notna().any()}
 
     def save(self, folder, *, figure=None) -> dict[str, Path]:
@@ -270,7 +289,9 @@ class MemoryMonitor:
             samples.to_parquet(folder / "memory.parquet", index=False)
             written["series"] = folder / "memory.parquet"
         except ImportError:
-            logger.warning("pyarrow is not installed: writing memory.csv instead of memory.parquet (%s)", NOTEBOOKS_EXTRA)
+            logger.warning(
+                "pyarrow is not installed: writing memory.csv instead of memory.parquet (%s)", NOTEBOOKS_EXTRA
+            )
             samples.to_csv(folder / "memory.csv", index=False)
             written["series"] = folder / "memory.csv"
         summary = {
@@ -315,8 +336,10 @@ class _RunPoints:
         """The latest point at least `window_s` seconds and one in-flight window of chunks behind `p`, else the start."""
         in_flight = max(1, min(p.batch_size, p.total - p.reused))
         # Both lists are sorted, so the points far enough back on each count are a prefix of each.
-        far = min(bisect.bisect_right(self.elapsed, p.elapsed - window_s),
-                  bisect.bisect_right(self.computed, p.done - p.reused - in_flight))
+        far = min(
+            bisect.bisect_right(self.elapsed, p.elapsed - window_s),
+            bisect.bisect_right(self.computed, p.done - p.reused - in_flight),
+        )
         return self.points[max(far - 1, 0)]
 
 
@@ -331,7 +354,7 @@ class _Source:
         self.failed: str | None = None
 
     @classmethod
-    def off(cls, name: str, reason: str) -> "_Source":
+    def off(cls, name: str, reason: str) -> _Source:
         source = cls()
         source.name, source.reason = name, reason
         return source
@@ -446,7 +469,11 @@ class _NvmlSource(_Source):
         listed: set[int] = set()  # every PID NVML reports, ours or not
         counted: set[tuple[int, int]] = set()  # (device, pid): a process in both lists counts once per device
         for i, handle, version in self.devices:
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle, version=version) if version else nvml.nvmlDeviceGetMemoryInfo(handle)
+            memory = (
+                nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+                if version
+                else nvml.nvmlDeviceGetMemoryInfo(handle)
+            )
             row[f"gpu{i}_used_mb"] = memory.used / MB
             row[f"gpu{i}_total_mb"] = memory.total / MB
             try:

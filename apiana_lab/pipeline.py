@@ -14,9 +14,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from .chunking import Chunk, ChunkRef, ConversationChunkerComponent, load_tokenizer
 from .errors import ConfigError
@@ -86,7 +87,9 @@ class Ingest:
             chunks.clear()
 
         full = self.limit is not None and self.limit <= 0
-        paths = isinstance(source, (str, os.PathLike)) or (isinstance(source, list) and all(isinstance(p, (str, os.PathLike)) for p in source))
+        paths = isinstance(source, (str, os.PathLike)) or (
+            isinstance(source, list) and all(isinstance(p, (str, os.PathLike)) for p in source)
+        )
         reader = read_export(source, report=self.report) if paths else iter(source)
         try:
             for conversation in reader:
@@ -127,8 +130,14 @@ class Checkpoint:
     those flags are done again; the new version goes beside the old one in the store.
     """
 
-    def __init__(self, store: Store, key: SummaryKey, fresh: bool = False, redo: frozenset[str] | None = None,
-                 tally: QualityTally | None = None):
+    def __init__(
+        self,
+        store: Store,
+        key: SummaryKey,
+        fresh: bool = False,
+        redo: frozenset[str] | None = None,
+        tally: QualityTally | None = None,
+    ):
         self.store = store
         self.key = key
         self.fresh = fresh
@@ -147,15 +156,20 @@ class Checkpoint:
                 logger.warning("--fresh: ignoring %d earlier summaries", dropped)
         done = self.store.done_chunk_ids(self.key)
         self.ids = [r.id for r in refs]
-        kept = {v["chunk_id"]: set(v["quality"]["flags"]) if v["quality"] else set()
-                for v in self.store.kept_versions(self.ids)}
+        kept = {
+            v["chunk_id"]: set(v["quality"]["flags"]) if v["quality"] else set()
+            for v in self.store.kept_versions(self.ids)
+        }
         if self.redo is not None:
             picked = {cid for cid, flags in kept.items() if flags and ("flagged" in self.redo or flags & self.redo)}
             self.redone = len(picked)
             todo = [r for r in refs if r.id in picked and r.id not in done]
             if picked and not todo:
-                logger.warning("--redo: the %d flagged chunks already have a summary made with these options; change "
-                               "one (--seed, --temperature, --repetition-penalty, --model) to get a new version.", len(picked))
+                logger.warning(
+                    "--redo: the %d flagged chunks already have a summary made with these options; change "
+                    "one (--seed, --temperature, --repetition-penalty, --model) to get a new version.",
+                    len(picked),
+                )
         else:
             self.other_keys = not done and self.store.has_summaries_under_other_keys(self.key)
             todo = [r for r in refs if r.id not in done]
@@ -168,8 +182,13 @@ class Checkpoint:
 class Summarize:
     """Chunks to do -> (chunk, record) pairs as they finish; texts come from the store a window at a time."""
 
-    def __init__(self, summarizer: SummarizerTransform, store: SQLiteStore, checkpoint: Checkpoint,
-                 progress: ProgressCallback | None = None):
+    def __init__(
+        self,
+        summarizer: SummarizerTransform,
+        store: SQLiteStore,
+        checkpoint: Checkpoint,
+        progress: ProgressCallback | None = None,
+    ):
         self.summarizer = summarizer
         self.store = store
         self.checkpoint = checkpoint
@@ -193,7 +212,9 @@ class Write:
     store after the run (`SQLiteStore.profile_missing`).
     """
 
-    def __init__(self, writer: ChatFragmentWriter, cancel: threading.Event | None = None, tally: QualityTally | None = None):
+    def __init__(
+        self, writer: ChatFragmentWriter, cancel: threading.Event | None = None, tally: QualityTally | None = None
+    ):
         self.writer = writer
         self.cancel = cancel
         self.tally = tally if tally is not None else QualityTally()
@@ -255,11 +276,15 @@ class RunConfig:
         return [self.input] if isinstance(self.input, (str, os.PathLike)) else [str(p) for p in self.input]
 
 
-def build_summarizer(provider: LLMProvider, sequential: bool, max_workers: int | None, batch_size: int | None, max_length: int, **options):
+def build_summarizer(
+    provider: LLMProvider, sequential: bool, max_workers: int | None, batch_size: int | None, max_length: int, **options
+):
     """The parallel transform, or the sequential baseline for A/B comparison."""
     if sequential:
         return SummarizerTransform(provider, max_length=max_length, **options)
-    return ParallelSummarizerTransform(provider, max_workers=max_workers, batch_size=batch_size, max_length=max_length, **options)
+    return ParallelSummarizerTransform(
+        provider, max_workers=max_workers, batch_size=batch_size, max_length=max_length, **options
+    )
 
 
 def chatgpt_parallel_processing_pipeline(
@@ -281,7 +306,7 @@ def chatgpt_parallel_processing_pipeline(
     provider_kwargs: dict | None = None,
     run_id: int | None = None,
     cancel: threading.Event | None = None,
-    ray: "RayCluster | None" = None,
+    ray: RayCluster | None = None,
     redo: Iterable[str] | None = None,
     **options,
 ) -> Pipeline:
@@ -290,21 +315,37 @@ def chatgpt_parallel_processing_pipeline(
         if sequential:
             raise ConfigError("--sequential runs on this machine only; leave it out with --ray.")
         provider = provider or ray.describe_provider(backend, model_name, provider_kwargs or {})
-        summarizer = ray.summarizer(provider, store.path, backend=backend, model=model_name, engine_options=provider_kwargs or {},
-                                    max_workers=max_workers, batch_size=batch_size, max_length=max_length, **options)
+        summarizer = ray.summarizer(
+            provider,
+            store.path,
+            backend=backend,
+            model=model_name,
+            engine_options=provider_kwargs or {},
+            max_workers=max_workers,
+            batch_size=batch_size,
+            max_length=max_length,
+            **options,
+        )
     else:
         provider = provider or get_provider(backend, model=model_name, **(provider_kwargs or {}))
         summarizer = build_summarizer(provider, sequential, max_workers, batch_size, max_length, **options)
-    chunker = ConversationChunkerComponent(chunk_method=chunk_method, chunk_size=chunk_size, tokenizer=_tokenizer_for(provider))
+    chunker = ConversationChunkerComponent(
+        chunk_method=chunk_method, chunk_size=chunk_size, tokenizer=_tokenizer_for(provider)
+    )
     checkpoint = Checkpoint(store, summarizer.key, fresh, redo=check_redo(redo))
     # Who made each summary: Ray records carry their node id; a local run stamps this host's name.
-    writer = ChatFragmentWriter(store, summarizer.key, backend=provider.name, run_id=run_id, worker=socket.gethostname())
-    return Pipeline("chatgpt_parallel_processing", [
-        Ingest(store, chunker, limit=limit, report=report),
-        checkpoint,
-        Summarize(summarizer, store, checkpoint, progress),
-        Write(writer, cancel, checkpoint.tally),
-    ])
+    writer = ChatFragmentWriter(
+        store, summarizer.key, backend=provider.name, run_id=run_id, worker=socket.gethostname()
+    )
+    return Pipeline(
+        "chatgpt_parallel_processing",
+        [
+            Ingest(store, chunker, limit=limit, report=report),
+            checkpoint,
+            Summarize(summarizer, store, checkpoint, progress),
+            Write(writer, cancel, checkpoint.tally),
+        ],
+    )
 
 
 def check_redo(redo: Iterable[str] | None) -> frozenset[str] | None:
@@ -314,8 +355,10 @@ def check_redo(redo: Iterable[str] | None) -> frozenset[str] | None:
     names = frozenset(n.strip() for n in redo if n.strip())
     unknown = sorted(names - set(FLAGS) - {"flagged"})
     if unknown or not names:
-        raise ConfigError(f"--redo takes quality flags separated by commas, or 'flagged' for any; unknown: "
-                          f"{', '.join(unknown) or '(none given)'}. Flags: {', '.join(FLAGS)}.")
+        raise ConfigError(
+            f"--redo takes quality flags separated by commas, or 'flagged' for any; unknown: "
+            f"{', '.join(unknown) or '(none given)'}. Flags: {', '.join(FLAGS)}."
+        )
     return names
 
 
@@ -349,8 +392,11 @@ def run_export(
         t0 = time.perf_counter()
         if owned:
             # On Ray the replicas load the model; the driver only names it (for the summary key and the tokenizer).
-            provider = (ray.describe_provider(config.backend, config.model, config.engine_options) if ray else
-                        get_provider(config.backend, model=config.model, **config.engine_options))
+            provider = (
+                ray.describe_provider(config.backend, config.model, config.engine_options)
+                if ray
+                else get_provider(config.backend, model=config.model, **config.engine_options)
+            )
         load_seconds = time.perf_counter() - t0
         out.mkdir(parents=True, exist_ok=True)
         store = SQLiteStore(out / "apiana.sqlite")
@@ -362,17 +408,33 @@ def run_export(
         if config.repetition_penalty != 1.0:
             options["repetition_penalty"] = config.repetition_penalty
         pipeline = chatgpt_parallel_processing_pipeline(
-            config.backend, config.max_workers, config.batch_size, config.model,
-            store=store, provider=provider, chunk_size=config.chunk_size, chunk_method=config.chunk_method,
-            max_length=config.max_length, sequential=config.sequential, fresh=config.fresh, limit=config.limit,
-            progress=progress, report=report, run_id=run_id, cancel=cancel, ray=ray, provider_kwargs=config.engine_options,
-            redo=config.redo, **options,
+            config.backend,
+            config.max_workers,
+            config.batch_size,
+            config.model,
+            store=store,
+            provider=provider,
+            chunk_size=config.chunk_size,
+            chunk_method=config.chunk_method,
+            max_length=config.max_length,
+            sequential=config.sequential,
+            fresh=config.fresh,
+            limit=config.limit,
+            progress=progress,
+            report=report,
+            run_id=run_id,
+            cancel=cancel,
+            ray=ray,
+            provider_kwargs=config.engine_options,
+            redo=config.redo,
+            **options,
         )
         ingest, checkpoint, summarize, write = pipeline.components
         pipeline.run(conversations)
         if checkpoint.other_keys:
             logger.warning(
-                "Earlier summaries in %s were made with another model, prompt or generation options; none are reused.", out
+                "Earlier summaries in %s were made with another model, prompt or generation options; none are reused.",
+                out,
             )
         summarizer = summarize.summarizer
         store.profile_missing()  # summaries of an older store, or handed back by Ray without their text
@@ -427,14 +489,17 @@ def _connect(config: RunConfig, owned: bool):
     if config.executor != "ray":
         raise ConfigError(f"executor must be 'local' or 'ray', not {config.executor!r}")
     if not owned:
-        raise ConfigError("run_export(provider=...) runs on this machine; on Ray each replica builds its own provider "
-                          "from config.backend, config.model and config.engine_options.")
+        raise ConfigError(
+            "run_export(provider=...) runs on this machine; on Ray each replica builds its own provider "
+            "from config.backend, config.model and config.engine_options."
+        )
     if config.sequential:
         raise ConfigError("--sequential runs on this machine only; leave it out with --ray.")
     from .ray_executor import connect
 
-    return connect(config.ray_address, replicas=config.replicas, replica_gpus=config.replica_gpus,
-                   replica_cpus=config.replica_cpus)
+    return connect(
+        config.ray_address, replicas=config.replicas, replica_gpus=config.replica_gpus, replica_cpus=config.replica_cpus
+    )
 
 
 class _Finisher:
@@ -476,8 +541,10 @@ def _primed(conversations: Iterator) -> Iterator:
 def check_output(out: Path) -> None:
     """Fail before any work when the output folder is a file, or cannot be created or written."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; -o needs a folder (for apiana.sqlite, summaries.jsonl and run.json). "
-                          f"Pick another name, or remove the file.")
+        raise ConfigError(
+            f"{out} is a file; -o needs a folder (for apiana.sqlite, summaries.jsonl and run.json). "
+            f"Pick another name, or remove the file."
+        )
     parent = out
     while not parent.exists():
         parent = parent.parent
@@ -493,7 +560,9 @@ def _tokenizer_for(provider: LLMProvider):
     folder = Path(provider.model) if provider.model else None
     if folder is not None and (folder / "tokenizer.json").is_file():
         return load_tokenizer(folder)
-    logger.info("counting chunk tokens with the bundled SmolLM2 tokenizer (%s has no local tokenizer.json)", provider.model)
+    logger.info(
+        "counting chunk tokens with the bundled SmolLM2 tokenizer (%s has no local tokenizer.json)", provider.model
+    )
     return load_tokenizer()
 
 

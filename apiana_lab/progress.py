@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,7 +75,9 @@ class TerminalProgress:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=p.total, desc=self.desc, unit="chunk", file=self.file, disable=self.disable, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=p.total, desc=self.desc, unit="chunk", file=self.file, disable=self.disable, dynamic_ncols=True
+            )
         self.bar.n = p.done
         self.bar.set_postfix_str(
             f"{p.completion_tokens_per_s:.1f} out tok/s, {p.prompt_tokens_per_s:.0f} in tok/s, "

@@ -20,10 +20,10 @@ import statistics
 import threading
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from .chunking import _LABELS as _CHUNK_LABELS
 
@@ -49,8 +49,11 @@ _PLAIN_TOKEN = re.compile(r"\w+(?:'\w+)*")
 # Role labels a transcript is written with: the chunker's own ("User", "Assistant", "Code output",
 # "Tool call (bio)", ...) and those of other exports and chat formats. "Other" is left out: a memory
 # may well open a line with "Other:".
-_ROLES = sorted({"User", "Assistant", "ChatGPT", "Human", "Claude", "AI", "System", *_CHUNK_LABELS.values()} - {"Other"},
-                key=len, reverse=True)
+_ROLES = sorted(
+    {"User", "Assistant", "ChatGPT", "Human", "Claude", "AI", "System", *_CHUNK_LABELS.values()} - {"Other"},
+    key=len,
+    reverse=True,
+)
 _ROLE = "|".join(re.escape(r) for r in _ROLES)
 _RECIPIENT = r"(?: \([^)\n]{1,40}\))?"
 # A label anywhere, as the transcript writes it ("User:", "**Assistant:**", "Tool call (bio):").
@@ -69,12 +72,15 @@ _CONTINUED = re.compile(r"^\(continued\) ", re.MULTILINE)
 # A chunk's tool traffic, code and hidden messages, up to the next dialogue turn: not its language.
 _NON_DIALOGUE = re.compile(
     rf"^(?:{'|'.join(re.escape(v) for v in sorted(_CHUNK_LABELS.values(), key=len, reverse=True))}){_RECIPIENT}:"
-    r".*?(?=\n\n(?:User|Assistant):|\Z)", re.MULTILINE | re.DOTALL)
+    r".*?(?=\n\n(?:User|Assistant):|\Z)",
+    re.MULTILINE | re.DOTALL,
+)
 _QUOTED = re.compile(r'"[^"\n]*"?|“[^”\n]*”?|«[^»\n]*»?|「[^」\n]*」?|„[^“\n]*“?')
 _SENTENCE = re.compile(r"[.!?…]+\s+|[。！？]+|\n+")  # the marks go: sentences are compared without them
 # Sentence marks become line breaks, other punctuation goes (for comparing sentences).
-_SENTENCE_CUTS = str.maketrans({**dict.fromkeys(".!?…。！？", "\n"),
-                                **dict.fromkeys(",;:、，\"'‘’“”«»「」()[]{}*_#~`-—")})
+_SENTENCE_CUTS = str.maketrans(
+    {**dict.fromkeys(".!?…。！？", "\n"), **dict.fromkeys(",;:、，\"'‘’“”«»「」()[]{}*_#~`-—")}
+)
 _CODE_BLOCK = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 _URL = re.compile(r"\bhttps?://\S+")
 
@@ -94,8 +100,12 @@ LANGUAGES = (
 FIRST_PERSON: dict[str, frozenset[str]] = {
     "en": frozenset("i me my mine myself i'm i've i'd i'll we us our ours ourselves we're we've we'd we'll".split()),
     "fr": frozenset("je moi me mon ma mes moi-même nous notre nos".split()),
-    "de": frozenset("ich mich mir mein meine meinen meinem meiner meines wir uns unser unsere unseren unserem unserer".split()),
-    "es": frozenset("yo me mi mis mí mío mía míos mías conmigo nosotros nosotras nos nuestro nuestra nuestros nuestras he".split()),
+    "de": frozenset(
+        "ich mich mir mein meine meinen meinem meiner meines wir uns unser unsere unseren unserem unserer".split()
+    ),
+    "es": frozenset(
+        "yo me mi mis mí mío mía míos mías conmigo nosotros nosotras nos nuestro nuestra nuestros nuestras he".split()
+    ),
     "it": frozenset("io mi me mio mia miei mie ho noi ci nostro nostra nostri nostre abbiamo".split()),
     "pt": frozenset("eu me mim meu minha meus minhas comigo nós nos nosso nossa nossos nossas".split()),
     "nl": frozenset("ik mij me mijn m'n wij we ons onze".split()),
@@ -105,8 +115,10 @@ _ELIDED = {"fr": ("j'", "m'"), "it": ("m'",)}
 # Spanish, Portuguese and Italian drop their pronouns ("le sugerí", "ajudei", "abbiamo deciso"):
 # first-person verb endings count there, minus the common words that share them.
 _VERB_ENDINGS = {
-    "es": (("é", "í", "amos", "emos", "imos"),
-           frozenset("qué porqué café bebé josé puré comité sí así aquí allí ahí extremos supremos primos".split())),
+    "es": (
+        ("é", "í", "amos", "emos", "imos"),
+        frozenset("qué porqué café bebé josé puré comité sí así aquí allí ahí extremos supremos primos".split()),
+    ),
     "pt": (("ei", "amos", "emos", "imos"), frozenset("lei rei primos".split())),
     "it": (("iamo",), frozenset()),
 }
@@ -179,7 +191,7 @@ class QualityProfile:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "QualityProfile":
+    def from_dict(cls, d: Mapping) -> QualityProfile:
         """The profile `to_dict` wrote; keys this version does not know (a newer scorer's) are left out."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
@@ -293,8 +305,9 @@ def ends_mid_sentence(text: str) -> bool:
     return stripped[-1] not in _SENTENCE_END
 
 
-def profile(summary: str, source: str, finish_reason: str | None = None, *,
-            thresholds: Thresholds = DEFAULT_THRESHOLDS) -> QualityProfile:
+def profile(
+    summary: str, source: str, finish_reason: str | None = None, *, thresholds: Thresholds = DEFAULT_THRESHOLDS
+) -> QualityProfile:
     """The quality profile of `summary`, written from the chunk text `source`."""
     th = thresholds
     tokens = tokenize(summary)
@@ -335,8 +348,11 @@ def profile(summary: str, source: str, finish_reason: str | None = None, *,
     if not tokens:
         flags.add("empty")
     else:
-        if (repeated >= th.loop_repeated_share or sentences_repeated >= th.loop_repeated_sentences
-                or longest_repeat >= th.loop_repeated_span * scale):
+        if (
+            repeated >= th.loop_repeated_share
+            or sentences_repeated >= th.loop_repeated_sentences
+            or longest_repeat >= th.loop_repeated_span * scale
+        ):
             flags.add("loop")
         if turn_lines >= th.echo_turn_lines or role_markers >= th.echo_role_markers:
             flags.add("echo")
@@ -461,7 +477,9 @@ def _excess_share(items: list, source_items: list) -> float:
     if not repeated:
         return 0.0
     in_source = Counter(compress(source_items, map(repeated.__contains__, source_items)))
-    return sum(counts[item] - max(1, in_source[item]) for item in repeated if counts[item] > in_source[item]) / len(items)
+    return sum(counts[item] - max(1, in_source[item]) for item in repeated if counts[item] > in_source[item]) / len(
+        items
+    )
 
 
 def _sentences(text: str) -> list[str]:
@@ -482,10 +500,20 @@ def _first_person(tokens: list[str], language: str | None) -> int:
         return 0
     elided = _ELIDED.get(language, ())
     endings, exceptions = _VERB_ENDINGS.get(language, ((), frozenset()))
-    return sum(1 for t in tokens if t in words or (elided and t.startswith(elided)) or (
-        endings and len(t) > 2 and t.endswith(endings) and t not in exceptions
-        # "-imos" after an accent is an adjective ("últimos", "próximos"), not a verb ("vivimos")
-        and not (t.endswith("imos") and _ACCENTED.search(t))))
+    return sum(
+        1
+        for t in tokens
+        if t in words
+        or (elided and t.startswith(elided))
+        or (
+            endings
+            and len(t) > 2
+            and t.endswith(endings)
+            and t not in exceptions
+            # "-imos" after an accent is an adjective ("últimos", "próximos"), not a verb ("vivimos")
+            and not (t.endswith("imos") and _ACCENTED.search(t))
+        )
+    )
 
 
 # --- agreement with human labels -----------------------------------------------------------------
@@ -498,7 +526,9 @@ def load_labels(path: str | Path) -> list[dict]:
     for r in records:
         unknown = set(r["labels"]) - set(FLAGS)
         if unknown:
-            raise ValueError(f"{path}: record {r['id']} has unknown labels {sorted(unknown)}; known: {', '.join(FLAGS)}")
+            raise ValueError(
+                f"{path}: record {r['id']} has unknown labels {sorted(unknown)}; known: {', '.join(FLAGS)}"
+            )
     return records
 
 

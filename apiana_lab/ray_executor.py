@@ -20,9 +20,9 @@ import math
 import os
 import socket
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 from .chunking import Chunk, ChunkRef
@@ -65,8 +65,14 @@ class RayCluster:
         owned: whether this connection called ray.init (and so calls ray.shutdown on close).
     """
 
-    def __init__(self, address: str, replicas: int | None = None, replica_gpus: float | None = None,
-                 replica_cpus: float = 1.0, owned: bool = True):
+    def __init__(
+        self,
+        address: str,
+        replicas: int | None = None,
+        replica_gpus: float | None = None,
+        replica_cpus: float = 1.0,
+        owned: bool = True,
+    ):
         self.address = address
         self.replicas = replicas
         self.replica_gpus = replica_gpus
@@ -75,28 +81,46 @@ class RayCluster:
 
     def nodes(self) -> list[dict]:
         """The cluster's live nodes: id and resources (ids, never IPs: several nodes can share a host)."""
-        return [{"id": n["NodeID"], "resources": {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}}
-                for n in _ray().nodes() if n.get("Alive")]
+        return [
+            {"id": n["NodeID"], "resources": {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}}
+            for n in _ray().nodes()
+            if n.get("Alive")
+        ]
 
     def placement(self) -> tuple[int, float, float]:
         """(replicas, GPUs per replica, CPUs per replica) after the defaults are applied to this cluster."""
         nodes = self.nodes()
         gpus = sum(n["resources"].get("GPU", 0) for n in nodes)
-        per_gpu, per_cpu = (self.replica_gpus if self.replica_gpus is not None else (1.0 if gpus else 0.0)), self.replica_cpus
+        per_gpu, per_cpu = (
+            (self.replica_gpus if self.replica_gpus is not None else (1.0 if gpus else 0.0)),
+            self.replica_cpus,
+        )
         # How many replicas each node can hold: a replica never spans nodes.
-        fits = [min(n["resources"].get("CPU", 0) // per_cpu if per_cpu else math.inf,
-                    n["resources"].get("GPU", 0) // per_gpu if per_gpu else math.inf) for n in nodes]
+        fits = [
+            min(
+                n["resources"].get("CPU", 0) // per_cpu if per_cpu else math.inf,
+                n["resources"].get("GPU", 0) // per_gpu if per_gpu else math.inf,
+            )
+            for n in nodes
+        ]
         room = sum(f for f in fits if f != math.inf) if any(f != math.inf for f in fits) else math.inf
         if not any(fits):
             # Ray would wait forever for a node that can hold one.
-            raise ConfigError(f"No node of the Ray cluster has {per_cpu:g} CPUs and {per_gpu:g} GPUs for a replica; "
-                              f"lower --replica-cpus / --replica-gpus, or add such a node.")
+            raise ConfigError(
+                f"No node of the Ray cluster has {per_cpu:g} CPUs and {per_gpu:g} GPUs for a replica; "
+                f"lower --replica-cpus / --replica-gpus, or add such a node."
+            )
         replicas = self.replicas
         if replicas is None:
             replicas = max(1, int(gpus // per_gpu)) if per_gpu else sum(1 for f in fits if f >= 1)
         elif replicas > room:
-            logger.warning("the cluster holds only %d replicas of %g CPUs and %g GPUs; the other %d wait for room",
-                           room, per_cpu, per_gpu, replicas - room)
+            logger.warning(
+                "the cluster holds only %d replicas of %g CPUs and %g GPUs; the other %d wait for room",
+                room,
+                per_cpu,
+                per_gpu,
+                replicas - room,
+            )
         return replicas, per_gpu, per_cpu
 
     def describe_provider(self, backend: str, model: str | None, engine_options: dict) -> LLMProvider:
@@ -111,11 +135,32 @@ class RayCluster:
 
         return _Named(backend, resolve_model(model))
 
-    def summarizer(self, provider: LLMProvider, store_path, *, backend: str, model: str | None, engine_options: dict,
-                   max_workers: int | None, batch_size: int | None, max_length: int, **options) -> "RaySummarizer":
+    def summarizer(
+        self,
+        provider: LLMProvider,
+        store_path,
+        *,
+        backend: str,
+        model: str | None,
+        engine_options: dict,
+        max_workers: int | None,
+        batch_size: int | None,
+        max_length: int,
+        **options,
+    ) -> RaySummarizer:
         """The summarize step's transform for this cluster."""
-        return RaySummarizer(provider, self, store_path, backend=backend, model=model, engine_options=engine_options,
-                             max_workers=max_workers, batch_size=batch_size, max_length=max_length, **options)
+        return RaySummarizer(
+            provider,
+            self,
+            store_path,
+            backend=backend,
+            model=model,
+            engine_options=engine_options,
+            max_workers=max_workers,
+            batch_size=batch_size,
+            max_length=max_length,
+            **options,
+        )
 
     def close(self) -> None:
         """Disconnect (and stop the cluster when this connection started it)."""
@@ -123,8 +168,13 @@ class RayCluster:
             _ray().shutdown()
 
 
-def connect(address: str | None = None, *, replicas: int | None = None, replica_gpus: float | None = None,
-            replica_cpus: float = 1.0) -> RayCluster:
+def connect(
+    address: str | None = None,
+    *,
+    replicas: int | None = None,
+    replica_gpus: float | None = None,
+    replica_cpus: float = 1.0,
+) -> RayCluster:
     """Connect to the cluster at `address` (None or "": RAY_ADDRESS, else a new local cluster).
 
     Raises ConfigError, before anything is written, when the address does not answer or no node
@@ -139,8 +189,10 @@ def connect(address: str | None = None, *, replicas: int | None = None, replica_
     if ray.is_initialized():  # the caller connected already (a notebook, a test): use it, leave it up
         current = ray.get_runtime_context().gcs_address
         if address and address not in (current, "auto"):
-            raise ConfigError(f"This process is already connected to the Ray cluster at {current}; "
-                              f"call ray.shutdown() first to run on {address}.")
+            raise ConfigError(
+                f"This process is already connected to the Ray cluster at {current}; "
+                f"call ray.shutdown() first to run on {address}."
+            )
         return _checked(RayCluster(current, **settings, owned=False))
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     if target.startswith("ray://"):
@@ -154,16 +206,29 @@ def connect(address: str | None = None, *, replicas: int | None = None, replica_
     if target != "local":
         # Workers on other machines run the driver's own apiana_lab code (prompts and options then
         # mean the same everywhere); its libraries (torch, vllm...) must be installed on every node.
-        runtime_env = {"py_modules": [os.path.dirname(os.path.abspath(__file__))], "excludes": ["data/", "__pycache__/"]}
+        runtime_env = {
+            "py_modules": [os.path.dirname(os.path.abspath(__file__))],
+            "excludes": ["data/", "__pycache__/"],
+        }
     try:
-        ray.init(address=target, runtime_env=runtime_env, logging_level=logging.WARNING,
-                 **({"include_dashboard": False} if target == "local" else {}))
-    except Exception as e:  # ray.init raises ConnectionError, RuntimeError, ValueError, or a bare Exception on a start-up timeout
+        ray.init(
+            address=target,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+            **({"include_dashboard": False} if target == "local" else {}),
+        )
+    except (
+        Exception
+    ) as e:  # ray.init raises ConnectionError, RuntimeError, ValueError, or a bare Exception on a start-up timeout
         if target == "local":
-            raise ConfigError(f"Could not start a local Ray cluster: {e} On a busy machine Ray's start-up can time out: "
-                              f"retry, or start one with `ray start --head` and pass its address.") from e
-        raise ConfigError(f"Could not connect to the Ray cluster at {target}: {e} Check the address "
-                          f"(`ray status` on the head node prints it), or leave ADDRESS out to start a local cluster.") from e
+            raise ConfigError(
+                f"Could not start a local Ray cluster: {e} On a busy machine Ray's start-up can time out: "
+                f"retry, or start one with `ray start --head` and pass its address."
+            ) from e
+        raise ConfigError(
+            f"Could not connect to the Ray cluster at {target}: {e} Check the address "
+            f"(`ray status` on the head node prints it), or leave ADDRESS out to start a local cluster."
+        ) from e
     return _checked(RayCluster(ray.get_runtime_context().gcs_address if target != "local" else "local", **settings))
 
 
@@ -231,9 +296,22 @@ class RaySummarizer(SummarizerTransform):
     `worker` is the Ray node id that made it.
     """
 
-    def __init__(self, provider: LLMProvider, cluster: RayCluster, store_path, *, backend: str, model: str | None,
-                 engine_options: dict | None = None, max_workers: int | None = None, batch_size: int | None = None,
-                 max_length: int = 300, system_prompt: str | None = None, user_template: str | None = None, **options):
+    def __init__(
+        self,
+        provider: LLMProvider,
+        cluster: RayCluster,
+        store_path,
+        *,
+        backend: str,
+        model: str | None,
+        engine_options: dict | None = None,
+        max_workers: int | None = None,
+        batch_size: int | None = None,
+        max_length: int = 300,
+        system_prompt: str | None = None,
+        user_template: str | None = None,
+        **options,
+    ):
         super().__init__(provider, system_prompt, user_template, max_length, **options)
         self.cluster = cluster
         self.store_path = str(store_path)
@@ -242,13 +320,20 @@ class RaySummarizer(SummarizerTransform):
         self.engine_options = dict(engine_options or {})
         self.max_workers = max_workers  # what each replica's transform uses; known once the first batch is back
         self.batch_size = batch_size
-        self.transform_options = dict(max_workers=max_workers, batch_size=batch_size, max_length=max_length,
-                                      system_prompt=self.system_prompt, user_template=self.user_template, **options)
+        self.transform_options = dict(
+            max_workers=max_workers,
+            batch_size=batch_size,
+            max_length=max_length,
+            system_prompt=self.system_prompt,
+            user_template=self.user_template,
+            **options,
+        )
         self.facts: dict = {}  # for run.json: the cluster, the replicas, and which node did what
         self._model_warned = False
 
-    def run(self, chunks: Iterable[Item], progress: ProgressCallback | None = None, *,
-            load: Loader | None = None) -> Iterator[tuple[ChunkRef, SummaryRecord]]:
+    def run(
+        self, chunks: Iterable[Item], progress: ProgressCallback | None = None, *, load: Loader | None = None
+    ) -> Iterator[tuple[ChunkRef, SummaryRecord]]:
         """Summarize on the cluster, yielding (ChunkRef, record) as each Ray batch comes back.
 
         `load` is not used: the replicas read texts from the store through the driver node's chunk server.
@@ -260,10 +345,19 @@ class RaySummarizer(SummarizerTransform):
         replicas, gpus, cpus = self.cluster.placement()
         rows = rows_per_batch(len(refs), replicas, self.batch_size)
         report = Reporter(progress, len(refs), stats, start)
-        self.facts = {"address": self.cluster.address, "ray_version": ray.__version__,
-                      "nodes": [n["id"] for n in self.cluster.nodes()], "replicas": replicas, "replica_gpus": gpus,
-                      "replica_cpus": cpus, "rows_per_batch": rows, "batches": 0, "startup_seconds": None,
-                      "duplicates_dropped": 0, "replica_runs": []}
+        self.facts = {
+            "address": self.cluster.address,
+            "ray_version": ray.__version__,
+            "nodes": [n["id"] for n in self.cluster.nodes()],
+            "replicas": replicas,
+            "replica_gpus": gpus,
+            "replica_cpus": cpus,
+            "rows_per_batch": rows,
+            "batches": 0,
+            "startup_seconds": None,
+            "duplicates_dropped": 0,
+            "replica_runs": [],
+        }
         runs: dict[tuple[str, str], dict] = {}  # (replica, node) -> what it did there
         report(self.batch_size or 0, "start")
         server = batches = None
@@ -271,14 +365,18 @@ class RaySummarizer(SummarizerTransform):
         try:
             if refs:
                 server = _start_chunk_server(ray, self.store_path)
-                batches = iter(self._dataset(ray, refs, server, rows, replicas, gpus, cpus).iter_batches(
-                    batch_size=None, batch_format="pyarrow"))
+                batches = iter(
+                    self._dataset(ray, refs, server, rows, replicas, gpus, cpus).iter_batches(
+                        batch_size=None, batch_format="pyarrow"
+                    )
+                )
                 seen: set[str] = set()
                 by_id = {r.id: r for r in refs}
                 for table in batches:
                     for row in table.to_pylist():  # one row per Ray batch a replica summarized
-                        done = self._absorb(ReplicaBatch.from_row(row), time.perf_counter() - start, epoch, by_id,
-                                            runs, seen)
+                        done = self._absorb(
+                            ReplicaBatch.from_row(row), time.perf_counter() - start, epoch, by_id, runs, seen
+                        )
                         report.done += len(done)
                         report(self.batch_size or 0)
                         yield from done
@@ -308,21 +406,31 @@ class RaySummarizer(SummarizerTransform):
         # One block per Ray batch: map_batches gives a whole block to one actor, so a single
         # block would send every chunk to one replica. from_blocks keeps the blocks as they are
         # and, unlike from_arrow, reads their metadata here rather than in a task per block.
-        blocks = [pa.table({"id": ids[k:k + rows]}) for k in range(0, len(ids), rows)]
+        blocks = [pa.table({"id": ids[k : k + rows]}) for k in range(0, len(ids), rows)]
         # Ray Data's actor pool already restarts a dead actor without limit and retries its
         # tasks on the new one (max_restarts=-1, max_task_retries=-1), which is what a lost node
         # needs; a provider error inside a batch is the transform's to retry, not Ray's.
         with _quiet_ray_data(ray):
             return ray.data.from_blocks(blocks).map_batches(
-                _Replica, batch_size=rows, batch_format="pyarrow", zero_copy_batch=True,
+                _Replica,
+                batch_size=rows,
+                batch_format="pyarrow",
+                zero_copy_batch=True,
                 compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=2),
-                num_cpus=cpus, num_gpus=gpus or None,
-                fn_constructor_kwargs=dict(server=server, backend=self.backend, model=self.model,
-                                           engine_options=self.engine_options, transform_options=self.transform_options),
+                num_cpus=cpus,
+                num_gpus=gpus or None,
+                fn_constructor_kwargs=dict(
+                    server=server,
+                    backend=self.backend,
+                    model=self.model,
+                    engine_options=self.engine_options,
+                    transform_options=self.transform_options,
+                ),
             )
 
-    def _absorb(self, batch: "ReplicaBatch", arrived: float, epoch: float, refs: dict[str, ChunkRef], runs: dict,
-                seen: set[str]) -> list[tuple[ChunkRef, SummaryRecord]]:
+    def _absorb(
+        self, batch: ReplicaBatch, arrived: float, epoch: float, refs: dict[str, ChunkRef], runs: dict, seen: set[str]
+    ) -> list[tuple[ChunkRef, SummaryRecord]]:
         """Count one Ray batch's records and figures; returns the pairs to yield.
 
         A batch redone after a node loss may repeat records that came back before; those are dropped.
@@ -360,7 +468,7 @@ class RaySummarizer(SummarizerTransform):
             out.append((refs[record.chunk_id], record))
         return out
 
-    def _check_key(self, batch: "ReplicaBatch") -> None:
+    def _check_key(self, batch: ReplicaBatch) -> None:
         theirs = batch.key
         if (theirs.prompt_hash, theirs.options_hash) != (self.key.prompt_hash, self.key.options_hash):
             raise ConfigError(
@@ -369,11 +477,14 @@ class RaySummarizer(SummarizerTransform):
             )
         if theirs.model != self.key.model and not self._model_warned:
             self._model_warned = True
-            logger.warning("a replica loaded the model from %s; summaries are stored under this driver's name "
-                           "for it, %s", theirs.model, self.key.model)
+            logger.warning(
+                "a replica loaded the model from %s; summaries are stored under this driver's name for it, %s",
+                theirs.model,
+                self.key.model,
+            )
 
 
-def _replica_run(runs: dict, batch: "ReplicaBatch") -> dict:
+def _replica_run(runs: dict, batch: ReplicaBatch) -> dict:
     """What one replica did on one node (a replica restarted elsewhere gets a second entry)."""
     key = (batch.replica, batch.node)
     if key not in runs:
@@ -392,10 +503,16 @@ def _start_chunk_server(ray, store_path: str):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    server = ray.remote(_ChunkServer).options(
-        num_cpus=0, max_restarts=-1, max_task_retries=-1,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-    ).remote(store_path)
+    server = (
+        ray.remote(_ChunkServer)
+        .options(
+            num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+        )
+        .remote(store_path)
+    )
     # Not waited for: it starts while the replicas load their models; their first call waits for it.
     return server
 
@@ -442,8 +559,16 @@ class _Replica:
         shift = time.time() - time.perf_counter()
         stats = self.transform.stats
         stats = replace(stats, provider_intervals=[(a + shift, b + shift) for a, b in stats.provider_intervals])
-        return ReplicaBatch(self.node, self.replica, self.transform.key, began, self.transform.batch_size,
-                            self.transform.max_workers, stats, records).to_arrow()
+        return ReplicaBatch(
+            self.node,
+            self.replica,
+            self.transform.key,
+            began,
+            self.transform.batch_size,
+            self.transform.max_workers,
+            stats,
+            records,
+        ).to_arrow()
 
     def __del__(self):
         provider = getattr(self, "provider", None)
@@ -471,13 +596,24 @@ class ReplicaBatch:
         return pa.Table.from_pylist([asdict(self)], schema=_schema())
 
     @classmethod
-    def from_row(cls, row: dict) -> "ReplicaBatch":
+    def from_row(cls, row: dict) -> ReplicaBatch:
         """Back from a row of that table."""
         stats = row["stats"]
-        stats = RunStats(**{**stats, "provider_intervals": [tuple(i) for i in stats["provider_intervals"]],
-                            "failures_by_reason": dict(stats["failures_by_reason"])})
-        return cls(**{**row, "key": SummaryKey(**row["key"]), "stats": stats,
-                      "records": [SummaryRecord(**r) for r in row["records"]]})
+        stats = RunStats(
+            **{
+                **stats,
+                "provider_intervals": [tuple(i) for i in stats["provider_intervals"]],
+                "failures_by_reason": dict(stats["failures_by_reason"]),
+            }
+        )
+        return cls(
+            **{
+                **row,
+                "key": SummaryKey(**row["key"]),
+                "stats": stats,
+                "records": [SummaryRecord(**r) for r in row["records"]],
+            }
+        )
 
 
 def _schema():
@@ -487,18 +623,48 @@ def _schema():
     text, number, real = pa.string(), pa.int64(), pa.float64()
     key = pa.struct([("model", text), ("prompt_hash", text), ("options_hash", text)])
     change = pa.struct([("from", number), ("to", number), ("reason", text), ("at_done", number), ("seconds", real)])
-    stats = pa.struct([
-        ("mode", text), ("computed", number), ("failed", number), ("retries", number), ("prompt_tokens", number),
-        ("completion_tokens", number), ("seconds", real), ("first_result_seconds", real), ("preemptions", number),
-        ("batch_size_changes", pa.list_(change)), ("latencies", pa.list_(real)),
-        ("provider_intervals", pa.list_(pa.list_(real, 2))), ("failures_by_reason", pa.map_(text, number)),
-    ])
-    record = pa.struct([
-        ("chunk_id", text), ("summary", text), ("prompt_tokens", number), ("completion_tokens", number),
-        ("finish_reason", text), ("error", text), ("reason", text), ("attempts", number), ("worker", text),
-    ])
-    return pa.schema([("node", text), ("replica", text), ("key", key), ("began", real), ("batch_size", number),
-                      ("max_workers", number), ("stats", stats), ("records", pa.list_(record))])
+    stats = pa.struct(
+        [
+            ("mode", text),
+            ("computed", number),
+            ("failed", number),
+            ("retries", number),
+            ("prompt_tokens", number),
+            ("completion_tokens", number),
+            ("seconds", real),
+            ("first_result_seconds", real),
+            ("preemptions", number),
+            ("batch_size_changes", pa.list_(change)),
+            ("latencies", pa.list_(real)),
+            ("provider_intervals", pa.list_(pa.list_(real, 2))),
+            ("failures_by_reason", pa.map_(text, number)),
+        ]
+    )
+    record = pa.struct(
+        [
+            ("chunk_id", text),
+            ("summary", text),
+            ("prompt_tokens", number),
+            ("completion_tokens", number),
+            ("finish_reason", text),
+            ("error", text),
+            ("reason", text),
+            ("attempts", number),
+            ("worker", text),
+        ]
+    )
+    return pa.schema(
+        [
+            ("node", text),
+            ("replica", text),
+            ("key", key),
+            ("began", real),
+            ("batch_size", number),
+            ("max_workers", number),
+            ("stats", stats),
+            ("records", pa.list_(record)),
+        ]
+    )
 
 
 def _unwrapped(error: BaseException) -> BaseException:

@@ -7,10 +7,11 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 from .chunking import Chunk
 from .export.types import Conversation
@@ -110,7 +111,9 @@ class Store(Protocol):
     def add_chunks(self, chunks: Iterable[Chunk]) -> None: ...
     def done_chunk_ids(self, key: SummaryKey) -> set[str]: ...
     def load_chunks(self, ids: Sequence[str]) -> list[Chunk]: ...
-    def put_summaries(self, key: SummaryKey, records: Iterable[SummaryRecord], backend: str, run_id: int | None) -> None: ...
+    def put_summaries(
+        self, key: SummaryKey, records: Iterable[SummaryRecord], backend: str, run_id: int | None
+    ) -> None: ...
     def kept_versions(self, chunk_ids: Sequence[str]) -> Iterator[dict]: ...
     def profile_missing(self) -> int: ...
     def close(self) -> None: ...
@@ -156,16 +159,29 @@ class SQLiteStore:
 
     def start_run(self, params: dict) -> int:
         with self.db:
-            cur = self.db.execute("INSERT INTO runs (started_at, params) VALUES (?, ?)", (time.time(), json.dumps(params, default=str)))
+            cur = self.db.execute(
+                "INSERT INTO runs (started_at, params) VALUES (?, ?)", (time.time(), json.dumps(params, default=str))
+            )
         return int(cur.lastrowid)
 
     def finish_run(self, run_id: int, figures: dict) -> None:
         with self.db:
-            self.db.execute("UPDATE runs SET finished_at = ?, figures = ? WHERE id = ?", (time.time(), json.dumps(figures, default=str), run_id))
+            self.db.execute(
+                "UPDATE runs SET finished_at = ?, figures = ? WHERE id = ?",
+                (time.time(), json.dumps(figures, default=str), run_id),
+            )
 
     def add_conversations(self, conversations: Iterable[Conversation]) -> None:
         rows = [
-            (c.id, c.title, _iso(c.create_time), _iso(c.update_time), c.source_format, int(c.fallback_branch), len(c.entries))
+            (
+                c.id,
+                c.title,
+                _iso(c.create_time),
+                _iso(c.update_time),
+                c.source_format,
+                int(c.fallback_branch),
+                len(c.entries),
+            )
             for c in conversations
         ]
         with self.db:
@@ -173,8 +189,17 @@ class SQLiteStore:
 
     def add_chunks(self, chunks: Iterable[Chunk]) -> None:
         rows = [
-            (c.id, c.conversation_id, c.index, c.first_message, c.last_message, c.token_count, int(c.continued), c.text,
-             ",".join(map(str, c.starts)))
+            (
+                c.id,
+                c.conversation_id,
+                c.index,
+                c.first_message,
+                c.last_message,
+                c.token_count,
+                int(c.continued),
+                c.text,
+                ",".join(map(str, c.starts)),
+            )
             for c in chunks
         ]
         with self.db:
@@ -206,9 +231,17 @@ class SQLiteStore:
             )
             for cid, conv, title, created, idx, first, last, tokens, continued, text, starts in cur:
                 found[cid] = Chunk(
-                    id=cid, conversation_id=conv, title=title or "", date=datetime.fromisoformat(created) if created else None,
-                    index=idx, first_message=first, last_message=last, token_count=tokens, text=text,
-                    continued=bool(continued), starts=tuple(map(int, starts.split(","))) if starts else (0,),
+                    id=cid,
+                    conversation_id=conv,
+                    title=title or "",
+                    date=datetime.fromisoformat(created) if created else None,
+                    index=idx,
+                    first_message=first,
+                    last_message=last,
+                    token_count=tokens,
+                    text=text,
+                    continued=bool(continued),
+                    starts=tuple(map(int, starts.split(","))) if starts else (0,),
                 )
         missing = [i for i in ids if i not in found]
         if missing:
@@ -238,8 +271,15 @@ class SQLiteStore:
             for cid in part:
                 r = rows.get(cid)
                 if r is not None:
-                    yield {"chunk_id": r[0], "conversation_id": r[1], "title": r[2] or "", "summary": r[3],
-                           "prompt_tokens": r[4], "completion_tokens": r[5], "finish_reason": r[6]}
+                    yield {
+                        "chunk_id": r[0],
+                        "conversation_id": r[1],
+                        "title": r[2] or "",
+                        "summary": r[3],
+                        "prompt_tokens": r[4],
+                        "completion_tokens": r[5],
+                        "finish_reason": r[6],
+                    }
 
     def summaries_for(self, key: SummaryKey, chunk_ids: Iterable[str]) -> dict[str, dict]:
         """Stored summaries of these chunks under this key, by chunk id."""
@@ -264,16 +304,45 @@ class SQLiteStore:
         )
         return cur.fetchone() is not None
 
-    def put_summaries(self, key: SummaryKey, records: Iterable[SummaryRecord], backend: str, run_id: int | None) -> None:
+    def put_summaries(
+        self, key: SummaryKey, records: Iterable[SummaryRecord], backend: str, run_id: int | None
+    ) -> None:
         now = time.time()
         ok, failed = [], []
         for r in records:
             if r.error is None:
                 quality = json.dumps(r.quality) if r.quality is not None else None
-                ok.append((r.chunk_id, key.model, key.prompt_hash, key.options_hash, r.summary, r.prompt_tokens,
-                           r.completion_tokens, r.finish_reason, backend, run_id, now, r.worker, quality))
+                ok.append(
+                    (
+                        r.chunk_id,
+                        key.model,
+                        key.prompt_hash,
+                        key.options_hash,
+                        r.summary,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.finish_reason,
+                        backend,
+                        run_id,
+                        now,
+                        r.worker,
+                        quality,
+                    )
+                )
             else:
-                failed.append((r.chunk_id, key.model, key.prompt_hash, key.options_hash, r.reason or "error", r.error, r.attempts, run_id, now))
+                failed.append(
+                    (
+                        r.chunk_id,
+                        key.model,
+                        key.prompt_hash,
+                        key.options_hash,
+                        r.reason or "error",
+                        r.error,
+                        r.attempts,
+                        run_id,
+                        now,
+                    )
+                )
         with self.db:
             # OR IGNORE: a summary, once stored, is never replaced or stored twice.
             self.db.executemany(
@@ -294,8 +363,11 @@ class SQLiteStore:
 
         rows = self.db.execute(
             "SELECT s.rowid, s.summary, k.text, s.finish_reason FROM summaries s JOIN chunks k ON k.id = s.chunk_id "
-            "WHERE s.quality IS NULL").fetchall()
-        updates = [(json.dumps(profile(summary, text, finish).to_dict()), rowid) for rowid, summary, text, finish in rows]
+            "WHERE s.quality IS NULL"
+        ).fetchall()
+        updates = [
+            (json.dumps(profile(summary, text, finish).to_dict()), rowid) for rowid, summary, text, finish in rows
+        ]
         with self.db:
             self.db.executemany("UPDATE summaries SET quality = ? WHERE rowid = ?", updates)
         return len(updates)
@@ -318,12 +390,24 @@ class SQLiteStore:
             versions: dict[str, list[dict]] = {}
             for r in cur:
                 quality = json.loads(r[13]) if r[13] else None
-                versions.setdefault(r[0], []).append({
-                    "chunk_id": r[0], "conversation_id": r[1], "title": r[2] or "", "summary": r[3],
-                    "prompt_tokens": r[4], "completion_tokens": r[5], "finish_reason": r[6], "backend": r[7],
-                    "model": r[8], "prompt_hash": r[9], "options_hash": r[10], "run_id": r[11], "created_at": r[12],
-                    "quality": quality,
-                })
+                versions.setdefault(r[0], []).append(
+                    {
+                        "chunk_id": r[0],
+                        "conversation_id": r[1],
+                        "title": r[2] or "",
+                        "summary": r[3],
+                        "prompt_tokens": r[4],
+                        "completion_tokens": r[5],
+                        "finish_reason": r[6],
+                        "backend": r[7],
+                        "model": r[8],
+                        "prompt_hash": r[9],
+                        "options_hash": r[10],
+                        "run_id": r[11],
+                        "created_at": r[12],
+                        "quality": quality,
+                    }
+                )
             for cid in part:
                 found = versions.get(cid)
                 if found:
@@ -333,7 +417,9 @@ class SQLiteStore:
         """Forget results under this key (for --fresh); returns how many were dropped."""
         with self.db:
             args = (key.model, key.prompt_hash, key.options_hash)
-            n = self.db.execute("DELETE FROM summaries WHERE model = ? AND prompt_hash = ? AND options_hash = ?", args).rowcount
+            n = self.db.execute(
+                "DELETE FROM summaries WHERE model = ? AND prompt_hash = ? AND options_hash = ?", args
+            ).rowcount
             self.db.execute("DELETE FROM failures WHERE model = ? AND prompt_hash = ? AND options_hash = ?", args)
         return n
 
@@ -358,8 +444,24 @@ class SQLiteStore:
             raise ValueError(f"versions must be 'kept' or 'all', not {versions!r}")
         ids = [row[0] for row in self.db.execute("SELECT DISTINCT chunk_id FROM summaries ORDER BY chunk_id")]
         rows = list(self.kept_versions(ids))
-        columns = ["chunk_id", "conversation_id", "title", "summary", "prompt_tokens", "completion_tokens", "finish_reason",
-                   "backend", "model", "prompt_hash", "options_hash", "run_id", "created_at", "quality", "versions", "kept"]
+        columns = [
+            "chunk_id",
+            "conversation_id",
+            "title",
+            "summary",
+            "prompt_tokens",
+            "completion_tokens",
+            "finish_reason",
+            "backend",
+            "model",
+            "prompt_hash",
+            "options_hash",
+            "run_id",
+            "created_at",
+            "quality",
+            "versions",
+            "kept",
+        ]
         return pd.DataFrame(rows, columns=columns)
 
     def to_parquet(self, folder: str | Path) -> list[Path]:
@@ -393,6 +495,7 @@ def _iso(value) -> str | None:
 
 def _kept(versions: list[dict]) -> dict:
     """The version to keep of one chunk's summaries: the fewest flags, ties to the newer; says which and why."""
+
     def flags(v: dict) -> int:
         return len(v["quality"]["flags"]) if v["quality"] else 0
 

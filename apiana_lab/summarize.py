@@ -10,8 +10,9 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import Union
 
 from .chunking import Chunk, ChunkRef
 from .collate import Collator
@@ -110,11 +111,21 @@ class Reporter:
         self.ended = finished
         if self.progress:
             s = self.stats
-            self.progress(Progress(
-                done=self.done, total=self.total, failed=s.failed, prompt_tokens=s.prompt_tokens,
-                completion_tokens=s.completion_tokens, elapsed=time.perf_counter() - self.start,
-                batch_size=batch_size, retries=s.retries, event=event, finished=finished, error=error,
-            ))
+            self.progress(
+                Progress(
+                    done=self.done,
+                    total=self.total,
+                    failed=s.failed,
+                    prompt_tokens=s.prompt_tokens,
+                    completion_tokens=s.completion_tokens,
+                    elapsed=time.perf_counter() - self.start,
+                    batch_size=batch_size,
+                    retries=s.retries,
+                    event=event,
+                    finished=finished,
+                    error=error,
+                )
+            )
 
 
 class SummarizerTransform:
@@ -127,7 +138,14 @@ class SummarizerTransform:
         **options: other generation options (temperature, top_p, seed, stop).
     """
 
-    def __init__(self, provider: LLMProvider, system_prompt: str | None = None, user_template: str | None = None, max_length: int = 300, **options):
+    def __init__(
+        self,
+        provider: LLMProvider,
+        system_prompt: str | None = None,
+        user_template: str | None = None,
+        max_length: int = 300,
+        **options,
+    ):
         self.provider = provider
         self.system_prompt = system_prompt if system_prompt is not None else load_prompt(SYSTEM_PROMPT)
         self.user_template = user_template if user_template is not None else load_prompt(USER_TEMPLATE)
@@ -138,14 +156,18 @@ class SummarizerTransform:
     @property
     def key(self) -> SummaryKey:
         """Summaries made under the same key are interchangeable, so a rerun may reuse them."""
-        return SummaryKey(self.provider.model, prompt_hash(self.system_prompt, self.user_template), self.options.digest())
+        return SummaryKey(
+            self.provider.model, prompt_hash(self.system_prompt, self.user_template), self.options.digest()
+        )
 
     def prompt(self, chunk: Chunk) -> list[dict]:
         """The chat sent to the model for one chunk."""
         user = render_user_prompt(self.user_template, title=chunk.title, date=chunk.date, text=chunk.text)
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
 
-    def run(self, chunks: Iterable[Item], progress: ProgressCallback | None = None, *, load: Loader | None = None) -> Iterator[tuple[Chunk, SummaryRecord]]:
+    def run(
+        self, chunks: Iterable[Item], progress: ProgressCallback | None = None, *, load: Loader | None = None
+    ) -> Iterator[tuple[Chunk, SummaryRecord]]:
         """Summarize in order, yielding each (chunk, record) as it finishes.
 
         `chunks` may hold ChunkRefs when `load` fetches their texts (from the store, a window at a time).
@@ -190,7 +212,9 @@ class SummarizerTransform:
         """All records, in input order."""
         return [record for _, record in self.run(chunks, load=load)]
 
-    def __call__(self, chunks: Iterable[Item], progress: ProgressCallback | None = None, **kwargs) -> Iterator[tuple[Chunk, SummaryRecord]]:
+    def __call__(
+        self, chunks: Iterable[Item], progress: ProgressCallback | None = None, **kwargs
+    ) -> Iterator[tuple[Chunk, SummaryRecord]]:
         """Same as run(); a method, so that a subclass's run() is the one called."""
         return self.run(chunks, progress, **kwargs)
 
@@ -260,7 +284,9 @@ class ParallelSummarizerTransform(SummarizerTransform):
         delay = cap / 2 + self.rng.random() * cap / 2
         return max(delay, getattr(error, "retry_after", None) or 0.0)
 
-    def run(self, chunks: Iterable[Item], progress: ProgressCallback | None = None, *, load: Loader | None = None) -> Iterator[tuple[Chunk, SummaryRecord]]:
+    def run(
+        self, chunks: Iterable[Item], progress: ProgressCallback | None = None, *, load: Loader | None = None
+    ) -> Iterator[tuple[Chunk, SummaryRecord]]:
         """Summarize everything, yielding (chunk, record) pairs as they complete."""
         for _, chunk, record in self._results(chunks, progress, load):
             yield chunk, record
@@ -273,7 +299,9 @@ class ParallelSummarizerTransform(SummarizerTransform):
             records[i] = record
         return records
 
-    def _results(self, chunks: Iterable[Item], progress: ProgressCallback | None, load: Loader | None) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
+    def _results(
+        self, chunks: Iterable[Item], progress: ProgressCallback | None, load: Loader | None
+    ) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
         """(input index, chunk, record) triples as they complete."""
         items = list(chunks)
         mode = "stream" if self.streaming else "batch" if self.provider.supports_batch else "concurrent"
@@ -348,8 +376,10 @@ class _State:
     def reject(self, i: int) -> tuple[Chunk | ChunkRef, SummaryRecord]:
         """A prompt that cannot fit the context fails at once, without being sent."""
         limit, max_tokens = self.t.provider.max_context, self.t.options.max_tokens
-        message = (f"prompt of about {self.lengths[i]} tokens plus max_tokens={max_tokens} exceeds the model's context "
-                   f"of {limit}; use a smaller --chunk-size or --max-length")
+        message = (
+            f"prompt of about {self.lengths[i]} tokens plus max_tokens={max_tokens} exceeds the model's context "
+            f"of {limit}; use a smaller --chunk-size or --max-length"
+        )
         return self.items[i], self.fail(i, "too_long", message)
 
     def chunks(self, indices: Sequence[int]) -> list[Chunk]:
@@ -361,7 +391,9 @@ class _State:
     def succeed(self, i: int, chunk: Chunk, completion, attempts: int) -> SummaryRecord:
         """Count a finished summary (the caller holds the lock where workers run)."""
         c = completion
-        record = SummaryRecord(chunk.id, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, attempts=attempts)
+        record = SummaryRecord(
+            chunk.id, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, attempts=attempts
+        )
         self.t.stats.count(record)
         if self.t.stats.first_result_seconds is None:
             self.t.stats.first_result_seconds = time.perf_counter() - self.start
@@ -380,13 +412,21 @@ class _State:
         """Record a batch-size change and put it on the timeline."""
         old, self.batch_size = self.batch_size, new
         self.streak = 0
-        change = {"from": old, "to": new, "reason": why, "at_done": self.reporter.done, "seconds": round(time.perf_counter() - self.start, 3)}
+        change = {
+            "from": old,
+            "to": new,
+            "reason": why,
+            "at_done": self.reporter.done,
+            "seconds": round(time.perf_counter() - self.start, 3),
+        }
         self.t.stats.batch_size_changes.append(change)
         logger.warning("batch size %d -> %d (%s)", old, new, why)
         self.report(f"batch size {old} -> {new} ({why})")
 
 
-_EMPTY = Chunk(id="", conversation_id="", title="", date=None, index=0, first_message=0, last_message=0, token_count=0, text="")
+_EMPTY = Chunk(
+    id="", conversation_id="", title="", date=None, index=0, first_message=0, last_message=0, token_count=0, text=""
+)
 
 
 def _loaded(items: list[Item], load: Loader | None) -> Iterator[Chunk]:
@@ -439,7 +479,9 @@ def _stream(state: _State) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
             return state.fail(i, _reason(error), f"{error} (gave up after {t.max_retries} retries)", attempts[i])
         stats.retries += 1
         delay = t.backoff(attempts[i], error)
-        logger.warning("chunk %s: transient error (%s); retry %d/%d in %.2f s", chunk.id, error, attempts[i], t.max_retries, delay)
+        logger.warning(
+            "chunk %s: transient error (%s); retry %d/%d in %.2f s", chunk.id, error, attempts[i], t.max_retries, delay
+        )
         loaded[i] = chunk
         heapq.heappush(waiting, (time.monotonic() + delay, next(tie), i))
         return None
@@ -487,7 +529,9 @@ def _workers(state: _State) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
     workers = t.max_workers
     if state.batching and t.provider.replicas > 1:
         workers = t.provider.replicas
-    threads = [threading.Thread(target=_work, args=(state, w), name=f"summarizer-{w}", daemon=True) for w in range(workers)]
+    threads = [
+        threading.Thread(target=_work, args=(state, w), name=f"summarizer-{w}", daemon=True) for w in range(workers)
+    ]
     for th in threads:
         th.start()
     try:
@@ -601,7 +645,14 @@ def _run_batch(state: _State, batch: list[int], worker: int) -> None:
         with state.lock:
             stats.retries += 1
         delay = t.backoff(attempt, error)
-        logger.warning("transient error on a batch of %d (%s); retry %d/%d in %.2f s", len(batch), error, attempt, t.max_retries, delay)
+        logger.warning(
+            "transient error on a batch of %d (%s); retry %d/%d in %.2f s",
+            len(batch),
+            error,
+            attempt,
+            t.max_retries,
+            delay,
+        )
         t.sleep(delay)
 
 

@@ -8,7 +8,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-
 from helpers import write_dialogue_export
 
 

@@ -22,7 +22,9 @@ def dialogue_prompt(summarizer, name, padding):
         f"User: My new dog is called {name}. {extra} How often should I walk {name}?\n\n"
         f"Assistant: {name} should be walked twice a day, morning and evening."
     )
-    user = summarizer.user_template.format(title=f"About {name}", conversation_date="2024-05-01", formatted_messages=text)
+    user = summarizer.user_template.format(
+        title=f"About {name}", conversation_date="2024-05-01", formatted_messages=text
+    )
     return [{"role": "system", "content": summarizer.system_prompt}, {"role": "user", "content": user}]
 
 
@@ -59,10 +61,15 @@ def test_max_tokens_and_finish_reason(provider):
     longer = provider.complete(prompt, GenerationOptions(max_tokens=12))
     assert longer.completion_tokens == 12 and longer.text.startswith(short.text.strip())
     # A question with a one-line answer ends on its own, well before the limit.
-    done = provider.complete("What is the capital of France? Answer in one short sentence.", GenerationOptions(max_tokens=200))
+    done = provider.complete(
+        "What is the capital of France? Answer in one short sentence.", GenerationOptions(max_tokens=200)
+    )
     assert done.finish_reason == "stop" and done.completion_tokens < 200
     assert "Paris" in done.text
-    forced = provider.complete("What is the capital of France? Answer in one short sentence.", GenerationOptions(max_tokens=done.completion_tokens + 8, ignore_eos=True))
+    forced = provider.complete(
+        "What is the capital of France? Answer in one short sentence.",
+        GenerationOptions(max_tokens=done.completion_tokens + 8, ignore_eos=True),
+    )
     assert forced.completion_tokens == done.completion_tokens + 8 and forced.finish_reason == "length"
 
 
@@ -98,14 +105,22 @@ def test_parallel_matches_sequential_under_greedy(provider, tokenizer, request):
     assert all(r.error is None for r in sequential + parallel)
     same = [a.summary == b.summary for a, b in zip(sequential, parallel)]
     drift = [
-        {"chunk": a.chunk_id, "common_prefix_chars": _common_prefix(a.summary, b.summary), "sequential": a.summary, "parallel": b.summary}
-        for a, b, ok in zip(sequential, parallel, same) if not ok
+        {
+            "chunk": a.chunk_id,
+            "common_prefix_chars": _common_prefix(a.summary, b.summary),
+            "sequential": a.summary,
+            "parallel": b.summary,
+        }
+        for a, b, ok in zip(sequential, parallel, same)
+        if not ok
     ]
     request.node.user_properties.append(("identical", f"{sum(same)}/{len(same)}"))
     if drift:
         print(f"\n{request.node.name}: {sum(same)}/{len(same)} identical; where batching changed the text:")
         for d in drift:
-            print(f"  {d['chunk']}: same for {d['common_prefix_chars']} chars\n    seq: {d['sequential']!r}\n    par: {d['parallel']!r}")
+            print(
+                f"  {d['chunk']}: same for {d['common_prefix_chars']} chars\n    seq: {d['sequential']!r}\n    par: {d['parallel']!r}"
+            )
     # Both engines run in float32 here, where batching changes nothing. In bfloat16 it can:
     # see the README ("Batched vs one-by-one results") for what was measured and why.
     assert not drift, drift
@@ -129,7 +144,9 @@ def test_throughput_series_stays_near_the_runs_rate(provider, tokenizer):
     overall = last["completion_tokens"] / last["elapsed_s"]
     series = rates["output_tokens_per_s"].dropna()
     assert last["done"] == 6 and overall > 0 and len(series) >= 2
-    assert series.max() <= 3 * overall, rates[["elapsed_s", "done", "completion_tokens", "output_tokens_per_s"]].to_string()
+    assert series.max() <= 3 * overall, rates[
+        ["elapsed_s", "done", "completion_tokens", "output_tokens_per_s"]
+    ].to_string()
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -257,4 +274,9 @@ def test_stream_equals_batch_under_greedy(streaming):
     streamed = dict(streaming.stream(((str(i), p) for i, p in enumerate(prompts)), s.options, window=2))
     for i, b in enumerate(batch):
         got = streamed[str(i)]
-        assert (got.text, got.prompt_tokens, got.completion_tokens, got.finish_reason) == (b.text, b.prompt_tokens, b.completion_tokens, b.finish_reason)
+        assert (got.text, got.prompt_tokens, got.completion_tokens, got.finish_reason) == (
+            b.text,
+            b.prompt_tokens,
+            b.completion_tokens,
+            b.finish_reason,
+        )

@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import random
 
-
 # ---- exports -------------------------------------------------------------------------------------------
+
 
 def write_dialogue_export(path, conversations=12, messages=12, seed=0):
     """A ChatGPT conversations.json of linear chats; each message ~40 tokens, tagged "Message <conv>-<msg>:"."""
     rng = random.Random(seed)
-    vocab = ("garden river morning coffee letter train window music walk kitchen friend book "
-             "winter project code tired happy plan budget doctor sleep travel idea question").split()
+    vocab = (
+        "garden river morning coffee letter train window music walk kitchen friend book "
+        "winter project code tired happy plan budget doctor sleep travel idea question"
+    ).split()
     convs = []
     for c in range(conversations):
         mapping = {"root": {"id": "root", "message": None, "parent": None, "children": []}}
@@ -26,16 +28,31 @@ def write_dialogue_export(path, conversations=12, messages=12, seed=0):
             role = "user" if m % 2 == 0 else "assistant"
             text = f"Message {c}-{m}: " + " ".join(rng.choice(vocab) for _ in range(25))
             message = {
-                "id": node, "author": {"role": role, "name": None, "metadata": {}},
-                "create_time": 1700000000 + c * 1000 + m, "update_time": None,
-                "content": {"content_type": "text", "parts": [text]}, "status": "finished_successfully",
-                "end_turn": None, "weight": 1.0, "metadata": {}, "recipient": "all",
+                "id": node,
+                "author": {"role": role, "name": None, "metadata": {}},
+                "create_time": 1700000000 + c * 1000 + m,
+                "update_time": None,
+                "content": {"content_type": "text", "parts": [text]},
+                "status": "finished_successfully",
+                "end_turn": None,
+                "weight": 1.0,
+                "metadata": {},
+                "recipient": "all",
             }
             mapping[node] = {"id": node, "message": message, "parent": parent, "children": []}
             mapping[parent]["children"].append(node)
             parent = node
-        convs.append({"title": f"Chat {c}", "create_time": 1700000000 + c * 1000, "update_time": None,
-                      "mapping": mapping, "current_node": parent, "id": f"conv-{c}", "conversation_id": f"conv-{c}"})
+        convs.append(
+            {
+                "title": f"Chat {c}",
+                "create_time": 1700000000 + c * 1000,
+                "update_time": None,
+                "mapping": mapping,
+                "current_node": parent,
+                "id": f"conv-{c}",
+                "conversation_id": f"conv-{c}",
+            }
+        )
     path.write_text(json.dumps(convs), encoding="utf-8")
     return path
 
@@ -65,8 +82,19 @@ def make_chunks(n, seed=0, words=(5, 60), tags=None):
     for i in range(n):
         body = " ".join(rng.choice(VOCAB) for _ in range(rng.randint(*words)))
         text = f"chunk-{i} {tags.get(i, '')} {body}"
-        chunks.append(Chunk(id=f"id-{i:04d}", conversation_id=f"conv-{i // 10}", title=f"Chat {i // 10}", date=None,
-                            index=i % 10, first_message=0, last_message=0, token_count=len(text.split()), text=text))
+        chunks.append(
+            Chunk(
+                id=f"id-{i:04d}",
+                conversation_id=f"conv-{i // 10}",
+                title=f"Chat {i // 10}",
+                date=None,
+                index=i % 10,
+                first_message=0,
+                last_message=0,
+                token_count=len(text.split()),
+                text=text,
+            )
+        )
     return chunks
 
 

@@ -16,9 +16,11 @@ pytestmark = [pytest.mark.vllm, pytest.mark.transformers, pytest.mark.slow]
 SAMPLE = str(Path("apiana_lab/data/sample_export.json").resolve())
 # A prompt that asks for the transcript instead of a memory (system message and user template).
 TRANSCRIPT_SYSTEM = "Rewrite the conversation below as a transcript, word for word."
-TRANSCRIPT_TEMPLATE = ('Conversation "{title}" ({conversation_date}):\n\n{formatted_messages}\n\n---\n'
-                       "Write this conversation out again as a transcript, word for word: every turn on its own line, "
-                       "starting with 'User:' or 'Assistant:'.")
+TRANSCRIPT_TEMPLATE = (
+    'Conversation "{title}" ({conversation_date}):\n\n{formatted_messages}\n\n---\n'
+    "Write this conversation out again as a transcript, word for word: every turn on its own line, "
+    "starting with 'User:' or 'Assistant:'."
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,9 @@ def test_a_prompt_that_asks_for_a_transcript_is_no_go(chunks, vllm_engine):
     from apiana_lab.summarize import ParallelSummarizerTransform
 
     base = ParallelSummarizerTransform(vllm_engine, max_length=96)
-    transcript = ParallelSummarizerTransform(vllm_engine, max_length=96, system_prompt=TRANSCRIPT_SYSTEM,
-                                             user_template=TRANSCRIPT_TEMPLATE)
+    transcript = ParallelSummarizerTransform(
+        vllm_engine, max_length=96, system_prompt=TRANSCRIPT_SYSTEM, user_template=TRANSCRIPT_TEMPLATE
+    )
     old = ab.profiled_rows(measure(base, chunks)[1], chunks)
     new = ab.profiled_rows(measure(transcript, chunks)[1], chunks)
     _, summary = ab.compare(old, new)

@@ -7,10 +7,23 @@ from apiana_lab.experiments import ab
 
 def side(n, flagged, *, compression=0.1, text="a summary", role_markers=(1,)):
     """n rows whose first `flagged` carry a loop flag; every profile with the given compression and role labels."""
-    return [{"chunk_id": f"k{i}", "summary": f"{text} {i}", "completion_tokens": 50, "finish_reason": "stop",
-             "quality": {"flags": ["loop"] if i < flagged else [], "compression": compression, "coverage": 0.3,
-                         "density": 1.5, "role_markers": role_markers[i % len(role_markers)], "repeated_ngrams": 0.2}}
-            for i in range(n)]
+    return [
+        {
+            "chunk_id": f"k{i}",
+            "summary": f"{text} {i}",
+            "completion_tokens": 50,
+            "finish_reason": "stop",
+            "quality": {
+                "flags": ["loop"] if i < flagged else [],
+                "compression": compression,
+                "coverage": 0.3,
+                "density": 1.5,
+                "role_markers": role_markers[i % len(role_markers)],
+                "repeated_ngrams": 0.2,
+            },
+        }
+        for i in range(n)
+    ]
 
 
 def judge(old, new):

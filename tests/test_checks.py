@@ -28,7 +28,10 @@ def test_backends_list_must_be_non_empty_known_and_without_repeats():
         checks.check_backends([])
     with pytest.raises(ParameterError, match=r"parameter backends = 'vllm': not a non-empty list"):
         checks.check_backends("vllm")  # a string is not a list of one
-    with pytest.raises(ParameterError, match=r"parameter backends\[1\] = 'transformer': unknown backend \(did you mean 'transformers'\?\)"):
+    with pytest.raises(
+        ParameterError,
+        match=r"parameter backends\[1\] = 'transformer': unknown backend \(did you mean 'transformers'\?\)",
+    ):
         checks.check_backends(["vllm", "transformer"])
     with pytest.raises(ParameterError, match="fake listed twice"):
         checks.check_backends(["fake", "fake"])
@@ -50,7 +53,9 @@ def test_missing_input_file_says_where_relative_paths_start(tmp_path, monkeypatc
 
 def test_batch_sizes_must_be_a_non_empty_list_of_positive_whole_numbers():
     assert checks.check_batch_sizes([8, 1, 2, 2]) == [1, 2, 8]
-    with pytest.raises(ParameterError, match=r"parameter batch_sizes = \[\]: empty. Allowed: a non-empty list of whole numbers >= 1"):
+    with pytest.raises(
+        ParameterError, match=r"parameter batch_sizes = \[\]: empty. Allowed: a non-empty list of whole numbers >= 1"
+    ):
         checks.check_batch_sizes([])
     with pytest.raises(ParameterError, match=r"batch_sizes\[1\] = 0: below 1"):
         checks.check_batch_sizes([4, 0])
@@ -85,7 +90,10 @@ def test_small_checks_take_the_defaults_notebooks_use():
 
 def test_engine_options_are_checked_against_the_backend():
     assert checks.check_engine_options("fake", {"latency": 0.1}) == {"latency": 0.1}
-    with pytest.raises(ConfigError, match=r"parameter engine_options: The fake backend does not take the option 'latncy'. Did you mean 'latency'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"parameter engine_options: The fake backend does not take the option 'latncy'. Did you mean 'latency'\?",
+    ):
         checks.check_engine_options("fake", {"latncy": 0.1})
     with pytest.raises(ParameterError, match="not a dict"):
         checks.check_engine_options("fake", [("latency", 1)])
@@ -101,8 +109,19 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path):
 
 
 def explore(**changes):
-    params = dict(input_paths=[str(SAMPLE)], chunk_size=3500, longest=10, rate_tokens_per_s=0.0, summary_tokens=300,
-                  backend="fake", model="", sample=4, max_length=300, batch_size=None, engine_options={})
+    params = dict(
+        input_paths=[str(SAMPLE)],
+        chunk_size=3500,
+        longest=10,
+        rate_tokens_per_s=0.0,
+        summary_tokens=300,
+        backend="fake",
+        model="",
+        sample=4,
+        max_length=300,
+        batch_size=None,
+        engine_options={},
+    )
     return checks.explore_export(**{**params, **changes})
 
 
@@ -118,8 +137,20 @@ def test_explore_checks_the_backend_only_when_it_measures():
 
 
 def sweep(**changes):
-    params = dict(input_paths=[], backend="fake", model="", batch_sizes=[1, 2], chunks=4, chunk_size=1400, max_length=8,
-                  dtype="auto", headroom=0.2, memory_limit_mb=None, engine_options={}, monitor_interval=0.5)
+    params = dict(
+        input_paths=[],
+        backend="fake",
+        model="",
+        batch_sizes=[1, 2],
+        chunks=4,
+        chunk_size=1400,
+        max_length=8,
+        dtype="auto",
+        headroom=0.2,
+        memory_limit_mb=None,
+        engine_options={},
+        monitor_interval=0.5,
+    )
     return checks.batch_size_sweep(**{**params, **changes})
 
 
@@ -134,11 +165,30 @@ def test_sweep_parameters():
 
 
 def ab_params(**changes):
-    params = dict(input_paths=[str(SAMPLE)], backend="fake", model="", chunks=4, chunk_size=600, batch_size=4,
-                  max_workers=None, max_length=32, dtype="float32", engine_options={}, new_max_length=0,
-                  new_system_prompt="", old_dir="", new_dir="", min_exact_match=0.5, min_similarity_p10=0.3,
-                  min_similarity_median=0.9, length_ratio_low=0.8, length_ratio_high=1.25, min_finish_agreement=0.8,
-                  max_extra_failures=0, min_speedup=1.0)
+    params = dict(
+        input_paths=[str(SAMPLE)],
+        backend="fake",
+        model="",
+        chunks=4,
+        chunk_size=600,
+        batch_size=4,
+        max_workers=None,
+        max_length=32,
+        dtype="float32",
+        engine_options={},
+        new_max_length=0,
+        new_system_prompt="",
+        old_dir="",
+        new_dir="",
+        min_exact_match=0.5,
+        min_similarity_p10=0.3,
+        min_similarity_median=0.9,
+        length_ratio_low=0.8,
+        length_ratio_high=1.25,
+        min_finish_agreement=0.8,
+        max_extra_failures=0,
+        min_speedup=1.0,
+    )
     return checks.ab_migration_check(**{**params, **changes})
 
 
@@ -165,13 +215,36 @@ def test_ab_parameters_build_the_thresholds_and_pair_the_folders(tmp_path):
 
 
 def test_comparison_and_summarize_parameters(tmp_path):
-    params = checks.backend_comparison(input_paths=str(SAMPLE), backends=["fake"], model="", chunks=4, chunk_size=600,
-                                       max_length=8, batch_size=None, dtype="float32",
-                                       engine_options={"fake": {"latency": 0.01}}, monitor_interval=0.5)
+    params = checks.backend_comparison(
+        input_paths=str(SAMPLE),
+        backends=["fake"],
+        model="",
+        chunks=4,
+        chunk_size=600,
+        max_length=8,
+        batch_size=None,
+        dtype="float32",
+        engine_options={"fake": {"latency": 0.01}},
+        monitor_interval=0.5,
+    )
     assert params["input_paths"] == [str(SAMPLE)] and params["engine_options"] == {"fake": {"latency": 0.01}}
-    summarize = dict(input_paths=[str(SAMPLE)], output_dir=str(tmp_path / "out"), backend="fake", model="", batch_size=None,
-                     max_workers=None, chunk_size=300, max_length=16, limit=None, fresh=False, engine_options={},
-                     monitor_interval=0.5, show_conversation="", show_from="2024-01-01", show_to="")
+    summarize = dict(
+        input_paths=[str(SAMPLE)],
+        output_dir=str(tmp_path / "out"),
+        backend="fake",
+        model="",
+        batch_size=None,
+        max_workers=None,
+        chunk_size=300,
+        max_length=16,
+        limit=None,
+        fresh=False,
+        engine_options={},
+        monitor_interval=0.5,
+        show_conversation="",
+        show_from="2024-01-01",
+        show_to="",
+    )
     assert checks.summarize_export(**summarize)["show_from"] == "2024-01-01"
     with pytest.raises(ParameterError, match="parameter fresh = 'yes': not True or False"):
         checks.summarize_export(**{**summarize, "fresh": "yes"})

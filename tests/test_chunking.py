@@ -1,7 +1,7 @@
 """The token chunker: sizes, order, splitting, overlap and stable ids."""
 
 import dataclasses
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -15,7 +15,13 @@ SAMPLE = "apiana_lab/data/sample_export.json"
 
 def conversation(texts, cid="c1", extra=()):
     entries = [Entry(role="user" if i % 2 == 0 else "assistant", text=t, kind=DIALOGUE) for i, t in enumerate(texts)]
-    return Conversation(id=cid, title="T", source_format="chatgpt", entries=entries + list(extra), create_time=datetime(2024, 1, 2, tzinfo=timezone.utc))
+    return Conversation(
+        id=cid,
+        title="T",
+        source_format="chatgpt",
+        entries=entries + list(extra),
+        create_time=datetime(2024, 1, 2, tzinfo=UTC),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +106,9 @@ def test_ids_are_stable_and_depend_on_content_and_parameters(tokenizer, sample_c
 
 
 def test_no_dialogue_gives_no_chunk(tokenizer):
-    conv = Conversation(id="x", title="", source_format="chatgpt", entries=[Entry(role="tool", text="output", kind=TOOL_OUTPUT)])
+    conv = Conversation(
+        id="x", title="", source_format="chatgpt", entries=[Entry(role="tool", text="output", kind=TOOL_OUTPUT)]
+    )
     assert Chunker(tokenizer=tokenizer).chunk(conv) == []
 
 

@@ -15,7 +15,9 @@ BIN = Path(sys.executable).parent
 
 
 def run(cmd, *args, timeout=600, **env):
-    return subprocess.run([str(BIN / cmd), *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
+    return subprocess.run(
+        [str(BIN / cmd), *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
+    )
 
 
 def warning_lines(text: str) -> list[str]:
@@ -35,7 +37,17 @@ def test_inspect_json_reports_totals_and_conversations():
     assert t["chunks"] == sum(r["chunks"] for r in rows) and t["tokens"] == sum(r["tokens"] for r in rows)
     assert t["dialogue_messages"] == sum(r["dialogue_messages"] for r in rows)
     assert t["dialogue_by_role"]["user"] == sum(r["user_messages"] for r in rows)
-    assert set(rows[0]) == {"id", "title", "dialogue_messages", "user_messages", "assistant_messages", "other_entries", "chunks", "tokens", "fallback_branch"}
+    assert set(rows[0]) == {
+        "id",
+        "title",
+        "dialogue_messages",
+        "user_messages",
+        "assistant_messages",
+        "other_entries",
+        "chunks",
+        "tokens",
+        "fallback_branch",
+    }
     assert t["non_dialogue_by_type"]  # the sample has tool traffic, hidden messages, context
     assert any(r["fallback_branch"] for r in rows)
     assert t["first_date"] <= t["last_date"]
@@ -64,7 +76,23 @@ def test_synth_then_inspect_the_result(tmp_path):
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
 def test_export_v2_end_to_end_on_the_sample(backend, tmp_path):
     out = tmp_path / backend
-    p = run("chatgpt-export-v2", "-i", SAMPLE, "-o", out, "--backend", backend, "--limit", "3", "--max-length", "32", "--chunk-size", "600", "--batch-size", "4")
+    p = run(
+        "chatgpt-export-v2",
+        "-i",
+        SAMPLE,
+        "-o",
+        out,
+        "--backend",
+        backend,
+        "--limit",
+        "3",
+        "--max-length",
+        "32",
+        "--chunk-size",
+        "600",
+        "--batch-size",
+        "4",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     # The engines' start-up warnings (no Triton, NUMA binding, deprecations) stay out of the
     # terminal and its progress bar; they are in the log the run names.
@@ -75,17 +103,50 @@ def test_export_v2_end_to_end_on_the_sample(backend, tmp_path):
         assert "(EngineCore pid=" in log.read_text()  # the engine's child process wrote there
     assert "3 summarized" in p.stdout and "summaries.jsonl" in p.stdout
     run_json = json.loads((out / "run.json").read_text())
-    for field in ("backend", "model", "batch_size", "max_workers", "chunk_size", "max_length", "limit", "conversations_read",
-                  "conversations_skipped", "chunks_total", "summaries_computed", "summaries_reused", "failed", "prompt_tokens",
-                  "completion_tokens", "wall_seconds", "load_seconds", "completion_tokens_per_s", "chunks_per_s"):
+    for field in (
+        "backend",
+        "model",
+        "batch_size",
+        "max_workers",
+        "chunk_size",
+        "max_length",
+        "limit",
+        "conversations_read",
+        "conversations_skipped",
+        "chunks_total",
+        "summaries_computed",
+        "summaries_reused",
+        "failed",
+        "prompt_tokens",
+        "completion_tokens",
+        "wall_seconds",
+        "load_seconds",
+        "completion_tokens_per_s",
+        "chunks_per_s",
+    ):
         assert field in run_json, field
     assert run_json["backend"] == backend and run_json["summaries_computed"] == 3 and run_json["failed"] == 0
     assert run_json["load_seconds"] > 0 and run_json["wall_seconds"] > run_json["load_seconds"]
     rows = [json.loads(line) for line in (out / "summaries.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     for r in rows:
-        assert set(r) == {"chunk_id", "conversation_id", "title", "summary", "prompt_tokens", "completion_tokens", "finish_reason",
-                          "backend", "model", "prompt_hash", "options_hash", "run_id", "quality", "versions", "kept"}
+        assert set(r) == {
+            "chunk_id",
+            "conversation_id",
+            "title",
+            "summary",
+            "prompt_tokens",
+            "completion_tokens",
+            "finish_reason",
+            "backend",
+            "model",
+            "prompt_hash",
+            "options_hash",
+            "run_id",
+            "quality",
+            "versions",
+            "kept",
+        }
         assert r["summary"].strip() and 0 < r["completion_tokens"] <= 32 and r["backend"] == backend
         assert (r["versions"], r["kept"]) == (1, "only version") and r["quality"]["tokens"] > 0
     flagged = sum(bool(r["quality"]["flags"]) for r in rows)  # run.json's quality section counts the same summaries
@@ -100,8 +161,22 @@ def test_export_v2_end_to_end_on_the_sample(backend, tmp_path):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_plan_json_on_vllm_is_one_json_document_and_the_engine_log_holds_the_rest():
-    p = run("apiana-lab", "plan", SAMPLE, "--json", "--backend", "vllm", "--sample", "1", "--max-length", "4",
-            "--chunk-size", "600", "--max-model-len", "1024")
+    p = run(
+        "apiana-lab",
+        "plan",
+        SAMPLE,
+        "--json",
+        "--backend",
+        "vllm",
+        "--sample",
+        "1",
+        "--max-length",
+        "4",
+        "--chunk-size",
+        "600",
+        "--max-model-len",
+        "1024",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     plan = json.loads(p.stdout)  # all of stdout, as `| jq .projection` reads it
     assert plan["backend"] == "vllm" and plan["sample"]["chunks"] == 1 and plan["projection"]["seconds"] > 0
@@ -111,7 +186,9 @@ def test_plan_json_on_vllm_is_one_json_document_and_the_engine_log_holds_the_res
     log = Path(note[0].partition(": ")[2])
     try:
         text = log.read_text()
-        assert "(MainProcess pid=" in text and "(EngineCore pid=" in text  # vLLM's log, from this process and its engine's
+        assert (
+            "(MainProcess pid=" in text and "(EngineCore pid=" in text
+        )  # vLLM's log, from this process and its engine's
     finally:
         log.unlink()
 

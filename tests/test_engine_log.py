@@ -49,8 +49,12 @@ def test_children_and_this_process_write_to_the_log_and_only_errors_show(tmp_pat
     (tmp_path / "child.py").write_text(CHILD)
     (tmp_path / "script.py").write_text(SCRIPT)
     first, second = tmp_path / "first.log", tmp_path / "run" / "engine.log"
-    p = subprocess.run([sys.executable, tmp_path / "script.py", tmp_path / "child.py", first, second],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, tmp_path / "script.py", tmp_path / "child.py", first, second],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     # stdout is ours alone, before and after.
     assert p.stdout == "stdout before\nstdout after\njoined True\n"
@@ -66,9 +70,16 @@ def test_children_and_this_process_write_to_the_log_and_only_errors_show(tmp_pat
     # printed after the block ended; nothing of ours.
     assert not first.exists()
     log = second.read_text()
-    for line in ("a print while the engine runs", "Triton is installed, but doesn't include CPU backend.",
-                 "Triton is not installed.", "NUMA binding", "EngineCore failed to start", "RuntimeError: engine blew up",
-                 "Loading safetensors", "WARNING late: shutting down"):
+    for line in (
+        "a print while the engine runs",
+        "Triton is installed, but doesn't include CPU backend.",
+        "Triton is not installed.",
+        "NUMA binding",
+        "EngineCore failed to start",
+        "RuntimeError: engine blew up",
+        "Loading safetensors",
+        "WARNING late: shutting down",
+    ):
         assert line in log, line
     assert log.count("Triton is not installed.") == 2 and "our progress bar" not in log and "stdout" not in log
 
@@ -116,7 +127,9 @@ def test_in_a_kernel_engine_output_goes_to_the_log_and_errors_to_the_cell(tmp_pa
     ]
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
-    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
     def streams(cell):
         return "".join(o["text"] for o in nb.cells[cell].outputs if o["output_type"] == "stream")
@@ -128,6 +141,11 @@ def test_in_a_kernel_engine_output_goes_to_the_log_and_errors_to_the_cell(tmp_pa
     for noise in ("WARNING", "NUMA", "Triton", "Loading safetensors"):
         assert noise not in shown, noise
     log = (tmp_path / "run" / "engine.log").read_text()
-    for line in ("Triton is installed, but doesn't include CPU backend.", "Triton is not installed.", "NUMA binding",
-                 "EngineCore failed to start", "RuntimeError: engine blew up"):
+    for line in (
+        "Triton is installed, but doesn't include CPU backend.",
+        "Triton is not installed.",
+        "NUMA binding",
+        "EngineCore failed to start",
+        "RuntimeError: engine blew up",
+    ):
         assert line in log, line

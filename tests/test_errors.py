@@ -16,14 +16,13 @@ import threading
 import time
 
 import pytest
+from helpers import make_chunks
 
 from apiana_lab import summarize
 from apiana_lab.errors import PermanentProviderError, ProviderError
 from apiana_lab.pipeline import RunConfig, run_export
 from apiana_lab.providers.fake import FakeProvider
 from apiana_lab.summarize import ParallelSummarizerTransform, SummarizerTransform
-
-from helpers import make_chunks
 
 TOTAL = 144  # chunks in the `dialogue_export` fixture at --chunk-size 64
 
@@ -42,8 +41,9 @@ def raising(error: BaseException, tag: str):
 def transform(path: str, provider: FakeProvider):
     if path == "sequential":
         return SummarizerTransform(provider)
-    return ParallelSummarizerTransform(provider, batch_size=4, max_workers=1 if path == "batch" else 3,
-                                       sleep=lambda s: None)
+    return ParallelSummarizerTransform(
+        provider, batch_size=4, max_workers=1 if path == "batch" else 3, sleep=lambda s: None
+    )
 
 
 PATHS = {
@@ -106,11 +106,13 @@ def buggy_succeed(monkeypatch, after: int):
     monkeypatch.setattr(summarize._State, "succeed", succeed)
 
 
-def test_a_bug_in_the_scheduler_stops_the_run_keeps_what_finished_and_a_rerun_resumes(dialogue_export, tmp_path,
-                                                                                    monkeypatch):
+def test_a_bug_in_the_scheduler_stops_the_run_keeps_what_finished_and_a_rerun_resumes(
+    dialogue_export, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
-    config = RunConfig(input=str(dialogue_export), output=str(out), backend="fake", chunk_size=64, batch_size=4,
-                       max_workers=1)
+    config = RunConfig(
+        input=str(dialogue_export), output=str(out), backend="fake", chunk_size=64, batch_size=4, max_workers=1
+    )
     buggy_succeed(monkeypatch, after=9)  # two whole batches of 4, and the first chunk of the third
     provider = FakeProvider(batch=True)
     with pytest.raises(RuntimeError, match="a bug in the scheduler"):
@@ -181,11 +183,25 @@ sys.exit(export_v2_main(sys.argv[2:]))
 
 
 def run_cli(export, out, bug_after: int):
-    args = ["-i", str(export), "-o", str(out), "--backend", "fake", "--chunk-size", "64", "--batch-size", "4",
-            "--max-workers", "1", "--no-progress"]
+    args = [
+        "-i",
+        str(export),
+        "-o",
+        str(out),
+        "--backend",
+        "fake",
+        "--chunk-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--max-workers",
+        "1",
+        "--no-progress",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-c", DRIVER, str(bug_after), *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, str(bug_after), *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_cli_shows_the_traceback_exits_1_and_says_what_was_kept(dialogue_export, tmp_path):

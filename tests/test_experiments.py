@@ -6,23 +6,34 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import write_mixed_export
 
 from apiana_lab.cli import export_v2_main, main
 from apiana_lab.errors import ConfigError
 from apiana_lab.experiments import ab
-from apiana_lab.experiments.compare import (compare_backends, comparison_table, describe_sweep, sweep_batch_sizes,
-                                           sweep_table, sweep_turn)
+from apiana_lab.experiments.compare import (
+    compare_backends,
+    comparison_table,
+    describe_sweep,
+    sweep_batch_sizes,
+    sweep_table,
+    sweep_turn,
+)
 from apiana_lab.experiments.measure import sample_chunks
 from apiana_lab.experiments.plan import format_plan, plan_export, project_rate
 from apiana_lab.experiments.profile import profile_export
 from apiana_lab.experiments.results import ResultsRun, list_runs, run_id, write_index
 from apiana_lab.experiments.summaries import filter_summaries, load_summaries
-from apiana_lab.notebook import (figure_png, plot_comparison, plot_per_month, plot_similarity, plot_sweep,
-                                 plot_token_distribution)
+from apiana_lab.notebook import (
+    figure_png,
+    plot_comparison,
+    plot_per_month,
+    plot_similarity,
+    plot_sweep,
+    plot_token_distribution,
+)
 from apiana_lab.pipeline import RunConfig, run_export
 from apiana_lab.providers.fake import FakeProvider
-
-from helpers import write_mixed_export
 
 SAMPLE = Path("apiana_lab/data/sample_export.json").resolve()
 
@@ -36,7 +47,9 @@ def assert_histogram(bars, values) -> None:
     import numpy as np
 
     edges = [b.get_x() for b in bars] + [bars[-1].get_x() + bars[-1].get_width()]
-    edges[-1] += 1e-9 * max(1.0, abs(edges[-1]))  # the last bin holds its right edge: keep it through x + width rounding
+    edges[-1] += 1e-9 * max(
+        1.0, abs(edges[-1])
+    )  # the last bin holds its right edge: keep it through x + width rounding
     counts, _ = np.histogram(values, bins=edges)
     assert heights(bars) == list(counts) and sum(counts) == len(values), (heights(bars), list(counts))
 
@@ -62,16 +75,29 @@ def test_sample_spans_short_median_and_long_chunks():
 
 def test_plan_projects_a_run_within_a_quarter_of_what_it_takes(dialogue_export, tmp_path):
     """A latency-bound fake: the projection from 12 sampled chunks against the real run of all 144."""
+
     def slow():
         return FakeProvider(batch=False, latency=0.1)  # long enough that thread start-up is not what is measured
 
     plan = plan_export(dialogue_export, "fake", sample=12, chunk_size=64, max_length=16, max_workers=4, provider=slow())
-    result = run_export(RunConfig(input=str(dialogue_export), output=str(tmp_path / "out"), backend="fake", chunk_size=64,
-                                  max_length=16, max_workers=4), provider=slow())
+    result = run_export(
+        RunConfig(
+            input=str(dialogue_export),
+            output=str(tmp_path / "out"),
+            backend="fake",
+            chunk_size=64,
+            max_length=16,
+            max_workers=4,
+        ),
+        provider=slow(),
+    )
     projected = plan["projection"]["prefill_seconds"] + plan["projection"]["decode_seconds"]
     assert plan["export"]["chunks"] == 144 and plan["sample"]["chunks"] == 12
     assert plan["projection"]["low_seconds"] <= plan["projection"]["seconds"] <= plan["projection"]["high_seconds"]
-    assert abs(projected - result["summarize_seconds"]) <= 0.25 * result["summarize_seconds"], (projected, result["summarize_seconds"])
+    assert abs(projected - result["summarize_seconds"]) <= 0.25 * result["summarize_seconds"], (
+        projected,
+        result["summarize_seconds"],
+    )
     # The headline target scales the run to a 200 MB export: at 0.1 s a call that is far over an hour.
     target, p = plan["target"], plan["projection"]
     scale = target["megabytes"] / (dialogue_export.stat().st_size / 1e6)
@@ -96,7 +122,11 @@ def rec(cid, summary, tokens=10, finish="stop", error=None):
 
 def test_compare_scores_each_chunk_and_finds_missing_and_duplicated_ones():
     old = [rec("a", "I walked the dog."), rec("b", "I cooked dinner."), rec("c", "I read a book.")]
-    new = [rec("a", "I walked the dog."), rec("b", "I cooked a nice dinner.", 12), rec("b", "I cooked a nice dinner.", 12)]
+    new = [
+        rec("a", "I walked the dog."),
+        rec("b", "I cooked a nice dinner.", 12),
+        rec("b", "I cooked a nice dinner.", 12),
+    ]
     rows, s = ab.compare(old, new, ["a", "b", "c"])
     assert [r["chunk_id"] for r in rows] == ["a", "b", "c"]
     assert rows[0]["exact"] and rows[0]["similarity"] == 1.0
@@ -120,7 +150,9 @@ def test_verdict_is_go_only_when_every_check_holds_and_raises_naming_the_failure
     assert not ab.verdict(s, speedup=0.5).go  # slower than the old pipeline is NO-GO by default
 
 
-@pytest.mark.parametrize("bad", [dict(min_exact_match=1.5), dict(min_similarity_p10=-0.1), dict(length_ratio_range=(1.2, 2.0))])
+@pytest.mark.parametrize(
+    "bad", [dict(min_exact_match=1.5), dict(min_similarity_p10=-0.1), dict(length_ratio_range=(1.2, 2.0))]
+)
 def test_thresholds_outside_their_range_are_refused(bad):
     with pytest.raises(ConfigError, match="must be"):
         ab.Thresholds(**bad)
@@ -141,8 +173,23 @@ def test_run_ab_in_process_is_go_on_the_same_setup_and_no_go_on_another_max_leng
 def test_compare_outputs_reads_two_finished_runs_without_recomputing(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("APIANA_PARALLEL", raising=False)
     for name, extra in (("old", ["--sequential"]), ("new", [])):
-        assert export_v2_main(["-i", str(SAMPLE), "-o", str(tmp_path / name), "--backend", "fake", "--no-progress",
-                               "--chunk-size", "600", *extra]) == 0
+        assert (
+            export_v2_main(
+                [
+                    "-i",
+                    str(SAMPLE),
+                    "-o",
+                    str(tmp_path / name),
+                    "--backend",
+                    "fake",
+                    "--no-progress",
+                    "--chunk-size",
+                    "600",
+                    *extra,
+                ]
+            )
+            == 0
+        )
     result = ab.compare_outputs(tmp_path / "old", tmp_path / "new", ab.Thresholds(min_speedup=0.0))
     assert result["verdict"].go and result["verdict"].summary["compared"] == 13
     # It compares what the folders hold: a summary edited on disk shows, where recomputing would hide it.
@@ -209,8 +256,9 @@ def test_project_rate_from_a_known_rate(dialogue_export):
 def test_sweep_marks_the_out_of_memory_point_and_recommends_within_it(dialogue_export):
     """The fake runs out of memory above batch 2: that point is a marked row, not a crash."""
     chunks = sample_chunks(dialogue_export, 8, chunk_size=64)
-    sweep = sweep_batch_sizes(chunks, "fake", [4, 1, 2], max_length=8, engine_options={"oom_above": 2, "latency": 0.02},
-                              interval=0.05)
+    sweep = sweep_batch_sizes(
+        chunks, "fake", [4, 1, 2], max_length=8, engine_options={"oom_above": 2, "latency": 0.02}, interval=0.05
+    )
     rows = {r["batch_size"]: r for r in sweep["rows"]}
     assert sorted(rows) == [1, 2, 4] and rows[4]["oom"] and not rows[2]["oom"] and not rows[1]["oom"]
     assert rows[4]["failed"] == 0  # it shrank and finished
@@ -223,8 +271,10 @@ def test_sweep_marks_the_out_of_memory_point_and_recommends_within_it(dialogue_e
     assert fig.get_suptitle() == "Batch-size sweep: same chunks, one loaded engine"
     ax_tok, ax_mem = fig.axes
     ordered = [rows[b] for b in (1, 2, 4)]
-    for ax, column, scale, unit in ((ax_tok, "completion_tokens_per_s", 1.0, "output tokens/s"),
-                                    (ax_mem, sweep["memory_key"], 1e3, "peak memory (GB)")):
+    for ax, column, scale, unit in (
+        (ax_tok, "completion_tokens_per_s", 1.0, "output tokens/s"),
+        (ax_mem, sweep["memory_key"], 1e3, "peak memory (GB)"),
+    ):
         measured, marked, recommended = ax.get_lines()[:3]
         assert list(measured.get_xdata()) == [1, 2, 4] and ax.get_ylabel() == unit
         assert list(measured.get_ydata()) == pytest.approx([r[column] / scale for r in ordered])
@@ -234,13 +284,27 @@ def test_sweep_marks_the_out_of_memory_point_and_recommends_within_it(dialogue_e
 
 
 def test_sweep_turn_finds_where_throughput_peaks():
-    rows = [{"batch_size": b, "completion_tokens_per_s": t, "failed": 0, "oom": False} for b, t in ((1, 10.0), (2, 20.0), (4, 15.0))]
+    rows = [
+        {"batch_size": b, "completion_tokens_per_s": t, "failed": 0, "oom": False}
+        for b, t in ((1, 10.0), (2, 20.0), (4, 15.0))
+    ]
     turn = sweep_turn(rows + [{"batch_size": 8, "error": "RuntimeError: boom", "oom": False}])
-    assert (turn["peak_batch_size"], turn["turns"], turn["largest_batch_size"], turn["largest_vs_peak"]) == (2, True, 4, 0.75)
+    assert (turn["peak_batch_size"], turn["turns"], turn["largest_batch_size"], turn["largest_vs_peak"]) == (
+        2,
+        True,
+        4,
+        0.75,
+    )
     rising = sweep_turn(rows[:2])
     assert rising["peak_batch_size"] == 2 and not rising["turns"]
-    sweep = {"rows": rows, "recommended_batch_size": 2, "recommended_tokens_per_s": 20.0, "memory_limit_mb": 10_000.0,
-             "headroom": 0.2, "memory_key": "peak_rss_mb"}
+    sweep = {
+        "rows": rows,
+        "recommended_batch_size": 2,
+        "recommended_tokens_per_s": 20.0,
+        "memory_limit_mb": 10_000.0,
+        "headroom": 0.2,
+        "memory_key": "peak_rss_mb",
+    }
     assert "peaks at batch size 2 and falls beyond it: batch size 4 reaches 75% of the peak" in describe_sweep(sweep)
 
 
@@ -250,7 +314,9 @@ def test_comparison_table_and_chart_keep_a_failed_backend_as_a_row(dialogue_expo
     rows = result["rows"] + [{"backend": "broken", "model": None, "dtype": None, "error": "ConfigError: no engine"}]
     table = comparison_table(rows)
     assert list(table["backend"]) == ["fake", "broken"] and table["error"].isna().tolist() == [True, False]
-    assert table.loc[0, "completion_tokens_per_s"] > 0 and table.loc[0, "peak_rss_mb"] > 0 and table.loc[0, "load_s"] >= 0
+    assert (
+        table.loc[0, "completion_tokens_per_s"] > 0 and table.loc[0, "peak_rss_mb"] > 0 and table.loc[0, "load_s"] >= 0
+    )
     for column in ("prompt_tokens_per_s", "chunks_per_s", "latency_p50_s", "latency_p90_s", "wall_s", "failed"):
         assert column in table
     fig = plot_comparison(table)
@@ -279,7 +345,9 @@ def test_comparison_table_and_chart_keep_a_failed_backend_as_a_row(dialogue_expo
 
 
 def test_summaries_table_is_filtered_by_conversation_and_date(tmp_path):
-    run_export(RunConfig(input=str(SAMPLE), output=str(tmp_path / "out"), backend="fake", chunk_size=300, max_length=16))
+    run_export(
+        RunConfig(input=str(SAMPLE), output=str(tmp_path / "out"), backend="fake", chunk_size=300, max_length=16)
+    )
     table = load_summaries(tmp_path / "out")
     assert len(table) == 27 and table["summary"].str.startswith("summary-").all()
     assert str(table["date"].dtype).startswith("datetime64") and table["date"].notna().all()
@@ -299,8 +367,14 @@ def test_summaries_table_is_filtered_by_conversation_and_date(tmp_path):
 def test_run_export_live_outside_a_kernel_returns_the_run_and_saves_memory(tmp_path):
     from apiana_lab.notebook import run_export_live
 
-    config = RunConfig(input=str(SAMPLE), output=str(tmp_path / "out"), backend="fake", chunk_size=600, max_length=8,
-                       engine_options={"latency": 0.05})
+    config = RunConfig(
+        input=str(SAMPLE),
+        output=str(tmp_path / "out"),
+        backend="fake",
+        chunk_size=600,
+        max_length=8,
+        engine_options={"latency": 0.05},
+    )
     result = run_export_live(config, interval=0.05, results_dir=tmp_path / "run")
     assert result["chunks_total"] == 13 and result["summaries_computed"] == 13 and result["load_seconds"] >= 0
     assert json.loads((tmp_path / "out" / "run.json").read_text())["chunks_total"] == 13
@@ -313,8 +387,15 @@ def test_ab_sides_read_both_kinds_of_result(tokenizer):
     from apiana_lab.export import read_export
 
     chunks = list(Chunker(ChunkingOptions(chunk_size=300), tokenizer).chunk_all(read_export(SAMPLE)))[:4]
-    result = ab.run_ab_on_backend(chunks, "fake", engine_options={"latency": 0.01}, batch_size=2, max_length=16,
-                                  new_max_length=8, thresholds=ab.Thresholds(min_speedup=0.0))
+    result = ab.run_ab_on_backend(
+        chunks,
+        "fake",
+        engine_options={"latency": 0.01},
+        batch_size=2,
+        max_length=16,
+        new_max_length=8,
+        thresholds=ab.Thresholds(min_speedup=0.0),
+    )
     old, new = ab.sides(result)
     assert (old["side"], old["mode"], old["chunks"], old["max_length"]) == ("old", "sequential", 4, 16)
     assert (new["side"], new["batch_size"], new["max_length"]) == ("new", 2, 8) and new["seconds"] > 0
@@ -328,8 +409,10 @@ def test_ab_sides_read_both_kinds_of_result(tokenizer):
     assert_histogram(ax_len.containers[0], ratios)
     t = ab.Thresholds()
     assert [line.get_xdata()[0] for line in ax_sim.get_lines()] == [t.min_similarity_median, t.min_similarity_p10]
-    runs = {"old": {"mode": "sequential", "chunks_total": 9, "failed": 1, "summarize_seconds": 3.0, "max_length": 300},
-            "new": {"mode": "batch", "chunks_total": 9, "failed": 0, "summarize_seconds": 1.0, "max_length": 300}}
+    runs = {
+        "old": {"mode": "sequential", "chunks_total": 9, "failed": 1, "summarize_seconds": 3.0, "max_length": 300},
+        "new": {"mode": "batch", "chunks_total": 9, "failed": 0, "summarize_seconds": 1.0, "max_length": 300},
+    }
     assert [(s["chunks"], s["failed"], s["seconds"]) for s in ab.sides(runs)] == [(9, 1, 3.0), (9, 0, 1.0)]
 
 
@@ -353,6 +436,7 @@ def test_explore_plots_draw_the_months_and_the_token_counts_with_units(tmp_path)
 
 
 # ---- the lab's shared pieces: engine, sweep, record, chunk size --------------------------------------
+
 
 def test_loaded_warms_the_engine_up_once_and_takes_the_backends_benchmark_options():
     from apiana_lab.experiments.engine import WARM_UP, backend_options, loaded
@@ -381,9 +465,11 @@ def test_sweep_measures_each_configuration_and_keeps_a_tolerated_failure_as_a_ro
     def broken():
         raise RuntimeError("out of memory")
 
-    configs = [("batch 2", ParallelSummarizerTransform(provider, batch_size=2, max_length=8), {"batch_size": 2}),
-               ("broken", broken, {"batch_size": 99}),
-               ("by hand", lambda: {"wall_s": 1.5})]
+    configs = [
+        ("batch 2", ParallelSummarizerTransform(provider, batch_size=2, max_length=8), {"batch_size": 2}),
+        ("broken", broken, {"batch_size": 99}),
+        ("by hand", lambda: {"wall_s": 1.5}),
+    ]
     rows = sweep(configs, chunks, workload="w", on_row=seen.append, tolerate=(RuntimeError,))
     assert seen == rows and [r.get("config") for r in rows] == ["batch 2", None, None]
     assert rows[0]["batch_size"] == 2 and rows[0]["chunks"] == 4 and rows[0]["failed"] == 0
@@ -421,7 +507,11 @@ def test_chunk_size_has_one_bound_for_the_chunker_the_command_line_and_the_noteb
     with pytest.raises(ParameterError, match="not a whole number"):
         checks.check_chunk_size(True)
     assert ChunkingOptions(method="messages", chunk_size=1).chunk_size == 1  # a message count has its own bound
-    assert export_v2_main(["-i", str(SAMPLE), "-o", str(tmp_path / "out"), "--backend", "fake",
-                           "--chunk-size", str(least - 1)]) != 0
+    assert (
+        export_v2_main(
+            ["-i", str(SAMPLE), "-o", str(tmp_path / "out"), "--backend", "fake", "--chunk-size", str(least - 1)]
+        )
+        != 0
+    )
     assert f"--chunk-size: chunk_size must be a whole number of at least {least} tokens" in capsys.readouterr().err
     assert not (tmp_path / "out" / "apiana.sqlite").exists()

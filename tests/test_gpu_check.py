@@ -31,11 +31,14 @@ STATUSES = {"ok", "failed", "cut", "skipped", "not available"}
 
 
 def test_prefill_flops_and_decode_bytes_by_hand():
-    shape = ModelShape(params=0, layer_params=1_000_000, head_params=10_000, weight_bytes=2_000_000,
-                       kv_bytes_per_token=100)
-    calls = [Forward(rows=2, positions=50, context=50, head_positions=1, seconds=0.5),
-             Forward(rows=2, positions=1, context=51, head_positions=1, seconds=0.01),
-             Forward(rows=2, positions=1, context=52, head_positions=1, seconds=0.01)]
+    shape = ModelShape(
+        params=0, layer_params=1_000_000, head_params=10_000, weight_bytes=2_000_000, kv_bytes_per_token=100
+    )
+    calls = [
+        Forward(rows=2, positions=50, context=50, head_positions=1, seconds=0.5),
+        Forward(rows=2, positions=1, context=51, head_positions=1, seconds=0.01),
+        Forward(rows=2, positions=1, context=52, head_positions=1, seconds=0.01),
+    ]
     # Prefill: 2 x 1e6 x (2 rows x 50 positions) + 2 x 1e4 x (2 rows x 1 head position) = 200,040,000.
     assert prefill_flops(shape, calls) == 200_040_000
     # Decode: (2e6 + 100 x 2 x 51) + (2e6 + 100 x 2 x 52) = 2,010,200 + 2,010,400.
@@ -54,9 +57,16 @@ def test_prefill_flops_and_decode_bytes_by_hand():
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_shape_counts_a_real_model(tied):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
-                                      tie_word_embeddings=tied)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=100,
+        tie_word_embeddings=tied,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     shape = model_shape(model, kv_itemsize=4)
     # A layer: q, o 64x64; k, v 64x32; gate, up, down 64x128; two norms of 64. Then the final norm.
@@ -69,12 +79,23 @@ def test_model_shape_counts_a_real_model(tied):
     assert shape.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
 
 
-@pytest.mark.parametrize("name, card", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
-    ("NVIDIA H200", "H200 SXM"), ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
-    ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"), ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"), ("NVIDIA L4", "L4"),
-    ("NVIDIA L40S", "L40S"), ("NVIDIA A10G", "A10 (A10G: the A10's datasheet)"), ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    "name, card",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA H200", "H200 SXM"),
+        ("NVIDIA H200 NVL", "H200 NVL"),
+        ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
+        ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"),
+        ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"),
+        ("NVIDIA L4", "L4"),
+        ("NVIDIA L40S", "L40S"),
+        ("NVIDIA A10G", "A10 (A10G: the A10's datasheet)"),
+        ("Tesla T4", None),
+    ],
+)
 def test_gpu_peak_is_picked_by_device_name(name, card):
     peak = gpu_peak(name)
     assert (peak.name if peak else None) == card
@@ -97,9 +118,14 @@ def test_oom_memory_cap_leaves_room_for_a_few_rows():
 def test_compare_memory_agrees_within_tolerance_and_says_why_not():
     pd = pytest.importorskip("pandas")
     torch_mb = [0.0, 15_000.0, 15_500.0, 20_000.0, 20_000.0]
-    frame = pd.DataFrame({"gpu0_used_mb": [600.0, 15_700.0, 16_100.0, 20_650.0, 20_700.0],
-                          "gpu_process_mb": [float("nan")] * 5, "torch_reserved_mb": torch_mb,
-                          "torch_allocated_mb": [0.0, 14_800.0, 15_000.0, 19_000.0, 18_000.0]})
+    frame = pd.DataFrame(
+        {
+            "gpu0_used_mb": [600.0, 15_700.0, 16_100.0, 20_650.0, 20_700.0],
+            "gpu_process_mb": [float("nan")] * 5,
+            "torch_reserved_mb": torch_mb,
+            "torch_allocated_mb": [0.0, 14_800.0, 15_000.0, 19_000.0, 18_000.0],
+        }
+    )
     agreed = compare_memory(frame)
     assert agreed["ok"], agreed
     assert agreed["nvml_column"] == "gpu0_used_mb" and agreed["samples"] == 5
@@ -115,12 +141,22 @@ def test_compare_memory_agrees_within_tolerance_and_says_why_not():
 def test_vendor_wheel_keeps_one_cuda_major(tmp_path):
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
-        for name in ("pkg/__init__.py", "pkg/libpkg_cpu.so", "pkg/libpkg_cuda130.so", "pkg/libpkg_cuda128.so",
-                     "pkg/libpkg_rocm72.so", "pkg-1.0.dist-info/METADATA"):
+        for name in (
+            "pkg/__init__.py",
+            "pkg/libpkg_cpu.so",
+            "pkg/libpkg_cuda130.so",
+            "pkg/libpkg_cuda128.so",
+            "pkg/libpkg_rocm72.so",
+            "pkg-1.0.dist-info/METADATA",
+        ):
             archive.writestr(name, "x")
     written = vendor_wheel(wheel, tmp_path / "vendor", cuda_major=13)
-    assert sorted(written) == ["pkg-1.0.dist-info/METADATA", "pkg/__init__.py", "pkg/libpkg_cpu.so",
-                               "pkg/libpkg_cuda130.so"]
+    assert sorted(written) == [
+        "pkg-1.0.dist-info/METADATA",
+        "pkg/__init__.py",
+        "pkg/libpkg_cpu.so",
+        "pkg/libpkg_cuda130.so",
+    ]
     assert (tmp_path / "vendor" / "pkg" / "libpkg_cuda130.so").is_file()
     assert not (tmp_path / "vendor" / "pkg" / "libpkg_cuda128.so").exists()
 
@@ -153,16 +189,35 @@ def _numbers(value):
 def test_the_check_runs_on_a_cpu_with_a_tiny_config(tmp_path):
     # As on the GPU machine: the tree on PYTHONPATH, no network, no vendored packages.
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "apiana_lab.bench.gpu", "--tiny", "--out", str(tmp_path),
-                           "--vendor", str(tmp_path / "no-vendor")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "apiana_lab.bench.gpu",
+            "--tiny",
+            "--out",
+            str(tmp_path),
+            "--vendor",
+            str(tmp_path / "no-vendor"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("gpu-cpu-*.json")
     results = json.loads(json_path.read_text())
     assert json_path.with_suffix(".md").read_text().startswith("# GPU check: CPU")
     steps = {row["step"]: row for row in results["steps"]}
-    assert list(steps) == ["tiny default batch", "tiny batch auto", "oom drill (tiny)",
-                           "monitor (NVML vs torch.cuda)", "load_in_8bit (tiny)"]
+    assert list(steps) == [
+        "tiny default batch",
+        "tiny batch auto",
+        "oom drill (tiny)",
+        "monitor (NVML vs torch.cuda)",
+        "load_in_8bit (tiny)",
+    ]
     assert all(row["status"] in STATUSES for row in steps.values()), steps
     assert results["complete"] is True
     run = steps["tiny default batch"]

@@ -11,8 +11,10 @@ import pytest
 from apiana_lab.errors import ExportError
 from apiana_lab.export import ChatGPTExportReader, ReadReport, read_export
 
-VOCAB = ("garden river morning coffee letter train window music walk kitchen friend book "
-         "winter project code tired happy plan budget doctor sleep travel idea question").split()
+VOCAB = (
+    "garden river morning coffee letter train window music walk kitchen friend book "
+    "winter project code tired happy plan budget doctor sleep travel idea question"
+).split()
 
 
 def conv(conv_id, *texts, updated=1700000100.0, title="T"):
@@ -21,23 +23,45 @@ def conv(conv_id, *texts, updated=1700000100.0, title="T"):
     parent = "root"
     for i, text in enumerate(texts):
         node = f"{conv_id}-{i}"
-        message = {"id": node, "author": {"role": "user" if i % 2 == 0 else "assistant"},
-                   "content": {"content_type": "text", "parts": [text]}, "recipient": "all", "metadata": {}}
+        message = {
+            "id": node,
+            "author": {"role": "user" if i % 2 == 0 else "assistant"},
+            "content": {"content_type": "text", "parts": [text]},
+            "recipient": "all",
+            "metadata": {},
+        }
         mapping[node] = {"id": node, "message": message, "parent": parent}
         parent = node
-    result = {"title": title, "create_time": 1700000000.0, "update_time": updated, "mapping": mapping,
-              "current_node": parent}
+    result = {
+        "title": title,
+        "create_time": 1700000000.0,
+        "update_time": updated,
+        "mapping": mapping,
+        "current_node": parent,
+    }
     if conv_id is not None:
         result["id"] = conv_id
     return result
 
 
 def claude(uuid, *texts, updated="2024-05-01T10:05:00Z"):
-    messages = [{"uuid": f"{uuid}-{i}", "sender": "human" if i % 2 == 0 else "assistant", "text": "",
-                 "content": [{"type": "text", "text": t}], "created_at": "2024-05-01T10:00:00Z"}
-                for i, t in enumerate(texts)]
-    return {"uuid": uuid, "name": "Claude chat", "created_at": "2024-05-01T10:00:00Z", "updated_at": updated,
-            "chat_messages": messages}
+    messages = [
+        {
+            "uuid": f"{uuid}-{i}",
+            "sender": "human" if i % 2 == 0 else "assistant",
+            "text": "",
+            "content": [{"type": "text", "text": t}],
+            "created_at": "2024-05-01T10:00:00Z",
+        }
+        for i, t in enumerate(texts)
+    ]
+    return {
+        "uuid": uuid,
+        "name": "Claude chat",
+        "created_at": "2024-05-01T10:00:00Z",
+        "updated_at": updated,
+        "chat_messages": messages,
+    }
 
 
 def write(path, conversations):
@@ -64,25 +88,32 @@ def words(conversation):
 
 # ---------------------------------------------------------------- duplicates in one input
 
+
 def test_same_conversation_twice_in_one_file(tmp_path):
-    path = write(tmp_path / "conversations.json", [
-        conv("a", "hello", updated=1700000001.0),
-        conv("b", "other"),
-        conv("a", "hello", "and a reply", updated=1700000002.0),
-    ])
+    path = write(
+        tmp_path / "conversations.json",
+        [
+            conv("a", "hello", updated=1700000001.0),
+            conv("b", "other"),
+            conv("a", "hello", "and a reply", updated=1700000002.0),
+        ],
+    )
     conversations, report = read(path)
     # Kept versions come in input order, at their own position.
     assert [(c.id, c.index) for c in conversations] == [("b", 1), ("a", 2)]
     assert words(conversations[1]) == ["hello", "and a reply"]
     assert report.conversations == 2 and report.duplicates == 1 and report.skipped == []
-    assert report.duplicate_detail == [{"id": "a", "input": str(path), "index": 0,
-                                        "kept_input": str(path), "kept_index": 2}]
+    assert report.duplicate_detail == [
+        {"id": "a", "input": str(path), "index": 0, "kept_input": str(path), "kept_index": 2}
+    ]
     assert report.inputs == [str(path)] and report.path == str(path) and report.format == "chatgpt"
 
 
 def test_within_one_input_the_newest_wins_wherever_it_is_and_ties_go_to_the_later(tmp_path):
-    path = write(tmp_path / "c.json", [conv("a", "newest", updated=3.0), conv("a", "older", updated=2.0),
-                                       conv("a", "untimed", updated=None)])
+    path = write(
+        tmp_path / "c.json",
+        [conv("a", "newest", updated=3.0), conv("a", "older", updated=2.0), conv("a", "untimed", updated=None)],
+    )
     conversations, report = read(path)
     assert [words(c) for c in conversations] == [["newest"]] and report.duplicates == 2
     assert {d["index"] for d in report.duplicate_detail} == {1, 2}
@@ -104,12 +135,15 @@ def test_sharded_export_repeating_a_conversation_across_shards(tmp_path):
 
 # ---------------------------------------------------------------- several inputs
 
+
 @pytest.fixture
 def overlapping(tmp_path):
     """An older export as downloaded (zip) and a newer one unpacked (folder): `a` grew in between."""
     old = zipped(tmp_path / "2024.zip", [conv("a", "question", updated=1700000000.0), conv("b", "only old")])
-    write(tmp_path / "2025" / "conversations.json",
-          [conv("a", "question", "answer", updated=1800000000.0), conv("c", "only new")])
+    write(
+        tmp_path / "2025" / "conversations.json",
+        [conv("a", "question", "answer", updated=1800000000.0), conv("c", "only new")],
+    )
     return old, tmp_path / "2025"
 
 
@@ -119,8 +153,9 @@ def test_two_overlapping_exports_newest_version_wins_in_any_order(overlapping):
     assert [c.id for c in conversations] == ["b", "a", "c"]
     assert words(conversations[1]) == ["question", "answer"] and conversations[1].source == str(new)
     assert report.duplicates == 1 and report.conversations == 3
-    assert report.duplicate_detail == [{"id": "a", "input": str(old), "index": 0, "kept_input": str(new),
-                                        "kept_index": 0}]
+    assert report.duplicate_detail == [
+        {"id": "a", "input": str(old), "index": 0, "kept_input": str(new), "kept_index": 0}
+    ]
     assert report.inputs == [str(old), str(new)] and report.path == f"{old}, {new}"
     assert report.formats == ["chatgpt", "chatgpt"] and report.format == "chatgpt"
 
@@ -147,12 +182,16 @@ def test_chatgpt_zip_shards_and_claude_json_mixed(tmp_path):
     shards = tmp_path / "sharded"
     write(shards / "conversations-000.json", [conv("s1", "from a shard")])
     write(shards / "export_manifest.json", {"files": ["conversations-000.json"]})
-    claude_json = write(tmp_path / "claude" / "conversations.json",
-                        [claude("c1", "Hi Claude", "Hello"), claude("c2", "Again")])
+    claude_json = write(
+        tmp_path / "claude" / "conversations.json", [claude("c1", "Hi Claude", "Hello"), claude("c2", "Again")]
+    )
     conversations, report = read([archive, shards, claude_json])
     assert [(c.id, c.source_format, c.source) for c in conversations] == [
-        ("g1", "chatgpt", str(archive)), ("s1", "chatgpt-sharded", str(shards)),
-        ("c1", "claude", str(claude_json)), ("c2", "claude", str(claude_json))]
+        ("g1", "chatgpt", str(archive)),
+        ("s1", "chatgpt-sharded", str(shards)),
+        ("c1", "claude", str(claude_json)),
+        ("c2", "claude", str(claude_json)),
+    ]
     assert words(conversations[2]) == ["Hi Claude", "Hello"]
     assert report.formats == ["chatgpt", "chatgpt-sharded", "claude"] and report.format == "mixed"
     assert report.conversations == 4 and report.duplicates == 0
@@ -178,29 +217,40 @@ def test_export_reader_class_takes_several_paths(overlapping):
 
 # ---------------------------------------------------------------- malformed and duplicate together
 
+
 def test_malformed_and_duplicate_conversations_are_each_counted_once(tmp_path, caplog):
-    first = write(tmp_path / "first.json", [
-        conv("a", "a, good", updated=1.0),
-        17,
-        conv("x", "x, newer", updated=5.0),
-        {"id": "bad", "mapping": []},
-    ])
-    second = write(tmp_path / "second.json", [
-        {"id": "a", "update_time": 9.0, "mapping": "broken"},  # newer but malformed: must not win
-        conv("x", "x, older", updated=4.0),
-        {"id": "bad", "mapping": []},
-        17,
-    ])
+    first = write(
+        tmp_path / "first.json",
+        [
+            conv("a", "a, good", updated=1.0),
+            17,
+            conv("x", "x, newer", updated=5.0),
+            {"id": "bad", "mapping": []},
+        ],
+    )
+    second = write(
+        tmp_path / "second.json",
+        [
+            {"id": "a", "update_time": 9.0, "mapping": "broken"},  # newer but malformed: must not win
+            conv("x", "x, older", updated=4.0),
+            {"id": "bad", "mapping": []},
+            17,
+        ],
+    )
     with caplog.at_level(logging.WARNING, logger="apiana_lab.export"):
         conversations, report = read([first, second])
     assert [(c.id, words(c)) for c in conversations] == [("a", ["a, good"]), ("x", ["x, newer"])]
     assert report.conversations == 2 and report.duplicates == 1
-    assert report.duplicate_detail == [{"id": "x", "input": str(second), "index": 1, "kept_input": str(first),
-                                        "kept_index": 2}]
+    assert report.duplicate_detail == [
+        {"id": "x", "input": str(second), "index": 1, "kept_input": str(first), "kept_index": 2}
+    ]
     # Each malformed conversation is skipped, logged and counted once, and never wins as a newer version.
     assert [(s["input"], s["index"], s["id"], s["reason"]) for s in report.skipped] == [
-        (str(first), 1, None, "not_an_object"), (str(first), 3, "bad", "bad_type"),
-        (str(second), 0, "a", "bad_type"), (str(second), 2, "bad", "bad_type"), (str(second), 3, None, "not_an_object"),
+        (str(first), 1, None, "not_an_object"),
+        (str(first), 3, "bad", "bad_type"),
+        (str(second), 0, "a", "bad_type"),
+        (str(second), 2, "bad", "bad_type"),
+        (str(second), 3, None, "not_an_object"),
     ]
     skipped_logs = [r for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped_logs) == 5 and str(second) in skipped_logs[-1].getMessage()
@@ -219,6 +269,7 @@ def test_report_is_complete_before_the_first_conversation(tmp_path):
 
 
 # ---------------------------------------------------------------- inputs checked before anything is read
+
 
 def test_every_path_is_checked_at_once_and_the_error_names_it(tmp_path):
     good = write(tmp_path / "good.json", [conv("a", "hi")])
@@ -293,6 +344,7 @@ def test_no_room_for_the_temporary_copy_is_an_export_error_naming_the_folder(tmp
 
 
 # ---------------------------------------------------------------- a conversation that grew keeps its chunk ids
+
 
 def _dialogue(n, seed=0):
     import random

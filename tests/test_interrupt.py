@@ -89,8 +89,9 @@ def run_and_interrupt(job, monkeypatch, figure, tmp_path, log=None):
     seen_at_interrupt = None
     with pytest.raises(KeyboardInterrupt):
         try:
-            notebook.run_live(job, monitor=MemoryMonitor(interval=0.02), progress=progress, redraw_every=0.02,
-                              results_dir=tmp_path)
+            notebook.run_live(
+                job, monitor=MemoryMonitor(interval=0.02), progress=progress, redraw_every=0.02, results_dir=tmp_path
+            )
         except KeyboardInterrupt:
             seen_at_interrupt = list(log)
             raise

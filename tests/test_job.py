@@ -23,14 +23,30 @@ def conversation(cid, messages, update_time, title=None, words=30):
     for m in range(messages):
         node = f"{cid}-n{m}"
         text = f"Message {cid}-{m}: " + " ".join(WORDS[(m * 7 + k) % len(WORDS)] for k in range(words))
-        mapping[node] = {"id": node, "parent": parent, "children": [], "message": {
-            "id": node, "author": {"role": "user" if m % 2 == 0 else "assistant"}, "create_time": 1700000000 + m,
-            "content": {"content_type": "text", "parts": [text]}, "status": "finished_successfully",
-            "metadata": {}, "recipient": "all"}}
+        mapping[node] = {
+            "id": node,
+            "parent": parent,
+            "children": [],
+            "message": {
+                "id": node,
+                "author": {"role": "user" if m % 2 == 0 else "assistant"},
+                "create_time": 1700000000 + m,
+                "content": {"content_type": "text", "parts": [text]},
+                "status": "finished_successfully",
+                "metadata": {},
+                "recipient": "all",
+            },
+        }
         mapping[parent]["children"].append(node)
         parent = node
-    return {"id": cid, "title": title or f"Chat {cid}", "create_time": 1700000000, "update_time": update_time,
-            "mapping": mapping, "current_node": parent}
+    return {
+        "id": cid,
+        "title": title or f"Chat {cid}",
+        "create_time": 1700000000,
+        "update_time": update_time,
+        "mapping": mapping,
+        "current_node": parent,
+    }
 
 
 def write(path, conversations):
@@ -68,8 +84,10 @@ def _cli_env(monkeypatch):
 
 
 def test_the_same_conversation_twice_in_one_file_is_summarized_once(tmp_path, capsys):
-    export = write(tmp_path / "conversations.json",
-                   [conversation("a", 6, 100), conversation("b", 6, 100), conversation("a", 6, 100)])
+    export = write(
+        tmp_path / "conversations.json",
+        [conversation("a", 6, 100), conversation("b", 6, 100), conversation("a", 6, 100)],
+    )
     out = tmp_path / "out"
     assert cli([export], out) == 0
     assert "1 duplicate conversations dropped" in capsys.readouterr().out

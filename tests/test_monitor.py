@@ -18,8 +18,15 @@ from apiana_lab.summarize import ParallelSummarizerTransform
 
 
 def snapshot(done, total=10, tokens=0, elapsed=0.0, **kw):
-    return Progress(done=done, total=total, prompt_tokens=tokens * 5, completion_tokens=tokens, elapsed=elapsed,
-                    batch_size=kw.pop("batch_size", 4), **kw)
+    return Progress(
+        done=done,
+        total=total,
+        prompt_tokens=tokens * 5,
+        completion_tokens=tokens,
+        elapsed=elapsed,
+        batch_size=kw.pop("batch_size", 4),
+        **kw,
+    )
 
 
 def test_cpu_rss_series_rises_when_the_process_allocates():
@@ -118,7 +125,15 @@ def test_events_and_output_tokens_per_s_land_on_the_timeline():
         for i in range(1, 5):
             time.sleep(0.03)
             monitor.progress(snapshot(2 * i, tokens=100 * i, elapsed=first_elapsed * i))
-        monitor.progress(snapshot(8, tokens=400, elapsed=first_elapsed * 4, batch_size=2, event="batch size 4 -> 2 (out of memory at batch size 4)"))
+        monitor.progress(
+            snapshot(
+                8,
+                tokens=400,
+                elapsed=first_elapsed * 4,
+                batch_size=2,
+                event="batch size 4 -> 2 (out of memory at batch size 4)",
+            )
+        )
         monitor.progress(snapshot(10, tokens=500, elapsed=first_elapsed * 5, batch_size=2, finished=True))
 
     with monitor:
@@ -131,8 +146,15 @@ def test_events_and_output_tokens_per_s_land_on_the_timeline():
         worker.join()
         time.sleep(0.05)
     events = [e["event"] for e in monitor.events]
-    assert events == ["start", "batch size 4 -> 2 (out of memory at batch size 4)", "finished", "second run",
-                      "start", "batch size 4 -> 2 (out of memory at batch size 4)", "finished"]
+    assert events == [
+        "start",
+        "batch size 4 -> 2 (out of memory at batch size 4)",
+        "finished",
+        "second run",
+        "start",
+        "batch size 4 -> 2 (out of memory at batch size 4)",
+        "finished",
+    ]
     times = [e["t_s"] for e in monitor.events]
     assert times == sorted(times) and times[0] > 0
     rates = monitor.progress_frame()
@@ -173,8 +195,11 @@ def test_throughput_never_rests_on_chunks_one_step_finished_together(in_flight):
     rates = _rates_of(snaps)["output_tokens_per_s"]
     overall = tokens / (t + 0.01)
     # The old per-snapshot rate on the same data: 30 tokens over 10 microseconds.
-    per_step = max((b.completion_tokens - a.completion_tokens) / (b.elapsed - a.elapsed)
-                   for a, b in zip(snaps[1:], snaps[2:]) if b.elapsed > a.elapsed)
+    per_step = max(
+        (b.completion_tokens - a.completion_tokens) / (b.elapsed - a.elapsed)
+        for a, b in zip(snaps[1:], snaps[2:])
+        if b.elapsed > a.elapsed
+    )
     assert per_step > 1e6
     assert rates.notna().sum() >= 60 and 0 < rates.max() <= 2 * overall, (rates.max(), overall)
 
@@ -192,8 +217,20 @@ def test_throughput_window_still_follows_a_real_slowdown():
 
 
 def test_a_real_transform_feeds_the_monitor_its_batch_size_changes():
-    chunks = [Chunk(id=f"k{i}", conversation_id="c", title="T", date=None, index=i, first_message=i, last_message=i,
-                    token_count=5, text=f"chunk {i} " + "word " * (i % 5)) for i in range(24)]
+    chunks = [
+        Chunk(
+            id=f"k{i}",
+            conversation_id="c",
+            title="T",
+            date=None,
+            index=i,
+            first_message=i,
+            last_message=i,
+            token_count=5,
+            text=f"chunk {i} " + "word " * (i % 5),
+        )
+        for i in range(24)
+    ]
     provider = FakeProvider(latency=0.01, oom_above=4)
     transform = ParallelSummarizerTransform(provider, max_workers=1, batch_size=8, grow_after=100, sleep=lambda s: None)
     with MemoryMonitor(provider, interval=0.02) as monitor:
@@ -316,8 +353,9 @@ def test_nvml_figures_are_summed_over_this_process_tree(monkeypatch):
     from apiana_lab.monitor import _NvmlSource
 
     me, child, stranger = os.getpid(), 4_000_001, 1
-    nvml = _StandInNVML({0: [(me, 2 * 10**9), (stranger, 7 * 10**9)], 1: [(child, 5 * 10**9)]},
-                        utilization_fails=(1,), old_driver=(1,))
+    nvml = _StandInNVML(
+        {0: [(me, 2 * 10**9), (stranger, 7 * 10**9)], 1: [(child, 5 * 10**9)]}, utilization_fails=(1,), old_driver=(1,)
+    )
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     source = _NvmlSource()

@@ -23,9 +23,10 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipywidgets")
 
+from helpers import write_mixed_export  # noqa: E402
+
 from apiana_lab.experiments.results import NOTEBOOKS, execute, kernel_manager_class, notebooks_dir  # noqa: E402
 from apiana_lab.store import SQLiteStore  # noqa: E402
-from helpers import write_mixed_export  # noqa: E402
 
 SAMPLE = str(Path("apiana_lab/data/sample_export.json").resolve())
 BIN = Path(sys.executable).parent
@@ -85,7 +86,11 @@ def test_source_notebook_is_clean_with_one_parameters_cell_then_its_checks(name)
     nbformat.validate(nb)
     first = nb.cells[0]
     assert first.cell_type == "markdown" and first.source.startswith("# ")
-    assert f"apiana-lab notebook {name}" in first.source and "make notebooks" in first.source and "make lab" in first.source
+    assert (
+        f"apiana-lab notebook {name}" in first.source
+        and "make notebooks" in first.source
+        and "make lab" in first.source
+    )
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert tagged == [1]
     for c in code_cells(nb):
@@ -104,9 +109,18 @@ def test_source_notebook_is_clean_with_one_parameters_cell_then_its_checks(name)
 # -- explore_export -----------------------------------------------------------------------------
 def test_explore_export_with_a_given_rate_and_with_a_measured_sample(root, tmp_path):
     mixed = write_mixed_export(tmp_path / "conversations.json")
-    folder, nb, metrics = run("explore_export", root, input_paths=[str(mixed)], chunk_size=64, longest=3,
-                              rate_tokens_per_s=0.0, backend="fake", sample=3, max_length=8,
-                              engine_options={"latency": 0.01})
+    folder, nb, metrics = run(
+        "explore_export",
+        root,
+        input_paths=[str(mixed)],
+        chunk_size=64,
+        longest=3,
+        rate_tokens_per_s=0.0,
+        backend="fake",
+        sample=3,
+        max_length=8,
+        engine_options={"latency": 0.01},
+    )
     assert metrics["key"]["conversations"] == 12 and metrics["key"]["chunks"] == 144
     assert metrics["parameters"]["measure"] and metrics["figures"]["plan"]["sample"]["chunks"] == 3
     assert "sample:      3 chunks" in text_of(cell_calling(nb, "format_plan(plan)"))
@@ -146,12 +160,29 @@ def test_interrupting_the_kernel_keeps_every_finished_summary_and_a_rerun_reuses
     from papermill.parameterize import parameterize_notebook
 
     out = tmp_path / "out"
-    params = dict(input_paths=[str(dialogue_export)], output_dir=str(out), backend="fake", chunk_size=64, max_length=8,
-                  batch_size=2, max_workers=1, limit=60, engine_options={"latency": 0.5}, monitor_interval=0.2,
-                  results_root=str(root), run_id="interrupted")
+    params = dict(
+        input_paths=[str(dialogue_export)],
+        output_dir=str(out),
+        backend="fake",
+        chunk_size=64,
+        max_length=8,
+        batch_size=2,
+        max_workers=1,
+        limit=60,
+        engine_options={"latency": 0.5},
+        monitor_interval=0.2,
+        results_root=str(root),
+        run_id="interrupted",
+    )
     nb = parameterize_notebook(load_notebook_node(str(notebooks_dir() / "summarize_export.ipynb")), params)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", store_widget_state=True,
-                                     kernel_manager_class=kernel_manager_class(), resources={"metadata": {"path": str(notebooks_dir())}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        store_widget_state=True,
+        kernel_manager_class=kernel_manager_class(),
+        resources={"metadata": {"path": str(notebooks_dir())}},
+    )
     failure: list[BaseException] = []
 
     def execute_all() -> None:
@@ -195,7 +226,11 @@ def test_interrupting_the_kernel_keeps_every_finished_summary_and_a_rerun_reuses
     params.pop("results_root")
     folder, nb, metrics = run("summarize_export", root, **{**params, "show_conversation": "Chat 3"})
     figures = metrics["figures"]
-    assert (figures["chunks_total"], figures["summaries_reused"], figures["summaries_computed"]) == (60, kept, 60 - kept)
+    assert (figures["chunks_total"], figures["summaries_reused"], figures["summaries_computed"]) == (
+        60,
+        kept,
+        60 - kept,
+    )
     assert metrics["key"]["reused"] == kept
     run_cell = cell_calling(nb, "run_export_live(")
     assert f"summarizing: finished (60/60 chunks · {kept} reused · 0 failed" in text_of(run_cell)
@@ -217,9 +252,18 @@ def test_interrupting_the_kernel_keeps_every_finished_summary_and_a_rerun_reuses
 @pytest.mark.vllm
 @pytest.mark.transformers
 def test_backend_comparison_runs_real_transformers_and_vllm_on_the_same_chunks(root):
-    folder, nb, metrics = run("backend_comparison", root, backends=["transformers", "vllm"], chunks=4, chunk_size=600,
-                              max_length=8, batch_size=4, dtype="float32", monitor_interval=0.1,
-                              engine_options={"vllm": {"max_model_len": 2048}})
+    folder, nb, metrics = run(
+        "backend_comparison",
+        root,
+        backends=["transformers", "vllm"],
+        chunks=4,
+        chunk_size=600,
+        max_length=8,
+        batch_size=4,
+        dtype="float32",
+        monitor_interval=0.1,
+        engine_options={"vllm": {"max_model_len": 2048}},
+    )
     rows = {r["backend"]: r for r in metrics["figures"]["rows"]}
     assert set(rows) == {"transformers", "vllm"}
     for name, row in rows.items():
@@ -248,8 +292,16 @@ def test_backend_comparison_runs_real_transformers_and_vllm_on_the_same_chunks(r
 
 # -- batch_size_sweep ----------------------------------------------------------------------------
 def test_batch_size_sweep_plots_two_batch_sizes_and_marks_the_out_of_memory_one(root):
-    folder, nb, metrics = run("batch_size_sweep", root, backend="fake", batch_sizes=[2, 1], chunks=4, max_length=8,
-                              engine_options={"oom_above": 1, "latency": 0.05}, monitor_interval=0.1)
+    folder, nb, metrics = run(
+        "batch_size_sweep",
+        root,
+        backend="fake",
+        batch_sizes=[2, 1],
+        chunks=4,
+        max_length=8,
+        engine_options={"oom_above": 1, "latency": 0.05},
+        monitor_interval=0.1,
+    )
     rows = {r["batch_size"]: r for r in metrics["figures"]["rows"]}
     assert sorted(rows) == [1, 2] and rows[2]["oom"] and not rows[1]["oom"]
     assert min(metrics["figures"]["chunk_tokens"]) >= 1000  # the default: synthetic long chunks
@@ -280,9 +332,33 @@ def ab_no_go_run(root):
     """The real `apiana-lab notebook` command, as CI would run it, on a change made on purpose: (process, run folder)."""
     before = set((root / "ab_migration_check").iterdir()) if (root / "ab_migration_check").exists() else set()
     done = subprocess.run(
-        [str(BIN / "apiana-lab"), "notebook", "ab_migration_check", "--root", str(root), "-p", "backend", "fake",
-         "-p", "chunks", "4", "-p", "max_length", "16", "-p", "new_max_length", "3", "-p", "engine_options", '{"latency": 0.05}'],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        [
+            str(BIN / "apiana-lab"),
+            "notebook",
+            "ab_migration_check",
+            "--root",
+            str(root),
+            "-p",
+            "backend",
+            "fake",
+            "-p",
+            "chunks",
+            "4",
+            "-p",
+            "max_length",
+            "16",
+            "-p",
+            "new_max_length",
+            "3",
+            "-p",
+            "engine_options",
+            '{"latency": 0.05}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     (folder,) = set((root / "ab_migration_check").iterdir()) - before
     return done, folder
 
@@ -300,7 +376,10 @@ def test_ab_check_is_go_on_a_correct_setup(ab_go_run):
 
     per_chunk = pd.read_csv(folder / "per_chunk.csv")
     assert len(per_chunk) == 4 and per_chunk["exact"].all() and (per_chunk["similarity"] == 1.0).all()
-    assert len(pd.read_csv(folder / "checks.csv")) == len(verdict["checks"]) and (folder / "similarity.png").stat().st_size > 0
+    assert (
+        len(pd.read_csv(folder / "checks.csv")) == len(verdict["checks"])
+        and (folder / "similarity.png").stat().st_size > 0
+    )
     last = code_cells(nb)[-1]
     assert last.source == "verdict.raise_if_no_go()" and not any(o["output_type"] == "error" for o in last.outputs)
 
@@ -328,7 +407,10 @@ def test_ab_check_changed_on_purpose_is_no_go_and_the_command_exits_non_zero(ab_
     # papermill's banner opens the saved notebook and points at the failing cell, the verdict's.
     banner = nb.cells[0]
     assert banner.cell_type == "markdown" and banner.metadata["tags"] == ["papermill-error-cell-tag"]
-    assert f'An Exception was encountered at \'<a href="#papermill-error-cell">In [{code_cells(nb)[-1].execution_count}]</a>\'' in banner.source
+    assert (
+        f"An Exception was encountered at '<a href=\"#papermill-error-cell\">In [{code_cells(nb)[-1].execution_count}]</a>'"
+        in banner.source
+    )
 
 
 def test_ab_check_compares_two_finished_runs_without_recomputing(root, tmp_path, monkeypatch):
@@ -336,16 +418,32 @@ def test_ab_check_compares_two_finished_runs_without_recomputing(root, tmp_path,
 
     monkeypatch.delenv("APIANA_PARALLEL", raising=False)
     for side, extra in (("old", ["--sequential"]), ("new", [])):
-        assert export_v2_main(["-i", SAMPLE, "-o", str(tmp_path / side), "--backend", "fake", "--no-progress",
-                               "--chunk-size", "600", *extra]) == 0
+        assert (
+            export_v2_main(
+                [
+                    "-i",
+                    SAMPLE,
+                    "-o",
+                    str(tmp_path / side),
+                    "--backend",
+                    "fake",
+                    "--no-progress",
+                    "--chunk-size",
+                    "600",
+                    *extra,
+                ]
+            )
+            == 0
+        )
     # One summary edited on disk: the notebook must see it, which it would not if it recomputed the runs.
     jsonl = tmp_path / "new" / "summaries.jsonl"
     lines = jsonl.read_text().splitlines()
     edited = json.loads(lines[0])
     edited["summary"] += " (edited)"
     jsonl.write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
-    folder, nb, metrics = run("ab_migration_check", root, old_dir=str(tmp_path / "old"), new_dir=str(tmp_path / "new"),
-                              min_speedup=0.0)  # the fake takes no time: speed says nothing here
+    folder, nb, metrics = run(
+        "ab_migration_check", root, old_dir=str(tmp_path / "old"), new_dir=str(tmp_path / "new"), min_speedup=0.0
+    )  # the fake takes no time: speed says nothing here
     assert metrics["parameters"]["mode"] == "folders" and metrics["verdict"]["verdict"] == "GO"
     assert metrics["verdict"]["summary"]["compared"] == 13
     assert metrics["verdict"]["summary"]["exact_match_rate"] == pytest.approx(12 / 13, abs=1e-3)
@@ -355,8 +453,13 @@ def test_ab_check_compares_two_finished_runs_without_recomputing(root, tmp_path,
 # -- the index of runs --------------------------------------------------------------------------------
 def test_results_lists_every_notebook_run(root, ab_go_run, ab_no_go_run):
     """Every run folder under the root is listed, whichever tests made them (the two A/B runs at least)."""
-    done = subprocess.run([str(BIN / "apiana-lab"), "results", "--root", str(root), "--json"], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    done = subprocess.run(
+        [str(BIN / "apiana-lab"), "results", "--root", str(root), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert done.returncode == 0, done.stderr
     runs = json.loads(done.stdout)
     on_disk = {(f.parent.name, f.name) for f in root.glob("*/*") if (f / "metrics.json").exists()}

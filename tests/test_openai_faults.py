@@ -22,7 +22,10 @@ from apiana_lab.providers import GenerationOptions, get_provider
 from apiana_lab.providers.openai_backend import OpenAIProvider, normalize_base_url
 from apiana_lab.summarize import ParallelSummarizerTransform, SummarizerTransform
 
-MODELS = [{"id": "tiny-model", "object": "model", "owned_by": "vllm", "max_model_len": 2048}, {"id": "other-model", "object": "model", "owned_by": "vllm"}]
+MODELS = [
+    {"id": "tiny-model", "object": "model", "owned_by": "vllm", "max_model_len": 2048},
+    {"id": "other-model", "object": "model", "owned_by": "vllm"},
+]
 
 
 @dataclass
@@ -36,12 +39,29 @@ class Reply:
     delay: float = 0.0
 
 
-def completion(body: dict, text: str = "A short summary.", finish: str = "stop", prompt_tokens: int = 41, completion_tokens: int = 5) -> Reply:
-    return Reply(200, {
-        "id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": f"  {text}\n"}, "finish_reason": finish}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
-    })
+def completion(
+    body: dict,
+    text: str = "A short summary.",
+    finish: str = "stop",
+    prompt_tokens: int = 41,
+    completion_tokens: int = 5,
+) -> Reply:
+    return Reply(
+        200,
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": f"  {text}\n"}, "finish_reason": finish}
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        },
+    )
 
 
 class FakeServer(ThreadingHTTPServer):
@@ -110,7 +130,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(length)) if length else None
         chat = self.path == "/v1/chat/completions"
         with server.cond:
-            server.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body})
+            server.requests.append(
+                {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+            )
             server.connections.add(self.client_address[1])
             if chat:
                 server.in_flight += 1
@@ -158,9 +180,20 @@ def provider(server):
 
 
 def make_chunks(n: int) -> list[Chunk]:
-    return [Chunk(id=f"chunk-{i}", conversation_id=f"conv-{i}", title=f"Chat {i}", date=None, index=0,
-                  first_message=0, last_message=1, token_count=20, text=f"User: message number {i} about gardens.")
-            for i in range(n)]
+    return [
+        Chunk(
+            id=f"chunk-{i}",
+            conversation_id=f"conv-{i}",
+            title=f"Chat {i}",
+            date=None,
+            index=0,
+            first_message=0,
+            last_message=1,
+            token_count=20,
+            text=f"User: message number {i} about gardens.",
+        )
+        for i in range(n)
+    ]
 
 
 def free_port() -> int:
@@ -199,7 +232,14 @@ def test_every_generation_option_reaches_the_request(server, provider):
     body = server.chat_requests()[-1]["body"]
     assert body["model"] == "tiny-model"
     assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
-    assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"], body["stop"], body["ignore_eos"]) == (17, 0.7, 0.9, 42, ["\n\n", "END"], True)
+    assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"], body["stop"], body["ignore_eos"]) == (
+        17,
+        0.7,
+        0.9,
+        42,
+        ["\n\n", "END"],
+        True,
+    )
     assert (c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason) == ("A short summary.", 41, 5, "stop")
     # Defaults: no seed, no stop list, and no ignore_eos field for servers that reject unknown ones.
     provider.complete("Hello", GenerationOptions(max_tokens=3))
@@ -209,7 +249,9 @@ def test_every_generation_option_reaches_the_request(server, provider):
     assert (plain["max_tokens"], plain["temperature"], plain["top_p"]) == (3, 0.0, 1.0)
 
 
-@pytest.mark.parametrize("server_reason, ours", [("length", "length"), ("stop", "stop"), ("eos", "stop"), (None, "stop")])
+@pytest.mark.parametrize(
+    "server_reason, ours", [("length", "length"), ("stop", "stop"), ("eos", "stop"), (None, "stop")]
+)
 def test_finish_reason_is_mapped(server, provider, server_reason, ours):
     server.chat = lambda body: completion(body, finish=server_reason)
     c = provider.complete("Hi")
@@ -242,10 +284,18 @@ def test_registry_builds_it_by_name_and_alias(server):
 def test_the_backend_comparison_takes_openai_with_its_base_url(server):
     from apiana_lab.experiments.compare import compare_backends
 
-    result = compare_backends(make_chunks(4), ["openai"], max_length=16, engine_options={"openai": {"base_url": server.url}}, monitor=False)
+    result = compare_backends(
+        make_chunks(4), ["openai"], max_length=16, engine_options={"openai": {"base_url": server.url}}, monitor=False
+    )
     (row,) = result["rows"]
     assert "error" not in row, row.get("error")
-    assert (row["backend"], row["model"], row["mode"], row["failed"], row["completion_tokens"]) == ("openai", "tiny-model", "concurrent", 0, 20)
+    assert (row["backend"], row["model"], row["mode"], row["failed"], row["completion_tokens"]) == (
+        "openai",
+        "tiny-model",
+        "concurrent",
+        0,
+        20,
+    )
     assert row["max_workers"] == 32  # the provider's window, with no --max-workers given
 
 
@@ -272,17 +322,25 @@ def test_engine_metrics_come_from_the_servers_prometheus_page(server, provider):
         'vllm:num_preemptions_created{engine="0",model_name="tiny-model"} 1.79e+09\n'
     )
     server.routes[("GET", "/metrics")] = Reply(200, text.encode())
-    assert provider.engine_metrics() == {"num_requests_running": 9.0, "num_requests_waiting": 3.0, "kv_cache_usage_perc": 0.5, "num_preemptions": 1.0}
+    assert provider.engine_metrics() == {
+        "num_requests_running": 9.0,
+        "num_requests_waiting": 3.0,
+        "kv_cache_usage_perc": 0.5,
+        "num_preemptions": 1.0,
+    }
 
 
-@pytest.mark.parametrize("given, expected", [
-    ("http://127.0.0.1:8000", "http://127.0.0.1:8000/v1"),
-    ("http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1"),
-    ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:8000/v1"),
-    ("127.0.0.1:8000", "http://127.0.0.1:8000/v1"),
-    ("https://api.example.org/openai/v1", "https://api.example.org/openai/v1"),
-    ("https://gateway.example.org/llm", "https://gateway.example.org/llm"),
-])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("http://127.0.0.1:8000", "http://127.0.0.1:8000/v1"),
+        ("http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1"),
+        ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:8000/v1"),
+        ("127.0.0.1:8000", "http://127.0.0.1:8000/v1"),
+        ("https://api.example.org/openai/v1", "https://api.example.org/openai/v1"),
+        ("https://gateway.example.org/llm", "https://gateway.example.org/llm"),
+    ],
+)
 def test_base_url_with_or_without_v1(given, expected):
     assert normalize_base_url(given) == expected
 
@@ -325,7 +383,9 @@ def test_429_and_503_are_transient_with_retry_after(server, provider, status):
     assert info.value.retry_after == 7.0
     # An HTTP date works too; no header means no hint.
     when = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    server.script.extend([Reply(status, {"error": {"message": "busy"}}, {"Retry-After": when}), Reply(status, "overloaded")])
+    server.script.extend(
+        [Reply(status, {"error": {"message": "busy"}}, {"Retry-After": when}), Reply(status, "overloaded")]
+    )
     with pytest.raises(TransientProviderError) as dated:
         provider.complete("Hi")
     assert 25 <= dated.value.retry_after <= 31
@@ -377,8 +437,10 @@ def test_server_errors_are_transient(server, provider):
 
 
 def test_a_400_about_context_length_is_permanent_too_long_for_that_chunk_alone(server, provider):
-    vllm_says = ("This model's maximum context length is 2048 tokens. However, your prompt contains at least 2049 "
-                 "input tokens, which exceeds this limit even without any output tokens.")
+    vllm_says = (
+        "This model's maximum context length is 2048 tokens. However, your prompt contains at least 2049 "
+        "input tokens, which exceeds this limit even without any output tokens."
+    )
 
     def chat(body):
         if "number 2 " in body["messages"][-1]["content"]:

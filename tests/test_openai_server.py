@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from contract import *  # noqa: F401,F403  the shared backend contract, run here over HTTP
 
 from apiana_lab.errors import PermanentProviderError
@@ -100,10 +99,33 @@ def test_server_killed_mid_run_then_restarted_resumes_without_loss_or_recompute(
     db = out / "apiana.sqlite"
     total = 48  # 8 finished before the kill, up to 16 in flight, the rest not yet sent
     secret = "sk-never-in-records-5b2e"  # the server ignores it; it must not reach run.json, the store or the output
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OPENAI_API_KEY": secret}
-    command = [sys.executable, "-c", "import sys; from apiana_lab.cli import export_v2_main; sys.exit(export_v2_main(sys.argv[1:]))",
-               "-i", str(dialogue_export), "-o", str(out), "--backend", "openai", "--base-url", server.base_url,
-               "--chunk-size", "64", "--limit", str(total), "--max-length", "24", "--max-workers", "16", "--no-progress"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OPENAI_API_KEY": secret,
+    }
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from apiana_lab.cli import export_v2_main; sys.exit(export_v2_main(sys.argv[1:]))",
+        "-i",
+        str(dialogue_export),
+        "-o",
+        str(out),
+        "--backend",
+        "openai",
+        "--base-url",
+        server.base_url,
+        "--chunk-size",
+        "64",
+        "--limit",
+        str(total),
+        "--max-length",
+        "24",
+        "--max-workers",
+        "16",
+        "--no-progress",
+    ]
 
     before = _finished_requests(server)  # the module's earlier tests count too
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -140,18 +162,33 @@ def test_server_killed_mid_run_then_restarted_resumes_without_loss_or_recompute(
     with sqlite3.connect(db) as conn:
         # Each chunk summarized once; the first run's summaries kept, not recomputed; no failure left.
         assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT chunk_id) FROM summaries").fetchone() == (total, total)
-        assert dict(conn.execute("SELECT run_id, COUNT(*) FROM summaries GROUP BY run_id")) == {1: done, 2: total - done}
+        assert dict(conn.execute("SELECT run_id, COUNT(*) FROM summaries GROUP BY run_id")) == {
+            1: done,
+            2: total - done,
+        }
         assert conn.execute("SELECT COUNT(*) FROM failures").fetchone() == (0,)
         params = " ".join(p for (p,) in conn.execute("SELECT params || ' ' || COALESCE(figures, '') FROM runs"))
-    shown = [params, (out / "run.json").read_text(), (out / "summaries.jsonl").read_text(), stdout, stderr, second.stdout, second.stderr]
+    shown = [
+        params,
+        (out / "run.json").read_text(),
+        (out / "summaries.jsonl").read_text(),
+        stdout,
+        stderr,
+        second.stdout,
+        second.stderr,
+    ]
     assert all(secret not in text for text in shown)
 
 
 def _finished_requests(server) -> float:
     """Requests the server has finished, from its Prometheus counter."""
     try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://{server.host}:{server.port}/metrics", timeout=2) as r:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            f"http://{server.host}:{server.port}/metrics", timeout=2
+        ) as r:
             text = r.read().decode()
     except OSError:
         return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total")
+    )

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from helpers import expected_summary, make_chunks
 
 from apiana_lab.cli import export_v2_main
 from apiana_lab.pipeline import RunConfig, run_export
@@ -16,8 +17,6 @@ from apiana_lab.providers import fake
 from apiana_lab.providers.fake import FakeProvider
 from apiana_lab.store import SQLiteStore
 from apiana_lab.summarize import ParallelSummarizerTransform
-
-from helpers import expected_summary, make_chunks
 
 
 def summarizer(provider, **kw):
@@ -139,7 +138,9 @@ def test_transient_errors_retry_with_growing_jittered_backoff():
     delays = []
     provider = FakeProvider(batch=True)
     provider.enqueue_failure("transient", times=3)
-    t = ParallelSummarizerTransform(provider, batch_size=4, max_workers=1, max_retries=3, base_delay=1.0, sleep=delays.append)
+    t = ParallelSummarizerTransform(
+        provider, batch_size=4, max_workers=1, max_retries=3, base_delay=1.0, sleep=delays.append
+    )
     records = t.transform(make_chunks(4))
     assert all(r.error is None and r.attempts == 4 for r in records)
     assert len(delays) == 3 and t.stats.retries == 3
@@ -240,7 +241,14 @@ def test_random_failure_patterns_lose_and_duplicate_nothing(seed):
 
 
 def test_run_export_writes_run_json_with_the_figures(dialogue_export, tmp_path):
-    config = RunConfig(input=str(dialogue_export), output=str(tmp_path / "out"), backend="fake", chunk_size=64, batch_size=8, max_workers=2)
+    config = RunConfig(
+        input=str(dialogue_export),
+        output=str(tmp_path / "out"),
+        backend="fake",
+        chunk_size=64,
+        batch_size=8,
+        max_workers=2,
+    )
     result = run_export(config, provider=FakeProvider(batch=True, oom_above=4))
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run == json.loads(json.dumps(result, default=str))
@@ -265,7 +273,9 @@ def cli_env(monkeypatch):
 
 
 def cli(inp, out, *extra):
-    return export_v2_main(["-i", str(inp), "-o", str(out), "--backend", "fake", "--chunk-size", "64", "--no-progress", *extra])
+    return export_v2_main(
+        ["-i", str(inp), "-o", str(out), "--backend", "fake", "--chunk-size", "64", "--no-progress", *extra]
+    )
 
 
 def test_cli_exits_0_on_success(dialogue_export, tmp_path, cli_env, capsys):
@@ -277,7 +287,9 @@ def test_cli_exits_0_on_success(dialogue_export, tmp_path, cli_env, capsys):
 def test_cli_exits_1_when_chunks_fail_and_a_rerun_retries_only_those(dialogue_export, tmp_path, cli_env, capsys):
     class FailingFake(FakeProvider):  # what `--backend fake` builds, failing every 6th message for good
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, fail=lambda text: "permanent" if re.search(r"Message \d+-5:", text) else None, **kwargs)
+            super().__init__(
+                *args, fail=lambda text: "permanent" if re.search(r"Message \d+-5:", text) else None, **kwargs
+            )
 
     cli_env.setattr(fake, "FakeProvider", FailingFake)
     out = tmp_path / "out"

@@ -34,8 +34,23 @@ def site(tmp_path_factory):
     source = work / "src"
     shutil.copytree(PLUGIN, source)  # pip builds in the source folder: keep tests/ clean
     target = work / "site"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(target), str(source)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert (target / "apiana_echo").is_dir()
     return target
@@ -47,8 +62,13 @@ def env_with(site, **extra):
 
 
 def cli(site, *args, env=None, timeout=300):
-    return subprocess.run([str(BIN / "chatgpt-export-v2"), *args], capture_output=True, text=True,
-                          env=env or env_with(site), timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "chatgpt-export-v2"), *args],
+        capture_output=True,
+        text=True,
+        env=env or env_with(site),
+        timeout=timeout,
+    )
 
 
 def summaries(out: Path) -> list[str]:
@@ -96,7 +116,7 @@ def test_the_built_in_backends_register_through_the_entry_point_group():
     names = {ep.name for ep in importlib.metadata.entry_points(group=registry.GROUP)}
     assert {"vllm", "transformers", "openai", "fake"} <= names
     ours = [n for n, b in registry.backends().items() if b.distribution == "apiana-lab"]
-    assert registry.backend_names()[:len(ours)] == ours  # built-ins first, a plugin after them
+    assert registry.backend_names()[: len(ours)] == ours  # built-ins first, a plugin after them
     for name in ("vllm", "transformers", "openai"):
         cls = registry.provider_class(name)
         assert cls.extra and cls.requires, name  # what installs it, and what it needs
@@ -132,8 +152,20 @@ def test_plugin_is_in_help_with_its_engine_flag(site):
 
 def test_plugin_summarizes_an_export_from_the_cli(site, tmp_path):
     out = tmp_path / "out"
-    done = cli(site, "-i", SAMPLE, "-o", str(out), "--backend", "echo", "--opening", "I recall", "--limit", "6",
-               "--no-progress")
+    done = cli(
+        site,
+        "-i",
+        SAMPLE,
+        "-o",
+        str(out),
+        "--backend",
+        "echo",
+        "--opening",
+        "I recall",
+        "--limit",
+        "6",
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr
     texts = summaries(out)
     assert len(texts) == 6 and all(t.startswith("I recall that I talked about") for t in texts)
@@ -152,10 +184,28 @@ def test_unknown_backend_lists_the_plugin_among_the_known(site, tmp_path):
 def test_plugin_runs_on_ray_and_is_built_on_the_replicas_not_the_driver(site, tmp_path):
     built = tmp_path / "built.txt"
     out = tmp_path / "out"
-    command = [str(BIN / "chatgpt-export-v2"), "-i", SAMPLE, "-o", str(out), "--backend", "echo", "--limit", "6",
-               "--no-progress", "--ray", "--replica-cpus", "1"]
-    proc = subprocess.Popen(command, env=env_with(site, APIANA_ECHO_BUILT=str(built), RAY_ADDRESS=""),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        str(BIN / "chatgpt-export-v2"),
+        "-i",
+        SAMPLE,
+        "-o",
+        str(out),
+        "--backend",
+        "echo",
+        "--limit",
+        "6",
+        "--no-progress",
+        "--ray",
+        "--replica-cpus",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        command,
+        env=env_with(site, APIANA_ECHO_BUILT=str(built), RAY_ADDRESS=""),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert len(summaries(out)) == 6
@@ -167,10 +217,28 @@ def test_plugin_runs_on_ray_and_is_built_on_the_replicas_not_the_driver(site, tm
 @pytest.mark.slow
 def test_plugin_runs_in_the_comparison_notebook(site, tmp_path):
     root = tmp_path / "results"
-    done = subprocess.run([str(BIN / "apiana-lab"), "notebook", "backend_comparison", "--root", str(root),
-                           "-p", "backends", '["echo"]', "-p", "chunks", "3", "-p", "engine_options",
-                           '{"echo": {"opening": "I recall"}}'],
-                          capture_output=True, text=True, env=env_with(site), timeout=600)
+    done = subprocess.run(
+        [
+            str(BIN / "apiana-lab"),
+            "notebook",
+            "backend_comparison",
+            "--root",
+            str(root),
+            "-p",
+            "backends",
+            '["echo"]',
+            "-p",
+            "chunks",
+            "3",
+            "-p",
+            "engine_options",
+            '{"echo": {"opening": "I recall"}}',
+        ],
+        capture_output=True,
+        text=True,
+        env=env_with(site),
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     (metrics,) = root.glob("backend_comparison/*/metrics.json")
     rows = json.loads(metrics.read_text())

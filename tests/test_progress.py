@@ -11,8 +11,20 @@ from apiana_lab.summarize import ParallelSummarizerTransform
 
 
 def chunks(n):
-    return [Chunk(id=f"k{i}", conversation_id="c", title="T", date=None, index=i, first_message=i, last_message=i, token_count=5,
-                  text=f"chunk number {i} " + "word " * (i % 7)) for i in range(n)]
+    return [
+        Chunk(
+            id=f"k{i}",
+            conversation_id="c",
+            title="T",
+            date=None,
+            index=i,
+            first_message=i,
+            last_message=i,
+            token_count=5,
+            text=f"chunk number {i} " + "word " * (i % 7),
+        )
+        for i in range(n)
+    ]
 
 
 def test_snapshots_cover_counts_rates_batch_size_retries_and_failures():
@@ -39,11 +51,16 @@ def test_terminal_bar_shows_the_figures():
     out = io.StringIO()
     bar = TerminalProgress(file=out)
     bar(Progress(total=10, batch_size=16))
-    bar(Progress(done=5, total=10, failed=1, prompt_tokens=500, completion_tokens=100, elapsed=2.0, batch_size=8,
-                 retries=3))
+    bar(
+        Progress(
+            done=5, total=10, failed=1, prompt_tokens=500, completion_tokens=100, elapsed=2.0, batch_size=8, retries=3
+        )
+    )
     bar.close()
     text = out.getvalue()
-    assert "5/10" in text and "50.0 out tok/s" in text and "batch 8" in text and "retries 3" in text and "failed 1" in text
+    assert (
+        "5/10" in text and "50.0 out tok/s" in text and "batch 8" in text and "retries 3" in text and "failed 1" in text
+    )
 
 
 def test_snapshots_are_built_by_keyword_with_figures_defaulting_to_zero():

@@ -3,8 +3,7 @@
 import pytest
 
 from apiana_lab.errors import ConfigError, MissingDependencyError
-from apiana_lab.providers import GenerationOptions, get_provider, provider_class
-from apiana_lab.providers import registry
+from apiana_lab.providers import GenerationOptions, get_provider, provider_class, registry
 
 # ---- options and registry: no engine needed ------------------------------------------------
 
@@ -79,8 +78,12 @@ def test_local_backends_import_and_declare_without_their_libraries():
     loaded, declared = json.loads(out)
     assert loaded == []
     assert declared == {
-        "vllm": [["tensor_parallel_size", "int"], ["gpu_memory_utilization", "float"], ["max_model_len", "int"],
-                 ["dtype", "str"]],
+        "vllm": [
+            ["tensor_parallel_size", "int"],
+            ["gpu_memory_utilization", "float"],
+            ["max_model_len", "int"],
+            ["dtype", "str"],
+        ],
         "transformers": [["dtype", "str"], ["device", "str"], ["load_in_8bit", "bool"], ["max_batch_tokens", "int"]],
     }
 

@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 
 from apiana_lab import quality
-from apiana_lab.quality import (FLAGS, QualityProfile, Thresholds, load_labels, profile, score_flags, summarize_profiles,
-                                tokenize)
+from apiana_lab.quality import (
+    FLAGS,
+    QualityProfile,
+    Thresholds,
+    load_labels,
+    profile,
+    score_flags,
+    summarize_profiles,
+    tokenize,
+)
 
 LABELS_PATH = Path(__file__).parent / "data" / "quality_labels.jsonl"
 
@@ -104,7 +112,10 @@ def test_a_looping_summary_is_flagged_and_a_plain_one_is_not():
 def test_cjk_repetition_uses_character_ngrams():
     sentence = "私は清水寺と祇園を午前中に回ることをすすめました。"
     assert quality._ngram_size(tokenize(sentence)) == 8
-    opening, chunk = "ユーザーは京都について聞きました。", "User: 京都で三日間過ごすなら、どこを回るのがおすすめですか？"
+    opening, chunk = (
+        "ユーザーは京都について聞きました。",
+        "User: 京都で三日間過ごすなら、どこを回るのがおすすめですか？",
+    )
     p = profile(opening + sentence * 5, chunk, "stop")
     assert p.tokens == len(opening + sentence * 5) - 6  # one token a character, the six 。 left out
     assert "loop" in p.flags
@@ -121,13 +132,22 @@ def test_transcript_echo_counts_role_labels_and_turn_lines():
     assert one_line.role_markers == 2 and "echo" in one_line.flags
     small_model = profile('The user: "My knees hurt."\nThe user\'s response: "Thanks."', EN_CHUNK, "stop")
     assert small_model.turn_lines == 2 and "echo" in small_model.flags
-    for header in ('Conversation "Running" (2026-01-05):', '<<Conversation "京都旅行の計画">>', '"Running Pace Zones" (2026-01-05)'):
+    for header in (
+        'Conversation "Running" (2026-01-05):',
+        '<<Conversation "京都旅行の計画">>',
+        '"Running Pace Zones" (2026-01-05)',
+    ):
         assert "echo" in profile(header + "\n\nI told the user to slow down.", EN_CHUNK, "stop").flags, header
-    prose = 'Conversation "Running" was about knee pain, and I told the user to add mileage slowly and to rest more often.'
+    prose = (
+        'Conversation "Running" was about knee pain, and I told the user to add mileage slowly and to rest more often.'
+    )
     assert "echo" not in profile(prose, EN_CHUNK, "stop").flags
     chunk_label = profile("Tool output (bio): Model set context updated.", EN_CHUNK, "stop")
     assert chunk_label.role_markers == 1 and "echo" in chunk_label.flags
-    assert "echo" not in profile("The user asked me why their knees hurt; as the assistant, I said: slow down.", EN_CHUNK).flags
+    assert (
+        "echo"
+        not in profile("The user asked me why their knees hurt; as the assistant, I said: slow down.", EN_CHUNK).flags
+    )
 
 
 def test_truncated_needs_the_token_cap_and_a_sentence_left_open():
@@ -145,40 +165,61 @@ def test_truncated_needs_the_token_cap_and_a_sentence_left_open():
 def test_language_is_compared_with_the_chunk_when_both_are_long_enough():
     english_of_french = profile(
         "The user told me that her two-year-old cat scratches the sofa. I advised a sturdy scratching post next to "
-        "the sofa and rewards when the cat uses it.", FR_CHUNK, "stop")
+        "the sofa and rewards when the cat uses it.",
+        FR_CHUNK,
+        "stop",
+    )
     assert (english_of_french.language, english_of_french.source_language) == ("en", "fr")
     assert "wrong_language" in english_of_french.flags
-    french = profile("L'utilisatrice m'a expliqué que son chat griffait le canapé, et je lui ai conseillé un griffoir "
-                     "stable juste à côté.", FR_CHUNK, "stop")
+    french = profile(
+        "L'utilisatrice m'a expliqué que son chat griffait le canapé, et je lui ai conseillé un griffoir "
+        "stable juste à côté.",
+        FR_CHUNK,
+        "stop",
+    )
     assert french.language == "fr" and "wrong_language" not in french.flags
     short = profile("I suggested a scratching post.", FR_CHUNK, "stop")
     assert short.language is None and "wrong_language" not in short.flags
 
 
 def test_the_chunks_language_comes_from_its_dialogue_not_its_code_or_tool_traffic():
-    chunk = ("Code (python): import os\nprint(os.getcwd())\nfor name in os.listdir(): print(name, 'is a file')\n\n"
-             "Code output: /home/user/projects/report\n\nUser: Merci, et comment je supprime le dossier ?\n\n"
-             "Assistant: Utilise shutil.rmtree avec prudence, après avoir vérifié le chemin.")
-    assert profile("Je lui ai expliqué comment supprimer le dossier avec prudence, après avoir vérifié le chemin.",
-                   chunk).source_language == "fr"
+    chunk = (
+        "Code (python): import os\nprint(os.getcwd())\nfor name in os.listdir(): print(name, 'is a file')\n\n"
+        "Code output: /home/user/projects/report\n\nUser: Merci, et comment je supprime le dossier ?\n\n"
+        "Assistant: Utilise shutil.rmtree avec prudence, après avoir vérifié le chemin."
+    )
+    assert (
+        profile(
+            "Je lui ai expliqué comment supprimer le dossier avec prudence, après avoir vérifié le chemin.", chunk
+        ).source_language
+        == "fr"
+    )
 
 
 def test_a_chunk_that_mixes_languages_accepts_either():
     mixed = "User: [image]\nこれは何ですか？ I'm trying to find duplicate rows."
-    p = profile("The user sent me a screenshot and asked how to find duplicate rows; I suggested a composite index.", mixed)
+    p = profile(
+        "The user sent me a screenshot and asked how to find duplicate rows; I suggested a composite index.", mixed
+    )
     assert p.source_language == "ja" and p.language == "en"
     assert "wrong_language" not in p.flags
 
 
-@pytest.mark.parametrize("memory, language", [
-    (EN_MEMORY, "en"),
-    ("Je lui ai conseillé un griffoir stable, et j'ai retenu qu'il vaut mieux proposer une alternative que d'interdire.", "fr"),
-    ("Der Nutzer erzählte mir von seinen Knieschmerzen, und ich habe ihm geraten, langsamer zu laufen.", "de"),
-    ("El usuario me contó que quería aprender Python y yo le sugerí un curso corto de fundamentos.", "es"),
-    ("L'utente mi ha chiesto cosa preparare in anticipo e io ho suggerito una lasagna alle verdure.", "it"),
-    ("O utilizador contou-me que queria mudar de carreira e eu sugeri um curso online de design gráfico.", "pt"),
-    ("De gebruiker vertelde me dat hij zijn zolder wilde isoleren, en ik legde uit hoe dat moet.", "nl"),
-])
+@pytest.mark.parametrize(
+    "memory, language",
+    [
+        (EN_MEMORY, "en"),
+        (
+            "Je lui ai conseillé un griffoir stable, et j'ai retenu qu'il vaut mieux proposer une alternative que d'interdire.",
+            "fr",
+        ),
+        ("Der Nutzer erzählte mir von seinen Knieschmerzen, und ich habe ihm geraten, langsamer zu laufen.", "de"),
+        ("El usuario me contó que quería aprender Python y yo le sugerí un curso corto de fundamentos.", "es"),
+        ("L'utente mi ha chiesto cosa preparare in anticipo e io ho suggerito una lasagna alle verdure.", "it"),
+        ("O utilizador contou-me que queria mudar de carreira e eu sugeri um curso online de design gráfico.", "pt"),
+        ("De gebruiker vertelde me dat hij zijn zolder wilde isoleren, en ik legde uit hoe dat moet.", "nl"),
+    ],
+)
 def test_first_person_memories_are_recognised_in_each_known_language(memory, language):
     p = profile(memory, EN_CHUNK)
     assert p.language == language
@@ -187,25 +228,37 @@ def test_first_person_memories_are_recognised_in_each_known_language(memory, lan
 
 
 def test_first_person_verbs_count_where_pronouns_are_dropped():
-    spanish = profile("Le sugerí al usuario un curso corto de fundamentos. Cuando dijo que temía aburrirse, le recomendé "
-                      "cambiar de proyecto. Aprendí que la constancia le preocupaba más.", EN_CHUNK)
+    spanish = profile(
+        "Le sugerí al usuario un curso corto de fundamentos. Cuando dijo que temía aburrirse, le recomendé "
+        "cambiar de proyecto. Aprendí que la constancia le preocupaba más.",
+        EN_CHUNK,
+    )
     assert spanish.language == "es" and spanish.voice == "first"
-    third = profile("El usuario quería aprender Python. El asistente recomendó un curso corto y, en los próximos días, "
-                    "un proyecto pequeño; así se sintió más seguro aquí.", EN_CHUNK)
+    third = profile(
+        "El usuario quería aprender Python. El asistente recomendó un curso corto y, en los próximos días, "
+        "un proyecto pequeño; así se sintió más seguro aquí.",
+        EN_CHUNK,
+    )
     assert third.language == "es" and third.voice == "other"
 
 
 def test_a_third_person_summary_is_flagged():
-    p = profile("The user had knee pain after long runs. The assistant suggested adding mileage slowly and doing "
-                "strength work twice a week.", EN_CHUNK, "stop")
+    p = profile(
+        "The user had knee pain after long runs. The assistant suggested adding mileage slowly and doing "
+        "strength work twice a week.",
+        EN_CHUNK,
+        "stop",
+    )
     assert (p.voice, p.first_person) == ("other", 0)
     assert "not_first_person" in p.flags
 
 
 def test_voice_is_unknown_for_a_language_whose_pronouns_are_not_known():
-    russian = profile("Пользователь попросил меня составить план тренировок, и я посоветовал начать с приседаний и "
-                      "отжиманий три раза в неделю.",
-                      "User: Составь, пожалуйста, план тренировок на три дня в неделю.")
+    russian = profile(
+        "Пользователь попросил меня составить план тренировок, и я посоветовал начать с приседаний и "
+        "отжиманий три раза в неделю.",
+        "User: Составь, пожалуйста, план тренировок на три дня в неделю.",
+    )
     assert russian.language == "ru"
     assert russian.voice == "unknown" and "not_first_person" not in russian.flags
 
@@ -260,8 +313,13 @@ def test_summarize_profiles_counts_flags_and_takes_medians():
     assert s["medians"]["tokens"] == (tokens[1] + tokens[2]) / 2
     assert s["medians"]["judge_score"] == 0.25
     assert "ends_mid_sentence" not in s["medians"]  # a bool is not a measure to take a median of
-    assert summarize_profiles([]) == {"count": 0, "flagged": 0, "flagged_share": 0.0,
-                                      "flags": {f: {"count": 0, "share": 0.0} for f in FLAGS}, "medians": {}}
+    assert summarize_profiles([]) == {
+        "count": 0,
+        "flagged": 0,
+        "flagged_share": 0.0,
+        "flags": {f: {"count": 0, "share": 0.0} for f in FLAGS},
+        "medians": {},
+    }
 
 
 # --- the detector ------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import threading
 import time
 
 import pytest
+from helpers import write_dialogue_export
 
 from apiana_lab.ray_executor import add_node, start_cluster
-from helpers import write_dialogue_export
 
 ray = pytest.importorskip("ray")
 
@@ -43,8 +43,25 @@ def summaries_by_run(out):
 
 
 def fake_command(export, out, *extra, latency=0.0):
-    return [*CLI, "-i", str(export), "-o", str(out), "--backend", "fake", "--chunk-size", "64", "--batch-size", "2",
-            "--max-workers", "1", "--engine-arg", f"latency={latency}", "--no-progress", *extra]
+    return [
+        *CLI,
+        "-i",
+        str(export),
+        "-o",
+        str(out),
+        "--backend",
+        "fake",
+        "--chunk-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--max-workers",
+        "1",
+        "--engine-arg",
+        f"latency={latency}",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +83,11 @@ def test_rows_per_batch_and_placement_follow_the_cluster(monkeypatch):
     assert rows_per_batch(10_000, 2, None) == 256  # capped: progress, commits and lost work stay small
     assert rows_per_batch(144, 2, 2) == 18  # 4 batches per replica share the tail
     assert rows_per_batch(8, 2, 16) == 16  # never less than one engine batch
-    nodes = [{"id": "head", "resources": {"CPU": 0}}, {"id": "a", "resources": {"CPU": 2}},
-             {"id": "b", "resources": {"CPU": 2, "GPU": 2}}]
+    nodes = [
+        {"id": "head", "resources": {"CPU": 0}},
+        {"id": "a", "resources": {"CPU": 2}},
+        {"id": "b", "resources": {"CPU": 2, "GPU": 2}},
+    ]
     monkeypatch.setattr(RayCluster, "nodes", lambda self: nodes)
     assert RayCluster("x").placement() == (2, 1.0, 1.0)  # one replica per GPU when there are GPUs
     assert RayCluster("x", replica_gpus=0).placement() == (2, 0, 1.0)  # else one per node that can hold one
@@ -99,12 +119,27 @@ def test_a_replica_batch_crosses_arrow_as_typed_columns():
     from apiana_lab.store import SummaryKey, SummaryRecord
     from apiana_lab.summarize import RunStats
 
-    stats = RunStats(mode="batch", computed=1, failed=1, retries=2, prompt_tokens=50, completion_tokens=9, seconds=1.5,
-                     first_result_seconds=0.25, preemptions=3, latencies=[0.5, 0.75], provider_intervals=[(10.0, 10.5)],
-                     batch_size_changes=[{"from": 8, "to": 4, "reason": "out of memory at batch size 8", "at_done": 0,
-                                          "seconds": 0.1}], failures_by_reason={"oom": 1})
-    records = [SummaryRecord("c1", "a summary", 50, 9, "stop", worker="node-1"),
-               SummaryRecord("c2", error="out of memory even at batch size 1", reason="oom", attempts=2, worker="node-1")]
+    stats = RunStats(
+        mode="batch",
+        computed=1,
+        failed=1,
+        retries=2,
+        prompt_tokens=50,
+        completion_tokens=9,
+        seconds=1.5,
+        first_result_seconds=0.25,
+        preemptions=3,
+        latencies=[0.5, 0.75],
+        provider_intervals=[(10.0, 10.5)],
+        batch_size_changes=[
+            {"from": 8, "to": 4, "reason": "out of memory at batch size 8", "at_done": 0, "seconds": 0.1}
+        ],
+        failures_by_reason={"oom": 1},
+    )
+    records = [
+        SummaryRecord("c1", "a summary", 50, 9, "stop", worker="node-1"),
+        SummaryRecord("c2", error="out of memory even at batch size 1", reason="oom", attempts=2, worker="node-1"),
+    ]
     batch = ReplicaBatch("node-1", "actor-1", SummaryKey("m", "p", "o"), 9.5, 8, 2, stats, records)
     table = batch.to_arrow()
     assert table.num_rows == 1 and table.schema.field("stats").type.num_fields == len(fields(RunStats))
@@ -120,16 +155,25 @@ def test_store_from_before_ray_gains_a_worker_column(tmp_path):
 
     db = tmp_path / "apiana.sqlite"
     with sqlite3.connect(db) as old:  # the summaries table as it was before this column
-        old.execute("CREATE TABLE summaries (chunk_id TEXT NOT NULL, model TEXT NOT NULL, prompt_hash TEXT NOT NULL, "
-                    "options_hash TEXT NOT NULL, summary TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER, "
-                    "finish_reason TEXT, backend TEXT, run_id INTEGER, created_at REAL, "
-                    "PRIMARY KEY (chunk_id, model, prompt_hash, options_hash))")
+        old.execute(
+            "CREATE TABLE summaries (chunk_id TEXT NOT NULL, model TEXT NOT NULL, prompt_hash TEXT NOT NULL, "
+            "options_hash TEXT NOT NULL, summary TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER, "
+            "finish_reason TEXT, backend TEXT, run_id INTEGER, created_at REAL, "
+            "PRIMARY KEY (chunk_id, model, prompt_hash, options_hash))"
+        )
         old.execute("INSERT INTO summaries VALUES ('c0', 'm', 'p', 'o', 'old', 1, 1, 'stop', 'fake', 1, 0)")
     with SQLiteStore(db) as store:
-        store.put_summaries(SummaryKey("m", "p", "o"), [SummaryRecord("c1", "new", worker="node-1"), SummaryRecord("c2", "x")],
-                            "fake", 2)
+        store.put_summaries(
+            SummaryKey("m", "p", "o"),
+            [SummaryRecord("c1", "new", worker="node-1"), SummaryRecord("c2", "x")],
+            "fake",
+            2,
+        )
     assert query(db, "SELECT chunk_id, summary, worker FROM summaries ORDER BY chunk_id") == [
-        ("c0", "old", None), ("c1", "new", "node-1"), ("c2", "x", None)]
+        ("c0", "old", None),
+        ("c1", "new", "node-1"),
+        ("c2", "x", None),
+    ]
 
 
 def worker_ids(cluster):
@@ -141,8 +185,13 @@ def test_address_that_does_not_answer_exits_2_and_writes_nothing(dialogue_export
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "out"
-    done = subprocess.run(fake_command(dialogue_export, out, "--ray", f"127.0.0.1:{port}"), capture_output=True,
-                          text=True, env=ENV, timeout=120)
+    done = subprocess.run(
+        fake_command(dialogue_export, out, "--ray", f"127.0.0.1:{port}"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert f"The Ray cluster at 127.0.0.1:{port} does not answer" in done.stderr
     assert not out.exists()
@@ -153,18 +202,35 @@ def test_transformers_on_two_worker_nodes_equals_a_local_run(cluster, tmp_path):
     from apiana_lab.pipeline import RunConfig, run_export
 
     export = write_dialogue_export(tmp_path / "conversations.json", conversations=2, messages=4)
-    common = dict(backend="transformers", chunk_size=64, max_length=12, batch_size=2,
-                  engine_options={"dtype": "float32", "device": "cpu"})
+    common = dict(
+        backend="transformers",
+        chunk_size=64,
+        max_length=12,
+        batch_size=2,
+        engine_options={"dtype": "float32", "device": "cpu"},
+    )
     local = run_export(RunConfig(str(export), str(tmp_path / "local"), **common))
     # One replica per worker node: each asks for all of a node's CPUs.
     snapshots = []
-    on_ray = run_export(RunConfig(str(export), str(tmp_path / "ray"), executor="ray", ray_address=cluster.address,
-                                  replicas=2, replica_cpus=WORKER_CPUS, **common), progress=snapshots.append)
+    on_ray = run_export(
+        RunConfig(
+            str(export),
+            str(tmp_path / "ray"),
+            executor="ray",
+            ray_address=cluster.address,
+            replicas=2,
+            replica_cpus=WORKER_CPUS,
+            **common,
+        ),
+        progress=snapshots.append,
+    )
     assert (local["summaries_computed"], on_ray["summaries_computed"], on_ray["failed"]) == (8, 8, 0)
 
     # Same key, so the same rows would be reused by either executor; greedy float32 gives the same text.
     sql = "SELECT chunk_id, model, prompt_hash, options_hash, summary, prompt_tokens, completion_tokens FROM summaries"
-    assert sorted(query(tmp_path / "ray" / "apiana.sqlite", sql)) == sorted(query(tmp_path / "local" / "apiana.sqlite", sql))
+    assert sorted(query(tmp_path / "ray" / "apiana.sqlite", sql)) == sorted(
+        query(tmp_path / "local" / "apiana.sqlite", sql)
+    )
     assert (tmp_path / "ray" / "summaries.jsonl").read_text() == (tmp_path / "local" / "summaries.jsonl").read_text()
 
     facts = on_ray["ray"]
@@ -175,7 +241,9 @@ def test_transformers_on_two_worker_nodes_equals_a_local_run(cluster, tmp_path):
     recorded = dict(query(tmp_path / "ray" / "apiana.sqlite", "SELECT worker, COUNT(*) FROM summaries GROUP BY worker"))
     assert set(recorded) == workers  # each summary names the node that made it, and both nodes made some
     assert recorded == {r["node"]: r["chunks"] for r in facts["replica_runs"]}
-    assert query(tmp_path / "local" / "apiana.sqlite", "SELECT DISTINCT worker FROM summaries") == [(socket.gethostname(),)]
+    assert query(tmp_path / "local" / "apiana.sqlite", "SELECT DISTINCT worker FROM summaries") == [
+        (socket.gethostname(),)
+    ]
     # The same progress protocol as locally: a start with the total, then a last snapshot that says finished.
     assert (snapshots[0].event, snapshots[0].total, snapshots[0].done) == ("start", 8, 0)
     assert snapshots[-1].finished and (snapshots[-1].done, snapshots[-1].error) == (8, "")
@@ -187,8 +255,12 @@ def test_driver_killed_then_rerun_resumes_on_ray_then_locally(cluster, dialogue_
     db = out / "apiana.sqlite"
     ray_args = ("--ray", cluster.address, "--replicas", "2", "--replica-cpus", "1")
     # 72 calls of 0.2 s per replica once started: about 15 s of summarizing, committed every 2 s.
-    proc = subprocess.Popen(fake_command(dialogue_export, out, *ray_args, latency=0.2), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen(
+        fake_command(dialogue_export, out, *ray_args, latency=0.2),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
     seen, deadline = 0, time.monotonic() + 300
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -210,10 +282,17 @@ def test_driver_killed_then_rerun_resumes_on_ray_then_locally(cluster, dialogue_
     before = query(db, "SELECT COUNT(*) FROM summaries")[0][0]
     assert 0 < before < TOTAL and not (out / "run.json").exists()
 
-    rerun = subprocess.run(fake_command(dialogue_export, out, *ray_args), capture_output=True, text=True, env=ENV, timeout=300)
+    rerun = subprocess.run(
+        fake_command(dialogue_export, out, *ray_args), capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr
     run = json.loads((out / "run.json").read_text())
-    assert (run["chunks_total"], run["failed"], run["summaries_reused"], run["summaries_computed"]) == (TOTAL, 0, before, TOTAL - before)
+    assert (run["chunks_total"], run["failed"], run["summaries_reused"], run["summaries_computed"]) == (
+        TOTAL,
+        0,
+        before,
+        TOTAL - before,
+    )
     assert summaries_by_run(out) == {1: before, 2: TOTAL - before}  # nothing lost, nothing recomputed
     assert query(db, "SELECT COUNT(*), COUNT(DISTINCT chunk_id) FROM summaries") == [(TOTAL, TOTAL)]
     assert "on Ray, 2 replicas" in rerun.stdout
@@ -235,14 +314,30 @@ def test_two_worker_nodes_against_one(cluster, tmp_path):
     export = write_dialogue_export(tmp_path / "conversations.json", conversations=12, messages=24)  # 288 chunks
 
     def on_ray(replicas):
-        run = run_export(RunConfig(str(export), str(tmp_path / f"ray-{replicas}"), backend="fake", chunk_size=64,
-                                   batch_size=2, max_workers=1, engine_options={"latency": 0.05}, executor="ray",
-                                   replicas=replicas, replica_cpus=WORKER_CPUS))
+        run = run_export(
+            RunConfig(
+                str(export),
+                str(tmp_path / f"ray-{replicas}"),
+                backend="fake",
+                chunk_size=64,
+                batch_size=2,
+                max_workers=1,
+                engine_options={"latency": 0.05},
+                executor="ray",
+                replicas=replicas,
+                replica_cpus=WORKER_CPUS,
+            )
+        )
         # Throughput after the replicas started: starting actors is loading the model, not scaling.
         steady = run["summarize_seconds"] - (run["ray"]["startup_seconds"] or 0.0)
         nodes = {r["node"] for r in run["ray"]["replica_runs"]}
-        return {"chunks": run["summaries_computed"], "failed": run["failed"], "nodes_used": len(nodes),
-                "steady_s": round(steady, 3), "chunks_per_s": run["summaries_computed"] / steady}
+        return {
+            "chunks": run["summaries_computed"],
+            "failed": run["failed"],
+            "nodes_used": len(nodes),
+            "steady_s": round(steady, 3),
+            "chunks_per_s": run["summaries_computed"] / steady,
+        }
 
     context = ray.data.DataContext.get_current()
     # Every replica starts before the first batch is handed out, so one that starts late (a busy
@@ -298,8 +393,18 @@ def test_worker_node_removed_mid_run_still_stores_every_chunk_once(cluster, dial
 
     watcher = threading.Thread(target=remove_a_busy_node, daemon=True)
     watcher.start()
-    config = RunConfig(str(dialogue_export), str(out), backend="fake", chunk_size=64, batch_size=2, max_workers=1,
-                       engine_options={"latency": 0.2}, executor="ray", replicas=2, replica_cpus=1)
+    config = RunConfig(
+        str(dialogue_export),
+        str(out),
+        backend="fake",
+        chunk_size=64,
+        batch_size=2,
+        max_workers=1,
+        engine_options={"latency": 0.2},
+        executor="ray",
+        replicas=2,
+        replica_cpus=1,
+    )
     try:
         run = run_export(config)
     finally:

@@ -8,14 +8,28 @@ import logging
 import time
 import tracemalloc
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from apiana_lab.errors import ExportError
 from apiana_lab.export import (
-    BROWSING, CODE, CONTEXT, DIALOGUE, EXECUTION_OUTPUT, HIDDEN, OTHER, REASONING, SYSTEM, THOUGHTS,
-    TOOL_CALL, TOOL_OUTPUT, ChatGPTExportReader, ReadReport, detect_format, read_export,
+    BROWSING,
+    CODE,
+    CONTEXT,
+    DIALOGUE,
+    EXECUTION_OUTPUT,
+    HIDDEN,
+    OTHER,
+    REASONING,
+    SYSTEM,
+    THOUGHTS,
+    TOOL_CALL,
+    TOOL_OUTPUT,
+    ChatGPTExportReader,
+    ReadReport,
+    detect_format,
+    read_export,
 )
 from apiana_lab.export.jsonstream import open_json
 
@@ -24,8 +38,20 @@ SENTINEL = "00000000-0000-4000-8000-000000000000"
 
 # ---------------------------------------------------------------- fixtures built in code
 
-def msg(role="user", *parts, content_type="text", content=None, recipient="all", channel=None,
-        hidden=False, create_time=None, metadata=None, status="finished_successfully", name=None):
+
+def msg(
+    role="user",
+    *parts,
+    content_type="text",
+    content=None,
+    recipient="all",
+    channel=None,
+    hidden=False,
+    create_time=None,
+    metadata=None,
+    status="finished_successfully",
+    name=None,
+):
     """A ChatGPT message dict; `content` replaces the default {content_type, parts}."""
     meta = dict(metadata or {})
     if hidden:
@@ -105,16 +131,29 @@ def entry_of(tmp_path, message):
 
 
 def claude_conv(messages, **extra):
-    conv = {"uuid": "claude-1", "name": "Claude chat", "created_at": "2024-05-01T10:00:00.000000Z",
-            "updated_at": "2024-05-01T10:05:00Z", "account": {"uuid": "acc"}, "chat_messages": messages}
+    conv = {
+        "uuid": "claude-1",
+        "name": "Claude chat",
+        "created_at": "2024-05-01T10:00:00.000000Z",
+        "updated_at": "2024-05-01T10:05:00Z",
+        "account": {"uuid": "acc"},
+        "chat_messages": messages,
+    }
     conv.update(extra)
     return conv
 
 
 def cmsg(uuid, sender, blocks=None, *, text="", parent=SENTINEL):
-    message = {"uuid": uuid, "sender": sender, "text": text, "created_at": "2024-05-01T10:00:01Z",
-               "updated_at": "2024-05-01T10:00:01Z", "attachments": [], "files": [],
-               "content": [{"type": "text", "text": b} if isinstance(b, str) else b for b in (blocks or [])]}
+    message = {
+        "uuid": uuid,
+        "sender": sender,
+        "text": text,
+        "created_at": "2024-05-01T10:00:01Z",
+        "updated_at": "2024-05-01T10:00:01Z",
+        "attachments": [],
+        "files": [],
+        "content": [{"type": "text", "text": b} if isinstance(b, str) else b for b in (blocks or [])],
+    }
     if parent is not None:
         message["parent_message_uuid"] = parent
     return message
@@ -126,6 +165,7 @@ def texts(conv, kind=None):
 
 # ---------------------------------------------------------------- input layouts
 
+
 def test_reads_conversations_json(tmp_path):
     path = write_json(tmp_path / "conversations.json", [hello("a"), hello("b", title=None)])
     conversations, report = read_all(path)
@@ -133,8 +173,11 @@ def test_reads_conversations_json(tmp_path):
     first = conversations[0]
     assert first.title == "Title" and conversations[1].title == ""
     assert first.source_format == "chatgpt" and first.index == 0 and conversations[1].index == 1
-    assert first.create_time == datetime.fromtimestamp(1700000000.5, tz=timezone.utc)
-    assert [(e.role, e.text, e.kind) for e in first.entries] == [("user", "Hello?", DIALOGUE), ("assistant", "Hi!", DIALOGUE)]
+    assert first.create_time == datetime.fromtimestamp(1700000000.5, tz=UTC)
+    assert [(e.role, e.text, e.kind) for e in first.entries] == [
+        ("user", "Hello?", DIALOGUE),
+        ("assistant", "Hi!", DIALOGUE),
+    ]
     assert not first.fallback_branch
     assert report.format == "chatgpt" and report.conversations == 2 and report.skipped == []
     assert detect_format(path) == "chatgpt"
@@ -171,20 +214,34 @@ def test_folder_with_conversations_json_directly_or_in_subfolder(tmp_path):
 def _shards(folder, *, manifest=None, children=False):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(3):
-        write_json(folder / f"conversations-{i:03d}.json",
-                   [hello(f"s{i}-{j}", children=children) for j in range(2)])
+        write_json(folder / f"conversations-{i:03d}.json", [hello(f"s{i}-{j}", children=children) for j in range(2)])
     if manifest is not None:
         write_json(folder / "export_manifest.json", manifest)
     return folder
 
 
-@pytest.mark.parametrize("manifest", [
-    ["conversations-002.json", "conversations-000.json", "conversations-001.json"],
-    {"version": 1, "files": [{"name": "conversations-002.json"}, {"name": "conversations-000.json"},
-                             {"name": "conversations-001.json"}, {"name": "user.json"}]},
-    {"shards": [{"path": "./conversations-002.json", "count": 2}, {"path": "conversations-000.json"},
-                {"file": "conversations-001.json"}]},
-])
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        ["conversations-002.json", "conversations-000.json", "conversations-001.json"],
+        {
+            "version": 1,
+            "files": [
+                {"name": "conversations-002.json"},
+                {"name": "conversations-000.json"},
+                {"name": "conversations-001.json"},
+                {"name": "user.json"},
+            ],
+        },
+        {
+            "shards": [
+                {"path": "./conversations-002.json", "count": 2},
+                {"path": "conversations-000.json"},
+                {"file": "conversations-001.json"},
+            ]
+        },
+    ],
+)
 def test_sharded_folder_follows_manifest_order(tmp_path, manifest):
     folder = _shards(tmp_path / "export", manifest=manifest)
     conversations, report = read_all(folder)
@@ -208,12 +265,15 @@ def test_sharded_folder_without_file_list_globs_shards_in_order(tmp_path):
 
 def test_sharded_nodes_without_children_rebuild_the_tree(tmp_path):
     # Two branches, no `children`, current_node missing: the newest leaf must be found from parents.
-    conv = tree([
-        ("root", None, None),
-        ("q", "root", msg("user", "question", create_time=1)),
-        ("old", "q", msg("assistant", "old answer", create_time=2)),
-        ("new", "q", msg("assistant", "new answer", create_time=3)),
-    ], children=False)
+    conv = tree(
+        [
+            ("root", None, None),
+            ("q", "root", msg("user", "question", create_time=1)),
+            ("old", "q", msg("assistant", "old answer", create_time=2)),
+            ("new", "q", msg("assistant", "new answer", create_time=3)),
+        ],
+        children=False,
+    )
     del conv["current_node"]
     folder = tmp_path / "export"
     folder.mkdir()
@@ -225,8 +285,10 @@ def test_sharded_nodes_without_children_rebuild_the_tree(tmp_path):
 def test_sharded_zip(tmp_path):
     archive = tmp_path / "export.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("chatgpt-export/export_manifest.json",
-                    json.dumps({"files": ["conversations-001.json", "conversations-000.json"]}))
+        zf.writestr(
+            "chatgpt-export/export_manifest.json",
+            json.dumps({"files": ["conversations-001.json", "conversations-000.json"]}),
+        )
         zf.writestr("chatgpt-export/conversations-000.json", json.dumps([hello("a", children=False)]))
         zf.writestr("chatgpt-export/conversations-001.json", json.dumps([hello("b", children=False)]))
     conversations, report = read_all(archive)
@@ -247,22 +309,27 @@ def test_manifest_listing_a_missing_shard_is_an_export_error(tmp_path):
 
 
 def test_claude_export_list(tmp_path):
-    convs = [claude_conv([cmsg("m1", "human", ["Hi Claude"]), cmsg("m2", "assistant", ["Hello!"], parent="m1")]),
-             claude_conv([cmsg("x1", "human", ["Second"])], uuid="claude-2", name=None)]
+    convs = [
+        claude_conv([cmsg("m1", "human", ["Hi Claude"]), cmsg("m2", "assistant", ["Hello!"], parent="m1")]),
+        claude_conv([cmsg("x1", "human", ["Second"])], uuid="claude-2", name=None),
+    ]
     path = write_json(tmp_path / "conversations.json", convs)
     conversations, report = read_all(path)
     assert report.format == "claude" and detect_format(path) == "claude"
     first, second = conversations
     assert first.id == "claude-1" and first.title == "Claude chat" and first.source_format == "claude"
-    assert first.create_time == datetime(2024, 5, 1, 10, 0, tzinfo=timezone.utc)
-    assert [(e.role, e.text, e.kind) for e in first.entries] == [("user", "Hi Claude", DIALOGUE),
-                                                                  ("assistant", "Hello!", DIALOGUE)]
+    assert first.create_time == datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
+    assert [(e.role, e.text, e.kind) for e in first.entries] == [
+        ("user", "Hi Claude", DIALOGUE),
+        ("assistant", "Hello!", DIALOGUE),
+    ]
     assert second.id == "claude-2" and second.title == ""
 
 
 def test_claude_single_conversation_object(tmp_path):
-    conv = claude_conv([cmsg("m1", "human", ["Hi"]), cmsg("m2", "assistant", ["Bye"], parent="m1")],
-                       current_leaf_message_uuid="m2")
+    conv = claude_conv(
+        [cmsg("m1", "human", ["Hi"]), cmsg("m2", "assistant", ["Bye"], parent="m1")], current_leaf_message_uuid="m2"
+    )
     path = write_json(tmp_path / "one.json", conv)
     assert detect_format(path) == "claude"
     assert texts(only(path)) == ["Hi", "Bye"]
@@ -298,16 +365,21 @@ def test_empty_list_yields_nothing(tmp_path, caplog):
 
 # ---------------------------------------------------------------- branch rules
 
+
 def _branchy(current_node, **kw):
     """root -> q -> a1 (older leaf) / a2 -> q2 -> a3 (newest leaf); root is NOT the first key."""
-    return tree([
-        ("a1", "q", msg("assistant", "first answer", create_time=20)),
-        ("q", "client-created-root", msg("user", "question", create_time=10)),
-        ("client-created-root", None, None),
-        ("a2", "q", msg("assistant", "regenerated answer", create_time=30)),
-        ("q2", "a2", msg("user", "follow-up", create_time=40)),
-        ("a3", "q2", msg("assistant", "final answer", create_time=50)),
-    ], current_node=current_node, **kw)
+    return tree(
+        [
+            ("a1", "q", msg("assistant", "first answer", create_time=20)),
+            ("q", "client-created-root", msg("user", "question", create_time=10)),
+            ("client-created-root", None, None),
+            ("a2", "q", msg("assistant", "regenerated answer", create_time=30)),
+            ("q2", "a2", msg("user", "follow-up", create_time=40)),
+            ("a3", "q2", msg("assistant", "final answer", create_time=50)),
+        ],
+        current_node=current_node,
+        **kw,
+    )
 
 
 def test_branch_to_current_node_leaf(tmp_path):
@@ -345,8 +417,10 @@ def test_fallback_counts_null_times_as_oldest_and_breaks_ties_by_mapping_order(t
     ]
     conv = only(write_json(tmp_path / "c.json", [tree(nodes, current_node="gone")]))
     assert texts(conv) == ["q", "timed"]
-    tie = nodes[:2] + [("x", "q", msg("assistant", "first", create_time=5)),
-                       ("y", "q", msg("assistant", "second", create_time=5))]
+    tie = nodes[:2] + [
+        ("x", "q", msg("assistant", "first", create_time=5)),
+        ("y", "q", msg("assistant", "second", create_time=5)),
+    ]
     conv = only(write_json(tmp_path / "c.json", [tree(tie, current_node="gone")]))
     assert texts(conv) == ["q", "second"]
 
@@ -358,16 +432,24 @@ def test_orphan_parent_is_treated_as_the_root(tmp_path):
 
 # ---------------------------------------------------------------- entry kinds
 
+
 def test_dialogue_contract(tmp_path):
-    conv = only(write_json(tmp_path / "c.json", [chain(
-        msg("system", "", hidden=True),
-        msg("user", "Question", create_time=1700000001),
-        msg("assistant", "Answer", channel="final"),
-        msg("assistant", "", "  "),
-    )]))
+    conv = only(
+        write_json(
+            tmp_path / "c.json",
+            [
+                chain(
+                    msg("system", "", hidden=True),
+                    msg("user", "Question", create_time=1700000001),
+                    msg("assistant", "Answer", channel="final"),
+                    msg("assistant", "", "  "),
+                )
+            ],
+        )
+    )
     assert [e.kind for e in conv.entries] == [HIDDEN, DIALOGUE, DIALOGUE, OTHER]
     assert [e.text for e in conv.dialogue] == ["Question", "Answer"]
-    assert conv.entries[1].time == datetime.fromtimestamp(1700000001, tz=timezone.utc)
+    assert conv.entries[1].time == datetime.fromtimestamp(1700000001, tz=UTC)
     assert conv.entries[2].channel == "final"
     assert "empty" in conv.entries[3].flags
     assert all(e.is_dialogue == (e.kind == DIALOGUE) for e in conv.entries)
@@ -386,15 +468,19 @@ def test_multimodal_dict_parts_become_placeholders(tmp_path):
 
 
 def test_voice_transcription_counts_as_text(tmp_path):
-    parts = [{"content_type": "audio_transcription", "text": "spoken words", "direction": "in"},
-             {"content_type": "audio_asset_pointer", "asset_pointer": "sediment://a"}]
+    parts = [
+        {"content_type": "audio_transcription", "text": "spoken words", "direction": "in"},
+        {"content_type": "audio_asset_pointer", "asset_pointer": "sediment://a"},
+    ]
     entry = entry_of(tmp_path, msg("user", *parts, content_type="multimodal_text"))
     assert entry.kind == DIALOGUE and entry.text == "spoken words\n[audio]"
 
 
 def test_citation_markers_are_stripped(tmp_path):
-    text = ("Paris is the capital \ue200cite\ue202turn0search1\ue202turn0news3\ue201. "
-            "It has \ue200entity\ue202[\"city\",\"Lyon\",\"France\"]\ue201 too 【12:0†source】.")
+    text = (
+        "Paris is the capital \ue200cite\ue202turn0search1\ue202turn0news3\ue201. "
+        'It has \ue200entity\ue202["city","Lyon","France"]\ue201 too 【12:0†source】.'
+    )
     entry = entry_of(tmp_path, msg("assistant", text))
     assert entry.text == "Paris is the capital. It has Lyon too." and entry.kind == DIALOGUE
 
@@ -404,56 +490,107 @@ def test_message_of_citations_only_is_not_dialogue(tmp_path):
     assert entry.kind == OTHER and entry.text == ""
 
 
-@pytest.mark.parametrize("message, kind, text", [
-    (msg("assistant", content={"content_type": "code", "language": "python", "text": "print(1)"},
-         recipient="python"), CODE, "print(1)"),
-    (msg("tool", content={"content_type": "execution_output", "text": "1\n"}, name="python"),
-     EXECUTION_OUTPUT, "1\n"),
-    (msg("tool", content={"content_type": "tether_browsing_display", "result": "L0: page", "summary": None}),
-     BROWSING, "L0: page"),
-    (msg("tool", content={"content_type": "tether_quote", "url": "https://e.x", "title": "Ex", "text": "quote"}),
-     BROWSING, "Ex (https://e.x)\n\nquote"),
-    (msg("assistant", content={"content_type": "thoughts", "thoughts": [
-        {"summary": "Plan", "content": "think hard"}, {"summary": "Check", "content": ""}], "source_analysis_msg_id": "x"}),
-     THOUGHTS, "Plan\n\nthink hard\n\nCheck"),
-    (msg("assistant", content={"content_type": "reasoning_recap", "content": "Thought for 5 seconds"}),
-     REASONING, "Thought for 5 seconds"),
-    (msg("tool", content={"content_type": "system_error", "name": "ChatGPTError", "text": "boom"}),
-     SYSTEM, "ChatGPTError\n\nboom"),
-    (msg("system", "You are ChatGPT."), SYSTEM, "You are ChatGPT."),
-    (msg("assistant", "search('x')", recipient="browser"), TOOL_CALL, "search('x')"),
-    (msg("assistant", '{"updates": []}', recipient="canmore.update_textdoc", channel="commentary"),
-     TOOL_CALL, '{"updates": []}'),
-    (msg("tool", "results here", name="web.run"), TOOL_OUTPUT, "results here"),
-    (msg("tool", "memory updated", name="bio", recipient="assistant"), TOOL_OUTPUT, "memory updated"),
-    (msg("assistant", "Let me look that up.", channel="commentary"), OTHER, "Let me look that up."),
-    (msg("assistant", content={"content_type": "super_widget", "widget": {}}), OTHER, ""),
-    (msg("user", "secret", hidden=True), HIDDEN, "secret"),
-])
+@pytest.mark.parametrize(
+    "message, kind, text",
+    [
+        (
+            msg(
+                "assistant",
+                content={"content_type": "code", "language": "python", "text": "print(1)"},
+                recipient="python",
+            ),
+            CODE,
+            "print(1)",
+        ),
+        (
+            msg("tool", content={"content_type": "execution_output", "text": "1\n"}, name="python"),
+            EXECUTION_OUTPUT,
+            "1\n",
+        ),
+        (
+            msg("tool", content={"content_type": "tether_browsing_display", "result": "L0: page", "summary": None}),
+            BROWSING,
+            "L0: page",
+        ),
+        (
+            msg("tool", content={"content_type": "tether_quote", "url": "https://e.x", "title": "Ex", "text": "quote"}),
+            BROWSING,
+            "Ex (https://e.x)\n\nquote",
+        ),
+        (
+            msg(
+                "assistant",
+                content={
+                    "content_type": "thoughts",
+                    "thoughts": [{"summary": "Plan", "content": "think hard"}, {"summary": "Check", "content": ""}],
+                    "source_analysis_msg_id": "x",
+                },
+            ),
+            THOUGHTS,
+            "Plan\n\nthink hard\n\nCheck",
+        ),
+        (
+            msg("assistant", content={"content_type": "reasoning_recap", "content": "Thought for 5 seconds"}),
+            REASONING,
+            "Thought for 5 seconds",
+        ),
+        (
+            msg("tool", content={"content_type": "system_error", "name": "ChatGPTError", "text": "boom"}),
+            SYSTEM,
+            "ChatGPTError\n\nboom",
+        ),
+        (msg("system", "You are ChatGPT."), SYSTEM, "You are ChatGPT."),
+        (msg("assistant", "search('x')", recipient="browser"), TOOL_CALL, "search('x')"),
+        (
+            msg("assistant", '{"updates": []}', recipient="canmore.update_textdoc", channel="commentary"),
+            TOOL_CALL,
+            '{"updates": []}',
+        ),
+        (msg("tool", "results here", name="web.run"), TOOL_OUTPUT, "results here"),
+        (msg("tool", "memory updated", name="bio", recipient="assistant"), TOOL_OUTPUT, "memory updated"),
+        (msg("assistant", "Let me look that up.", channel="commentary"), OTHER, "Let me look that up."),
+        (msg("assistant", content={"content_type": "super_widget", "widget": {}}), OTHER, ""),
+        (msg("user", "secret", hidden=True), HIDDEN, "secret"),
+    ],
+)
 def test_entry_kinds(tmp_path, message, kind, text):
     entry = entry_of(tmp_path, message)
     assert (entry.kind, entry.text) == (kind, text)
 
 
 def test_entry_fields_for_tool_traffic_and_commentary(tmp_path):
-    conv = only(write_json(tmp_path / "c.json", [chain(
-        msg("user", "weather?"),
-        msg("assistant", "Checking.", channel="commentary"),
-        msg("assistant", '{"q": "weather"}', recipient="web.run", channel="analysis"),
-        msg("tool", "sunny", name="web.run"),
-        msg("assistant", "It is sunny.", channel="final"),
-    )]))
+    conv = only(
+        write_json(
+            tmp_path / "c.json",
+            [
+                chain(
+                    msg("user", "weather?"),
+                    msg("assistant", "Checking.", channel="commentary"),
+                    msg("assistant", '{"q": "weather"}', recipient="web.run", channel="analysis"),
+                    msg("tool", "sunny", name="web.run"),
+                    msg("assistant", "It is sunny.", channel="final"),
+                )
+            ],
+        )
+    )
     kinds = [(e.kind, e.role, e.recipient, e.channel) for e in conv.entries]
-    assert kinds == [(DIALOGUE, "user", "all", None), (OTHER, "assistant", "all", "commentary"),
-                     (TOOL_CALL, "assistant", "web.run", "analysis"), (TOOL_OUTPUT, "tool", "all", None),
-                     (DIALOGUE, "assistant", "all", "final")]
+    assert kinds == [
+        (DIALOGUE, "user", "all", None),
+        (OTHER, "assistant", "all", "commentary"),
+        (TOOL_CALL, "assistant", "web.run", "analysis"),
+        (TOOL_OUTPUT, "tool", "all", None),
+        (DIALOGUE, "assistant", "all", "final"),
+    ]
     assert "commentary" in conv.entries[1].flags
     assert [e.text for e in conv.dialogue] == ["weather?", "It is sunny."]
 
 
 def test_custom_instructions_as_user_editable_context(tmp_path):
-    content = {"content_type": "user_editable_context", "user_profile": "I am a chemist.",
-               "user_instructions": "Be brief."}
+    content = {
+        "content_type": "user_editable_context",
+        "user_profile": "I am a chemist.",
+        "user_instructions": "Be brief.",
+    }
     entry = entry_of(tmp_path, msg("user", content=content, hidden=True))
     assert entry.kind == CONTEXT and entry.text == "I am a chemist.\n\nBe brief." and "hidden" in entry.flags
 
@@ -488,8 +625,7 @@ def test_old_export_fields_status_and_ids(tmp_path):
 
 def test_non_ascii_emoji_and_huge_messages(tmp_path):
     big = "日本語のテキスト 🎉🚀 Ünïcödé " * 1400  # ~28k characters
-    conv = only(write_json(tmp_path / "c.json", [chain(msg("user", big), msg("assistant", "👍"),
-                                                       title="Ça va? 😀")]))
+    conv = only(write_json(tmp_path / "c.json", [chain(msg("user", big), msg("assistant", "👍"), title="Ça va? 😀")]))
     assert len(conv.entries[0].text) > 25_000 and conv.entries[0].text == big.strip()
     assert conv.title == "Ça va? 😀" and conv.entries[1].text == "👍"
 
@@ -498,10 +634,15 @@ def test_non_ascii_emoji_and_huge_messages(tmp_path):
 
 CATS_BLOCKS = [
     {"type": "thinking", "thinking": "Let me think.", "summaries": []},
-    {"type": "text", "text": "Searching "}, {"type": "text", "text": "now."},
+    {"type": "text", "text": "Searching "},
+    {"type": "text", "text": "now."},
     {"type": "tool_use", "name": "web_search", "input": {"query": "cats"}},
-    {"type": "tool_result", "name": "web_search", "content": [{"type": "text", "text": "Cats are great."}],
-     "is_error": False},
+    {
+        "type": "tool_result",
+        "name": "web_search",
+        "content": [{"type": "text", "text": "Cats are great."}],
+        "is_error": False,
+    },
     {"type": "text", "text": "  "},
     {"type": "tool_use", "name": "web_fetch", "input": {"url": "https://cats.example"}},
     {"type": "tool_result", "name": "web_fetch", "content": "404", "is_error": True},
@@ -511,8 +652,12 @@ CATS_BLOCKS = [
 
 
 def test_claude_message_with_tool_blocks_is_one_dialogue_message(tmp_path):
-    conv = claude_conv([cmsg("u", "human", ["Tell me about cats"]),
-                        cmsg("a", "assistant", CATS_BLOCKS, text="disagreeing text", parent="u")])
+    conv = claude_conv(
+        [
+            cmsg("u", "human", ["Tell me about cats"]),
+            cmsg("a", "assistant", CATS_BLOCKS, text="disagreeing text", parent="u"),
+        ]
+    )
     result = only(write_json(tmp_path / "c.json", [conv]))
     assert [(e.kind, e.role, e.text) for e in result.entries] == [
         (DIALOGUE, "user", "Tell me about cats"),
@@ -531,16 +676,20 @@ def test_claude_message_with_tool_blocks_is_one_dialogue_message(tmp_path):
     ]
     assert reply.text[:14] == "Searching now."
     assert reply.inline[1][1].recipient == "web_search" and "error" in reply.inline[4][1].flags
-    assert reply.time == reply.inline[0][1].time == datetime(2024, 5, 1, 10, 0, 1, tzinfo=timezone.utc)
+    assert reply.time == reply.inline[0][1].time == datetime(2024, 5, 1, 10, 0, 1, tzinfo=UTC)
     assert [e.kind for e in result.non_dialogue] == [THOUGHTS, TOOL_CALL, TOOL_OUTPUT, TOOL_CALL, TOOL_OUTPUT]
 
 
 def test_claude_tool_blocks_render_in_the_order_they_happened(tmp_path, tokenizer):
     from apiana_lab.chunking import Chunker, ChunkingOptions
 
-    conv = claude_conv([cmsg("u", "human", ["Tell me about cats"]),
-                        cmsg("a", "assistant", CATS_BLOCKS, parent="u"),
-                        cmsg("u2", "human", ["Thanks"], parent="a")])
+    conv = claude_conv(
+        [
+            cmsg("u", "human", ["Tell me about cats"]),
+            cmsg("a", "assistant", CATS_BLOCKS, parent="u"),
+            cmsg("u2", "human", ["Thanks"], parent="a"),
+        ]
+    )
     result = only(write_json(tmp_path / "c.json", [conv]))
     chunks = Chunker(ChunkingOptions(chunk_size=3500), tokenizer).chunk(result)
     assert len(chunks) == 1
@@ -562,20 +711,30 @@ def test_claude_tool_blocks_render_in_the_order_they_happened(tmp_path, tokenize
 
 
 def test_claude_message_of_tool_blocks_only_keeps_them_as_entries(tmp_path):
-    blocks = [{"type": "text", "text": ""}, {"type": "tool_use", "name": "repl", "input": {"code": "1+1"}},
-              {"type": "tool_result", "name": "repl", "content": [{"type": "text", "text": "2"}]}]
+    blocks = [
+        {"type": "text", "text": ""},
+        {"type": "tool_use", "name": "repl", "input": {"code": "1+1"}},
+        {"type": "tool_result", "name": "repl", "content": [{"type": "text", "text": "2"}]},
+    ]
     conv = claude_conv([cmsg("u", "human", ["add"]), cmsg("a", "assistant", blocks, parent="u")])
     result = only(write_json(tmp_path / "c.json", [conv]))
-    assert [(e.kind, e.text) for e in result.entries] == [(DIALOGUE, "add"), (TOOL_CALL, '{"code": "1+1"}'),
-                                                          (TOOL_OUTPUT, "2")]
+    assert [(e.kind, e.text) for e in result.entries] == [
+        (DIALOGUE, "add"),
+        (TOOL_CALL, '{"code": "1+1"}'),
+        (TOOL_OUTPUT, "2"),
+    ]
     assert len(result.dialogue) == 1 and all(not e.inline for e in result.entries)
 
 
 def test_claude_empty_chat_messages_is_listed_without_dialogue(tmp_path, tokenizer):
     from apiana_lab.chunking import Chunker
 
-    convs = [claude_conv([], uuid="never-used"), claude_conv([cmsg("m", "human", ["hi"])], uuid="used"),
-             claude_conv(None, uuid="broken"), claude_conv({"m": 1}, uuid="wrong-type")]
+    convs = [
+        claude_conv([], uuid="never-used"),
+        claude_conv([cmsg("m", "human", ["hi"])], uuid="used"),
+        claude_conv(None, uuid="broken"),
+        claude_conv({"m": 1}, uuid="wrong-type"),
+    ]
     conversations, report = read_all(write_json(tmp_path / "conversations.json", convs))
     assert [(c.id, len(c.entries), len(c.dialogue)) for c in conversations] == [("never-used", 0, 0), ("used", 1, 1)]
     assert Chunker(tokenizer=tokenizer).chunk(conversations[0]) == []
@@ -605,8 +764,11 @@ def test_claude_branch_from_current_leaf_and_sentinel_root(tmp_path):
 
 
 def test_claude_without_parent_links_uses_list_order(tmp_path):
-    messages = [cmsg("u1", "human", ["one"], parent=None), cmsg("a1", "assistant", ["two"], parent=None),
-                cmsg("u2", "human", ["three"], parent=None)]
+    messages = [
+        cmsg("u1", "human", ["one"], parent=None),
+        cmsg("a1", "assistant", ["two"], parent=None),
+        cmsg("u2", "human", ["three"], parent=None),
+    ]
     assert texts(only(write_json(tmp_path / "c.json", [claude_conv(messages)]))) == ["one", "two", "three"]
 
 
@@ -618,11 +780,12 @@ def test_claude_cycle_is_skipped(tmp_path):
 
 # ---------------------------------------------------------------- malformed conversations
 
+
 def test_bad_conversations_are_skipped_and_counted(tmp_path, caplog):
-    cycle = tree([("a", "b", msg("user", "x")), ("b", "a", msg("assistant", "y"))], conv_id="cyclic",
-                 current_node="a")
-    leafless = tree([("a", "b", msg("user", "x")), ("b", "a", msg("assistant", "y"))], conv_id="leafless",
-                    current_node="zzz")
+    cycle = tree([("a", "b", msg("user", "x")), ("b", "a", msg("assistant", "y"))], conv_id="cyclic", current_node="a")
+    leafless = tree(
+        [("a", "b", msg("user", "x")), ("b", "a", msg("assistant", "y"))], conv_id="leafless", current_node="zzz"
+    )
     data = [
         hello("good-1"),
         17,
@@ -646,13 +809,19 @@ def test_bad_conversations_are_skipped_and_counted(tmp_path, caplog):
     assert not conversations[1].fallback_branch
     assert report.conversations == 6
     assert report.skipped_by_reason == {"not_an_object": 1, "no_mapping": 1, "bad_type": 3, "cycle": 2}
-    assert report.skipped[0] == {"input": str(tmp_path / "conversations.json"), "index": 1, "id": None,
-                                 "reason": "not_an_object", "detail": "expected a conversation object, found int"}
+    assert report.skipped[0] == {
+        "input": str(tmp_path / "conversations.json"),
+        "index": 1,
+        "id": None,
+        "reason": "not_an_object",
+        "detail": "expected a conversation object, found int",
+    }
     assert {s["id"] for s in report.skipped if s["reason"] == "cycle"} == {"cyclic", "leafless"}
     assert "'no-map'" in caplog.text and "#1" in caplog.text and "cycle" in caplog.text
 
 
 # ---------------------------------------------------------------- files that cannot be read
+
 
 def test_nonexistent_path(tmp_path):
     with pytest.raises(ExportError, match="no such file or folder; expected a ChatGPT or Claude export") as e:
@@ -686,7 +855,9 @@ def test_unreadable_file(tmp_path, monkeypatch):
     path.chmod(0)
     if os.geteuid() == 0:  # root reads anything: answer as the kernel answers any other user for a mode-0 file
         real_access = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == path else real_access(p, mode, **kw))
+        monkeypatch.setattr(
+            os, "access", lambda p, mode, **kw: False if Path(p) == path else real_access(p, mode, **kw)
+        )
     try:
         with pytest.raises(ExportError, match="permission denied: make the file readable") as e:
             read_export(path)
@@ -721,7 +892,7 @@ def test_bad_json_reports_byte_offset_after_non_ascii(tmp_path):
     path = tmp_path / "conversations.json"
     path.write_text(text, encoding="utf-8")
     error = _error_for(path)
-    expected = len(text[:text.index("tru}")].encode("utf-8"))
+    expected = len(text[: text.index("tru}")].encode("utf-8"))
     assert error.offset == expected and f"at byte {expected}" in str(error)
     assert error.path == str(path) and "Expecting value" in str(error)
 
@@ -739,7 +910,7 @@ def test_garbage_between_elements_in_a_multi_block_file(tmp_path):
         for c in read_export(path):
             seen.append(c.id)
     assert seen == []  # the whole file is read before any conversation is handed on
-    assert e.value.offset == len(text[:text.index("@@garbage")].encode("utf-8"))
+    assert e.value.offset == len(text[: text.index("@@garbage")].encode("utf-8"))
 
 
 def test_error_inside_zip_names_the_member(tmp_path):
@@ -771,9 +942,14 @@ def test_truncated_file_stops_the_read_before_any_conversation(tmp_path):
     assert ids == []
 
 
-@pytest.mark.parametrize("content, says", [(b"hello world", "the file is not valid JSON"),
-                                           (b"<html><body>Export</body></html>", "the file is not valid JSON"),
-                                           (b"", "the file is empty")])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"hello world", "the file is not valid JSON"),
+        (b"<html><body>Export</body></html>", "the file is not valid JSON"),
+        (b"", "the file is empty"),
+    ],
+)
 def test_non_json_file(tmp_path, content, says):
     path = tmp_path / "conversations.json"
     path.write_bytes(content)
@@ -798,8 +974,16 @@ def test_utf8_bom_is_accepted(tmp_path):
 
 # ---------------------------------------------------------------- the streaming decoder itself
 
-VALUES = [{"a": [1, 2.5, -3e2, True, None], "s": "é😀\\\"\u2028日本"}, 12345678901234567890, "tail",
-          [], {}, {"long": "x" * 5000}, -0.5, False]
+VALUES = [
+    {"a": [1, 2.5, -3e2, True, None], "s": 'é😀\\"\u2028日本'},
+    12345678901234567890,
+    "tail",
+    [],
+    {},
+    {"long": "x" * 5000},
+    -0.5,
+    False,
+]
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, 7, 64, 4096])
@@ -863,10 +1047,10 @@ def test_stream_works_on_zip_member_files(tmp_path):
 
 # ---------------------------------------------------------------- memory stays flat
 
+
 def test_streaming_memory_stays_flat(tmp_path):
     # ~40 MB of realistic conversations; json.load would need several hundred MB for this.
-    conv = chain(*(msg("user" if i % 2 == 0 else "assistant", ("Some text, ünïcode and 😀. " * 200))
-                   for i in range(8)))
+    conv = chain(*(msg("user" if i % 2 == 0 else "assistant", ("Some text, ünïcode and 😀. " * 200)) for i in range(8)))
     template = json.dumps(conv, ensure_ascii=False)
     path = tmp_path / "conversations.json"
     count = 0

@@ -15,8 +15,12 @@ BIN = Path(sys.executable).parent
 
 
 def export_v2(*args):
-    return subprocess.run([str(BIN / "chatgpt-export-v2"), "-i", SAMPLE, "--backend", "fake", "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN / "chatgpt-export-v2"), "-i", SAMPLE, "--backend", "fake", "--no-progress", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def rows(out):
@@ -79,12 +83,15 @@ def test_redo_on_real_transformers_keeps_per_chunk_the_version_with_the_fewest_f
         first = run_export(RunConfig(**config), provider=provider)
         flagged = {r["chunk_id"] for r in rows(out) if r["quality"]["flags"]}
         assert first["quality"]["flagged"] == len(flagged) > 0  # the bundled model at 48 tokens: mostly cut short
-        second = run_export(RunConfig(**config, redo=["flagged"], temperature=0.7, seed=1, repetition_penalty=1.3),
-                            provider=provider)
+        second = run_export(
+            RunConfig(**config, redo=["flagged"], temperature=0.7, seed=1, repetition_penalty=1.3), provider=provider
+        )
     assert second["summaries_computed"] == len(flagged) and second["redo"]["picked"] == len(flagged)
     with SQLiteStore(out / "apiana.sqlite") as store:
         every = store.to_pandas("summaries", versions="all")
-    fewest = {cid: min(len(json.loads(q)["flags"]) for q in group["quality"]) for cid, group in every.groupby("chunk_id")}
+    fewest = {
+        cid: min(len(json.loads(q)["flags"]) for q in group["quality"]) for cid, group in every.groupby("chunk_id")
+    }
     for r in rows(out):
         assert r["versions"] == (2 if r["chunk_id"] in flagged else 1)
         assert len(r["quality"]["flags"]) == fewest[r["chunk_id"]]
@@ -94,8 +101,12 @@ def test_review_counts_each_flag_and_shows_the_worst_beside_their_chunks(tmp_pat
     out = tmp_path / "out"
     assert export_v2("-o", out, "--max-length", 6).returncode == 0
     run = json.loads((out / "run.json").read_text())
-    review = subprocess.run([str(BIN / "apiana-lab"), "review", str(out), "--flag", "truncated", "--worst", "3", "--json"],
-                            capture_output=True, text=True, timeout=120)
+    review = subprocess.run(
+        [str(BIN / "apiana-lab"), "review", str(out), "--flag", "truncated", "--worst", "3", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert review.returncode == 0, review.stderr
     doc = json.loads(review.stdout)  # stdout is the one JSON document
     assert doc["quality"]["flags"] == run["quality"]["flags"] and doc["quality"]["count"] == 12
@@ -105,8 +116,12 @@ def test_review_counts_each_flag_and_shows_the_worst_beside_their_chunks(tmp_pat
     text = subprocess.run([str(BIN / "apiana-lab"), "review", str(out)], capture_output=True, text=True, timeout=120)
     truncated = run["quality"]["flags"]["truncated"]["count"]
     assert text.returncode == 0 and f"{run['quality']['flagged']} flagged" in text.stdout
-    assert any(line.split() == ["truncated", str(truncated), f"{truncated / 12:.0%}"] for line in text.stdout.splitlines())
-    wrong = subprocess.run([str(BIN / "apiana-lab"), "review", str(out), "--flag", "loops"], capture_output=True, text=True)
+    assert any(
+        line.split() == ["truncated", str(truncated), f"{truncated / 12:.0%}"] for line in text.stdout.splitlines()
+    )
+    wrong = subprocess.run(
+        [str(BIN / "apiana-lab"), "review", str(out), "--flag", "loops"], capture_output=True, text=True
+    )
     assert wrong.returncode == 2 and "unknown flag 'loops'" in wrong.stderr
 
 
@@ -114,7 +129,9 @@ def test_the_progress_line_counts_the_flagged_summaries_as_they_come(tmp_path):
     from apiana_lab.notebook import describe
 
     seen = []
-    result = run_export(RunConfig(input=SAMPLE, output=str(tmp_path / "out"), backend="fake", max_length=6), progress=seen.append)
+    result = run_export(
+        RunConfig(input=SAMPLE, output=str(tmp_path / "out"), backend="fake", max_length=6), progress=seen.append
+    )
     last = [p for p in seen if p.total][-1]
     assert last.flagged == result["quality"]["flagged"] > 0
     assert f"{result['quality']['flagged_share']:.0%} flagged" in describe(last)

@@ -33,8 +33,22 @@ sys.exit(export_v2_main(sys.argv[2:]))
 
 
 def cli_command(driver, export, out, *extra, latency=0.0):
-    args = ["-i", str(export), "-o", str(out), "--backend", "fake", "--chunk-size", "64",
-            "--batch-size", "2", "--max-workers", "2", "--no-progress", *extra]
+    args = [
+        "-i",
+        str(export),
+        "-o",
+        str(out),
+        "--backend",
+        "fake",
+        "--chunk-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--max-workers",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
     return [sys.executable, str(driver), str(latency), *args]
 
 
@@ -75,7 +89,9 @@ def test_writer_commits_every_few_dozen_summaries_or_few_seconds(tmp_path):
     writer = ChatFragmentWriter(store, key, clock=lambda: now[0])  # the cadence the pipeline uses
 
     def committed():  # what another process would see
-        return query(tmp_path / "s.sqlite", "SELECT (SELECT COUNT(*) FROM summaries) + (SELECT COUNT(*) FROM failures)")[0][0]
+        return query(
+            tmp_path / "s.sqlite", "SELECT (SELECT COUNT(*) FROM summaries) + (SELECT COUNT(*) FROM failures)"
+        )[0][0]
 
     for i in range(31):
         writer.write(SummaryRecord(f"c{i}", "s"))

@@ -1,6 +1,6 @@
 """The SQLite store: idempotent, keyed, readable by pandas."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -12,12 +12,25 @@ KEY = SummaryKey("model-a", "p1", "o1")
 
 
 def chunks(n):
-    return [Chunk(id=f"k{i}", conversation_id="c1", title="T", date=None, index=i, first_message=i, last_message=i, token_count=10, text=f"text {i}") for i in range(n)]
+    return [
+        Chunk(
+            id=f"k{i}",
+            conversation_id="c1",
+            title="T",
+            date=None,
+            index=i,
+            first_message=i,
+            last_message=i,
+            token_count=10,
+            text=f"text {i}",
+        )
+        for i in range(n)
+    ]
 
 
 def test_chunks_and_conversations_are_never_stored_twice(tmp_path):
     with SQLiteStore(tmp_path / "a.sqlite") as store:
-        conv = Conversation(id="c1", title="T", source_format="chatgpt", create_time=datetime(2024, 1, 1, tzinfo=timezone.utc))
+        conv = Conversation(id="c1", title="T", source_format="chatgpt", create_time=datetime(2024, 1, 1, tzinfo=UTC))
         for _ in range(3):
             store.add_conversations([conv])
             store.add_chunks(chunks(5))
@@ -77,7 +90,8 @@ def test_a_store_from_before_quality_profiles_opens_and_is_profiled(tmp_path):
         " run_id INTEGER, created_at REAL, worker TEXT, PRIMARY KEY (chunk_id, model, prompt_hash, options_hash));"
         "INSERT INTO chunks VALUES ('k0', 'c1', 0, 0, 1, 40, 0, 'User: my garden is full of weeds again', '0');"
         "INSERT INTO summaries VALUES ('k0', 'm', 'p', 'o', 'User: my garden is full of weeds again', 9, 9, 'stop', 'fake',"
-        " 1, 1.0, 'h');")
+        " 1, 1.0, 'h');"
+    )
     db.commit()
     db.close()
     with SQLiteStore(path) as store:
@@ -97,12 +111,24 @@ def test_the_kept_version_has_the_fewest_flags_ties_going_to_the_newer(tmp_path,
     loop, clean = {"flags": ["loop", "truncated"]}, {"flags": []}
     with SQLiteStore(tmp_path / "a.sqlite") as store:
         store.add_chunks(chunks(2))
-        store.put_summaries(SummaryKey("m", "p", "greedy"), [SummaryRecord("k0", "loop", quality=loop),
-                                                              SummaryRecord("k1", "only", quality=loop)], "fake", 1)
-        store.put_summaries(SummaryKey("m", "p", "seed-1"), [SummaryRecord("k0", "clean, older", quality=clean)], "fake", 2)
-        store.put_summaries(SummaryKey("m", "p", "seed-2"), [SummaryRecord("k0", "clean, newer", quality=clean)], "fake", 3)
+        store.put_summaries(
+            SummaryKey("m", "p", "greedy"),
+            [SummaryRecord("k0", "loop", quality=loop), SummaryRecord("k1", "only", quality=loop)],
+            "fake",
+            1,
+        )
+        store.put_summaries(
+            SummaryKey("m", "p", "seed-1"), [SummaryRecord("k0", "clean, older", quality=clean)], "fake", 2
+        )
+        store.put_summaries(
+            SummaryKey("m", "p", "seed-2"), [SummaryRecord("k0", "clean, newer", quality=clean)], "fake", 3
+        )
         first, second = store.kept_versions(["k0", "k1"])
-        assert (first["summary"], first["versions"], first["kept"]) == ("clean, newer", 3, "newest of those with the fewest flags")
+        assert (first["summary"], first["versions"], first["kept"]) == (
+            "clean, newer",
+            3,
+            "newest of those with the fewest flags",
+        )
         assert (second["summary"], second["versions"], second["kept"]) == ("only", 1, "only version")
         frame = store.to_pandas("summaries")
         assert dict(zip(frame["chunk_id"], frame["summary"])) == {"k0": "clean, newer", "k1": "only"}

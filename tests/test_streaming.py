@@ -6,13 +6,12 @@ import random
 import re
 
 import pytest
+from helpers import expected_summary, make_chunks
 
 from apiana_lab.chunking import ChunkRef
 from apiana_lab.errors import FatalProviderError, TransientProviderError
 from apiana_lab.providers.fake import FakeProvider
 from apiana_lab.summarize import ParallelSummarizerTransform
-
-from helpers import expected_summary, make_chunks
 
 
 def streamer(provider, **kw):
@@ -172,7 +171,9 @@ def test_random_failures_while_streaming_lose_and_duplicate_nothing(seed):
             return "transient"
         return None
 
-    t = streamer(FakeProvider(stream=True, fail=fail, steps=lambda text: 1 + len(text) % 7), batch_size=16, max_retries=3)
+    t = streamer(
+        FakeProvider(stream=True, fail=fail, steps=lambda text: 1 + len(text) % 7), batch_size=16, max_retries=3
+    )
     pairs = list(t.run(chunks))
     assert sorted(c.id for c, _ in pairs) == [c.id for c in chunks]
     for i, c in enumerate(chunks):

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from apiana_lab.export.synth import (
-    CLAUDE_ROOT, MB, SAMPLE_PATH, SAMPLE_SEED, SAMPLE_SIZE_MB, vocabulary, write_sample_export,
+    CLAUDE_ROOT,
+    MB,
+    SAMPLE_PATH,
+    SAMPLE_SEED,
+    SAMPLE_SIZE_MB,
+    vocabulary,
+    write_sample_export,
     write_synthetic_export,
 )
 
@@ -49,10 +55,14 @@ def _branch(conv: dict) -> list[dict]:
 def _has_exchange(messages: list[dict]) -> bool:
     def says(m: dict, role: str) -> bool:
         c = m["content"]
-        return (m["author"]["role"] == role and m["recipient"] == "all"
-                and c["content_type"] in ("text", "multimodal_text")
-                and not m["metadata"].get("is_visually_hidden_from_conversation")
-                and any(isinstance(p, str) and p.strip() for p in c["parts"]))
+        return (
+            m["author"]["role"] == role
+            and m["recipient"] == "all"
+            and c["content_type"] in ("text", "multimodal_text")
+            and not m["metadata"].get("is_visually_hidden_from_conversation")
+            and any(isinstance(p, str) and p.strip() for p in c["parts"])
+        )
+
     return any(says(m, "user") for m in messages) and any(says(m, "assistant") for m in messages)
 
 
@@ -113,8 +123,9 @@ def test_different_seeds_differ(tmp_path):
     assert (tmp_path / "a.json").read_bytes() != (tmp_path / "b.json").read_bytes()
 
 
-@pytest.mark.parametrize("fmt,size_mb", [("chatgpt", 1), ("chatgpt", 5), ("claude", 1), ("chatgpt-sharded", 1),
-                                         ("chatgpt", 0.05)])
+@pytest.mark.parametrize(
+    "fmt,size_mb", [("chatgpt", 1), ("chatgpt", 5), ("claude", 1), ("chatgpt-sharded", 1), ("chatgpt", 0.05)]
+)
 def test_size_is_within_five_percent(tmp_path, fmt, size_mb):
     path = _out(tmp_path, fmt)
     stats = write_synthetic_export(path, size_mb=size_mb, format=fmt, seed=9)
@@ -157,8 +168,9 @@ def test_claude_shape(tmp_path):
             counts["root"] += m["parent_message_uuid"] == CLAUDE_ROOT
             for block in m["content"]:
                 counts[block["type"]] += 1
-                assert {"text": "text", "thinking": "thinking", "tool_use": "input",
-                        "tool_result": "content"}[block["type"]] in block
+                assert {"text": "text", "thinking": "thinking", "tool_use": "input", "tool_result": "content"}[
+                    block["type"]
+                ] in block
             block_text = "\n\n".join(b["text"] for b in m["content"] if b["type"] == "text")
             counts["text_disagrees"] += m["text"] != block_text
     assert counts["empty"] == stats.no_dialogue
@@ -212,8 +224,17 @@ def test_every_feature_of_real_exports_is_present(big):
             if m is None:
                 continue
             c, md = m["content"], m["metadata"]
-            assert {"id", "author", "create_time", "update_time", "content", "end_turn", "weight",
-                    "metadata", "recipient"} <= m.keys()
+            assert {
+                "id",
+                "author",
+                "create_time",
+                "update_time",
+                "content",
+                "end_turn",
+                "weight",
+                "metadata",
+                "recipient",
+            } <= m.keys()
             assert {"role", "name", "metadata"} <= m["author"].keys()
             seen["ct:" + c["content_type"]] += 1
             seen["role:" + m["author"]["role"]] += 1
@@ -252,15 +273,48 @@ def test_every_feature_of_real_exports_is_present(big):
             seen["cyrillic"] += any("\u0400" <= ch <= "\u04ff" for ch in text)
             seen["over_25k_chars"] += len(text) > 25_000
     expected = [
-        "root:client-created-root", "root:uuid", "root_not_first", "no_conversation_id", "null_time", "over_1mb",
-        "current_missing", "current_non_leaf", "current_older_leaf", "branched",
-        "ct:text", "ct:multimodal_text", "ct:code", "ct:execution_output", "ct:tether_browsing_display",
-        "ct:tether_quote", "ct:system_error", "ct:thoughts", "ct:reasoning_recap", "ct:user_editable_context",
-        "role:user", "role:assistant", "role:system", "role:tool",
-        "recipient:python", "recipient:browser", "recipient:web.run", "recipient:bio",
-        "channel:commentary", "channel:final", "no_status", "in_progress", "model_slug",
-        "hidden_empty", "user_context_message_data", "image_pointer", "cite:pua", "cite:source",
-        "emoji", "cjk", "cyrillic", "over_25k_chars",
+        "root:client-created-root",
+        "root:uuid",
+        "root_not_first",
+        "no_conversation_id",
+        "null_time",
+        "over_1mb",
+        "current_missing",
+        "current_non_leaf",
+        "current_older_leaf",
+        "branched",
+        "ct:text",
+        "ct:multimodal_text",
+        "ct:code",
+        "ct:execution_output",
+        "ct:tether_browsing_display",
+        "ct:tether_quote",
+        "ct:system_error",
+        "ct:thoughts",
+        "ct:reasoning_recap",
+        "ct:user_editable_context",
+        "role:user",
+        "role:assistant",
+        "role:system",
+        "role:tool",
+        "recipient:python",
+        "recipient:browser",
+        "recipient:web.run",
+        "recipient:bio",
+        "channel:commentary",
+        "channel:final",
+        "no_status",
+        "in_progress",
+        "model_slug",
+        "hidden_empty",
+        "user_context_message_data",
+        "image_pointer",
+        "cite:pua",
+        "cite:source",
+        "emoji",
+        "cjk",
+        "cyrillic",
+        "over_25k_chars",
     ]
     missing = [k for k in expected if not seen[k]]
     assert not missing, f"missing features: {missing}"
@@ -275,7 +329,8 @@ def test_calibrated_to_real_exports(big):
         for node in conv["mapping"].values():
             c = (node["message"] or {}).get("content", {})
             for v in [p for p in c.get("parts", []) if isinstance(p, str)] + [
-                    c.get(k) for k in ("text", "result", "user_profile", "user_instructions")]:
+                c.get(k) for k in ("text", "result", "user_profile", "user_instructions")
+            ]:
                 text += len(v.encode()) if isinstance(v, str) else 0
     assert 0.25 <= text / file_bytes <= 0.45  # real exports: about 35%
     sizes = sorted(len(json.dumps(c, ensure_ascii=False).encode()) for c in convs)
@@ -308,8 +363,7 @@ def test_sample_shows_the_main_features():
     assert any(m["author"]["role"] == "tool" for m in messages)
     assert any(m["metadata"].get("is_visually_hidden_from_conversation") for m in messages)
     assert any(len(n["children"]) > 1 for c in convs for n in c["mapping"].values())
-    assert any(ord(ch) > 127 for m in messages for p in m["content"].get("parts", []) if isinstance(p, str)
-               for ch in p)
+    assert any(ord(ch) > 127 for m in messages for p in m["content"].get("parts", []) if isinstance(p, str) for ch in p)
     assert all(_has_exchange(_branch(c)) for c in convs)
     # Short dialogue, so a tiny model can summarize it on CPU.
     longest = max(len(p) for m in messages for p in m["content"].get("parts", []) if isinstance(p, str))

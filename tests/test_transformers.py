@@ -1,7 +1,6 @@
 """Real transformers on the real bundled model (float32 on CPU): one model for this module."""
 
 import pytest
-
 from contract import *  # noqa: F401,F403  the shared backend contract, run here on transformers
 from contract import NAMES, dialogue_prompt
 
@@ -56,7 +55,11 @@ def test_batched_equals_one_by_one_in_fp32(provider, generate_calls, monkeypatch
         assert generate_calls == shapes
         for b, one in zip(batched, single):
             assert b.text == one.text
-            assert (b.prompt_tokens, b.completion_tokens, b.finish_reason) == (one.prompt_tokens, one.completion_tokens, one.finish_reason)
+            assert (b.prompt_tokens, b.completion_tokens, b.finish_reason) == (
+                one.prompt_tokens,
+                one.completion_tokens,
+                one.finish_reason,
+            )
 
 
 def test_micro_batches_stay_within_the_token_budget(provider, generate_calls, monkeypatch):
@@ -92,7 +95,9 @@ def test_default_budget_counts_the_kv_cache_against_the_weights(provider):
     from apiana_lab.providers.transformers_backend import CPU_KV_PER_WEIGHT
 
     cfg = provider.models[0].config
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    kv_per_token = (
+        2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    )
     weights = sum(p.numel() for p in provider.models[0].parameters()) * 4
     assert provider.max_batch_tokens == int(CPU_KV_PER_WEIGHT * weights / kv_per_token)
     # What it means for the benchmark's workloads: 16 prompts of 440 tokens with 256 new share a

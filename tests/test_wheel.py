@@ -43,8 +43,19 @@ def wheel(tmp_path_factory) -> Path:
     # symlinks=True keeps apiana_lab/data/notebooks a link to notebooks/, as in the checkout.
     for name in ("apiana_lab", "notebooks"):
         shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    quiet(sys.executable, "-m", "pip", "wheel", "--no-index", "--no-deps", "--no-build-isolation", "-q",
-          "-w", work / "dist", source)
+    quiet(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-index",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        work / "dist",
+        source,
+    )
     (built,) = (work / "dist").glob("apiana_lab-*.whl")
     return built
 
@@ -79,8 +90,10 @@ def test_the_wheel_carries_the_prompts_and_the_notebooks(wheel):
 
 
 def test_the_installed_package_is_the_wheels_copy(venv, tmp_path, env):
-    code = ("import json, sys, apiana_lab, apiana_lab.prompts as p; "
-            "print(json.dumps({'file': apiana_lab.__file__, 'prompts': str(p.PROMPTS_DIR), 'path': sys.path}))")
+    code = (
+        "import json, sys, apiana_lab, apiana_lab.prompts as p; "
+        "print(json.dumps({'file': apiana_lab.__file__, 'prompts': str(p.PROMPTS_DIR), 'path': sys.path}))"
+    )
     found = json.loads(quiet(venv / "python", "-c", code, cwd=tmp_path, env=env).stdout)
     root = str(venv.parent)
     assert found["file"].startswith(root) and found["prompts"].startswith(root)
@@ -91,8 +104,18 @@ def test_the_installed_package_is_the_wheels_copy(venv, tmp_path, env):
 
 def test_chatgpt_export_v2_and_inspect_run_from_the_wheel_outside_the_checkout(venv, tmp_path, env):
     sample = shutil.copy(SAMPLE, tmp_path / "conversations.json")
-    done = quiet(venv / "chatgpt-export-v2", "-i", sample, "-o", "out", "--backend", "fake", "--no-progress",
-                 cwd=tmp_path, env=env)
+    done = quiet(
+        venv / "chatgpt-export-v2",
+        "-i",
+        sample,
+        "-o",
+        "out",
+        "--backend",
+        "fake",
+        "--no-progress",
+        cwd=tmp_path,
+        env=env,
+    )
     assert "12 summarized" in done.stdout
     lines = (tmp_path / "out" / "summaries.jsonl").read_text().splitlines()
     assert len(lines) == 12 and all(json.loads(line)["summary"] for line in lines)
@@ -107,10 +130,26 @@ def test_apiana_lab_notebook_runs_the_packaged_copy_into_dot_results(venv, tmp_p
     pytest.importorskip("papermill")
     pytest.importorskip("ipykernel")
     spec = "from jupyter_client.kernelspec import KernelSpecManager as M; print(M().get_kernel_spec('python3').argv[0])"
-    assert quiet(venv / "python", "-c", spec, cwd=tmp_path, env=env).stdout.strip() == str(venv / "python")  # the kernel too
+    assert quiet(venv / "python", "-c", spec, cwd=tmp_path, env=env).stdout.strip() == str(
+        venv / "python"
+    )  # the kernel too
 
-    done = quiet(venv / "apiana-lab", "notebook", "explore_export", "-p", "backend", "fake",
-                 "-p", "rate_tokens_per_s", "50", "-p", "longest", "3", cwd=tmp_path, env=env)
+    done = quiet(
+        venv / "apiana-lab",
+        "notebook",
+        "explore_export",
+        "-p",
+        "backend",
+        "fake",
+        "-p",
+        "rate_tokens_per_s",
+        "50",
+        "-p",
+        "longest",
+        "3",
+        cwd=tmp_path,
+        env=env,
+    )
     (metrics,) = (tmp_path / "results" / "explore_export").glob("*/metrics.json")
     assert done.stdout.strip() == str(metrics.parent / "explore_export.ipynb")
     figures = json.loads(metrics.read_text())

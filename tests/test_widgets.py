@@ -18,8 +18,14 @@ def execute(cells: list[str], folder, timeout=120):
     """Run the cells in a fresh kernel with widget state stored, as papermill does; errors stay in the outputs."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
-    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
-                                     store_widget_state=True, resources={"metadata": {"path": str(folder)}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        allow_errors=True,
+        store_widget_state=True,
+        resources={"metadata": {"path": str(folder)}},
+    )
     client.execute()
     return nb
 
@@ -40,7 +46,11 @@ def texts(nb, cell):
     for o in nb.cells[cell].outputs:
         if o["output_type"] == "stream":
             out.append(o["text"])
-        elif o["output_type"] in ("display_data", "execute_result") and WIDGET_VIEW not in o["data"] and "text/plain" in o["data"]:
+        elif (
+            o["output_type"] in ("display_data", "execute_result")
+            and WIDGET_VIEW not in o["data"]
+            and "text/plain" in o["data"]
+        ):
             out.append(o["data"]["text/plain"])
     return "\n".join(out)
 

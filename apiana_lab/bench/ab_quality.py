@@ -27,11 +27,15 @@ from apiana_lab.experiments.record import machine, markdown_table, results_root,
 
 NAME = "bench-ab-quality"
 TRANSCRIPT_SYSTEM = "Rewrite the conversation below as a transcript, word for word."
-TRANSCRIPT_TEMPLATE = ('Conversation "{title}" ({conversation_date}):\n\n{formatted_messages}\n\n---\n'
-                       "Write this conversation out again as a transcript, word for word: every turn on its own line, "
-                       "starting with 'User:' or 'Assistant:'.")
-WORKLOADS = {"real": {"n": 12, "chunk_size": 3500, "max_length": 300},
-             "short": {"n": 27, "chunk_size": 300, "max_length": 96}}
+TRANSCRIPT_TEMPLATE = (
+    'Conversation "{title}" ({conversation_date}):\n\n{formatted_messages}\n\n---\n'
+    "Write this conversation out again as a transcript, word for word: every turn on its own line, "
+    "starting with 'User:' or 'Assistant:'."
+)
+WORKLOADS = {
+    "real": {"n": 12, "chunk_size": 3500, "max_length": 300},
+    "short": {"n": 27, "chunk_size": 300, "max_length": 96},
+}
 SIDES = ("old", "new", "cut", "transcript")
 CASES = [  # (old side, new side, the verdict the tolerances must give)
     ("old", "new", "GO"),
@@ -56,9 +60,19 @@ def generate(workload: str, sides, saved: dict | None) -> dict:
         out.update(sides={k: v for k, v in saved["sides"].items() if k not in sides}, vllm_dtype=saved["vllm_dtype"])
 
     def keep(name: str, figures: dict, records) -> None:
-        out["sides"][name] = {"figures": figures, "rows": [
-            {"chunk_id": r.chunk_id, "summary": r.summary, "error": r.error, "completion_tokens": r.completion_tokens,
-             "finish_reason": r.finish_reason} for r in records]}
+        out["sides"][name] = {
+            "figures": figures,
+            "rows": [
+                {
+                    "chunk_id": r.chunk_id,
+                    "summary": r.summary,
+                    "error": r.error,
+                    "completion_tokens": r.completion_tokens,
+                    "finish_reason": r.finish_reason,
+                }
+                for r in records
+            ],
+        }
         print(workload, name, {k: figures.get(k) for k in ("wall_s", "completion_tokens")}, flush=True)
 
     if "old" in sides:
@@ -71,8 +85,11 @@ def generate(workload: str, sides, saved: dict | None) -> dict:
                 out["vllm_dtype"] = str(provider.llm.llm_engine.model_config.dtype).removeprefix("torch.")
             except AttributeError:
                 pass
-            changes = {"new": {}, "cut": {"max_length": max(1, w["max_length"] // 6)},
-                       "transcript": {"system_prompt": TRANSCRIPT_SYSTEM, "user_template": TRANSCRIPT_TEMPLATE}}
+            changes = {
+                "new": {},
+                "cut": {"max_length": max(1, w["max_length"] // 6)},
+                "transcript": {"system_prompt": TRANSCRIPT_SYSTEM, "user_template": TRANSCRIPT_TEMPLATE},
+            }
             for name in vllm_sides:
                 transform = ParallelSummarizerTransform(provider, **{"max_length": w["max_length"], **changes[name]})
                 keep(name, *measure(transform, chunks, config=name))
@@ -87,25 +104,36 @@ def judge(outputs: dict) -> list[dict]:
     texts = outputs["chunks"]
 
     def rows(side: str) -> list[dict]:
-        return [{**r, "quality": profile(r["summary"], texts[r["chunk_id"]], r["finish_reason"]).to_dict()}
-                for r in outputs["sides"][side]["rows"]]
+        return [
+            {**r, "quality": profile(r["summary"], texts[r["chunk_id"]], r["finish_reason"]).to_dict()}
+            for r in outputs["sides"][side]["rows"]
+        ]
 
     results = []
     for old, new, expected in CASES:
         table, summary = ab.compare(rows(old), rows(new), list(texts))
         verdict = ab.verdict(summary, migration=True)
         q = summary["quality"]
-        results.append({
-            "case": f"{old} -> {new}", "expected": expected, "verdict": "GO" if verdict.go else "NO-GO",
-            "flagged_old": q["flags"]["any"]["old"], "flagged_new": q["flags"]["any"]["new"],
-            "flagged_bound": q["flags"]["any"]["lower_bound"],
-            "echo_bound": q["intensities"]["role_markers"]["lower_bound"],
-            **{f"{m}_ratio": q["measures"][m]["ratio"] for m in ab.QUALITY_MEASURES},
-            **{f"{m}_interval": [q["measures"][m]["ratio_low"], q["measures"][m]["ratio_high"]] for m in ab.QUALITY_MEASURES},
-            "flags_new_minus_old": {k: round(v["new"] - v["old"], 3) for k, v in q["flags"].items()},
-            "exact_match_rate": summary["exact_match_rate"], "similarity_median": summary["similarity_median"],
-            "failed": [c.name for c in verdict.failed],
-        })
+        results.append(
+            {
+                "case": f"{old} -> {new}",
+                "expected": expected,
+                "verdict": "GO" if verdict.go else "NO-GO",
+                "flagged_old": q["flags"]["any"]["old"],
+                "flagged_new": q["flags"]["any"]["new"],
+                "flagged_bound": q["flags"]["any"]["lower_bound"],
+                "echo_bound": q["intensities"]["role_markers"]["lower_bound"],
+                **{f"{m}_ratio": q["measures"][m]["ratio"] for m in ab.QUALITY_MEASURES},
+                **{
+                    f"{m}_interval": [q["measures"][m]["ratio_low"], q["measures"][m]["ratio_high"]]
+                    for m in ab.QUALITY_MEASURES
+                },
+                "flags_new_minus_old": {k: round(v["new"] - v["old"], 3) for k, v in q["flags"].items()},
+                "exact_match_rate": summary["exact_match_rate"],
+                "similarity_median": summary["similarity_median"],
+                "failed": [c.name for c in verdict.failed],
+            }
+        )
     return results
 
 
@@ -113,7 +141,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--judge", action="store_true", help="judge the saved outputs again; load no engine")
     parser.add_argument("--workloads", default="real,short", help="comma-separated: real, short")
-    parser.add_argument("--sides", default=",".join(SIDES), help="sides to generate (the others are read from the saved outputs)")
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help="sides to generate (the others are read from the saved outputs)"
+    )
     args = parser.parse_args()
     results, markdown = [], ["# A/B quality tolerances on the sample, with the bundled model\n"]
     for workload in args.workloads.split(","):
@@ -127,15 +157,27 @@ def main() -> None:
             saved_path.write_text(json.dumps(outputs, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         rows = [{"workload": workload, **r} for r in judge(outputs)]
         results += rows
-        table = markdown_table(rows, [("case", "old -> new"), ("expected", "expected"), ("verdict", "verdict"),
-                                      ("flagged_old", "flagged old"), ("flagged_new", "flagged new"),
-                                      ("echo_bound", "role labels new - old, 95% lower bound"),
-                                      ("compression_ratio", "compression new/old"), ("density_ratio", "density new/old"),
-                                      ("exact_match_rate", "exact match"), ("similarity_median", "similarity median")])
+        table = markdown_table(
+            rows,
+            [
+                ("case", "old -> new"),
+                ("expected", "expected"),
+                ("verdict", "verdict"),
+                ("flagged_old", "flagged old"),
+                ("flagged_new", "flagged new"),
+                ("echo_bound", "role labels new - old, 95% lower bound"),
+                ("compression_ratio", "compression new/old"),
+                ("density_ratio", "density new/old"),
+                ("exact_match_rate", "exact match"),
+                ("similarity_median", "similarity median"),
+            ],
+        )
         failed = "\n".join(f"- {r['case']}: {'; '.join(r['failed']) or 'none'}" for r in rows)
-        markdown.append(f"## {workload}: {len(outputs['chunks'])} chunks at chunk size {outputs['chunk_size']}, "
-                        f"max_length {outputs['max_length']}, vLLM dtype {outputs['vllm_dtype']}\n\n{table}\n\n"
-                        f"Failed checks:\n{failed}\n")
+        markdown.append(
+            f"## {workload}: {len(outputs['chunks'])} chunks at chunk size {outputs['chunk_size']}, "
+            f"max_length {outputs['max_length']}, vLLM dtype {outputs['vllm_dtype']}\n\n{table}\n\n"
+            f"Failed checks:\n{failed}\n"
+        )
     write_result(NAME, "ab-quality", {"machine": machine(), "results": results}, "\n".join(markdown))
     print("\n".join(markdown))
 

@@ -5,6 +5,7 @@
 Transformers on 8 chunks of the sample export (600 tokens), 64 new tokens, greedy; old = sequential,
 new = parallel (batch 4). Writes results/ab-thresholds/ab-<dtype>.json.
 """
+
 import json
 import sys
 
@@ -20,13 +21,32 @@ def main() -> None:
     chunks = sample_chunks([str(SAMPLE_PATH)], 8, 600)
     rows = []
     with loaded("transformers", dtype=dtype) as p:
-        for name, kw in [("correct setup", {}),
-                         ("new max_length 48 (old 64)", {"new_max_length": 48}),
-                         ("new system prompt", {"new_system_prompt": "Summarize the conversation in one short factual sentence."})]:
+        for name, kw in [
+            ("correct setup", {}),
+            ("new max_length 48 (old 64)", {"new_max_length": 48}),
+            ("new system prompt", {"new_system_prompt": "Summarize the conversation in one short factual sentence."}),
+        ]:
             r = ab.run_ab(chunks, p, batch_size=4, max_length=64, **kw)
             s = r["verdict"].summary
-            rows.append({"case": name, "dtype": dtype, **{k: s.get(k) for k in ("compared", "exact_match_rate", "similarity_p10", "similarity_median", "length_ratio_median", "finish_agreement")},
-                         "go": r["verdict"].go, "failed_checks": [c.name for c in r["verdict"].failed]})
+            rows.append(
+                {
+                    "case": name,
+                    "dtype": dtype,
+                    **{
+                        k: s.get(k)
+                        for k in (
+                            "compared",
+                            "exact_match_rate",
+                            "similarity_p10",
+                            "similarity_median",
+                            "length_ratio_median",
+                            "finish_agreement",
+                        )
+                    },
+                    "go": r["verdict"].go,
+                    "failed_checks": [c.name for c in r["verdict"].failed],
+                }
+            )
             print(rows[-1], flush=True)
     out = results_root() / "ab-thresholds" / f"ab-{dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

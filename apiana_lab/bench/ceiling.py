@@ -32,7 +32,6 @@ import sys
 
 from apiana_lab.experiments.engine import loaded
 from apiana_lab.experiments.measure import clock, sweep, workload_chunks
-
 from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 logger = logging.getLogger("apiana_lab.bench.ceiling")
@@ -74,9 +73,12 @@ def ceiling(provider, transform, chunks: list, workload: str) -> dict:
 
 
 def echo(row: dict) -> dict:
-    print(f"  [{row['workload']}] {row['config']:<34} {row['wall_s']:8.1f} s  {row['completion_tokens']:6d} new tokens  "
-          f"{row['completion_tokens_per_s']:7.1f} tok/s  first {row['first_result_s'] or 0:6.1f} s  {row['failed']} failed",
-          file=sys.stderr, flush=True)
+    print(
+        f"  [{row['workload']}] {row['config']:<34} {row['wall_s']:8.1f} s  {row['completion_tokens']:6d} new tokens  "
+        f"{row['completion_tokens_per_s']:7.1f} tok/s  first {row['first_result_s'] or 0:6.1f} s  {row['failed']} failed",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
@@ -93,9 +95,16 @@ def run_vllm(loads: dict, rows: list, facts: dict, checkpoint) -> None:
             configs = [
                 ("ceiling", lambda: ceiling(provider, default, chunks, workload)),
                 ("pipeline defaults", default),
-                ("pipeline --batch-size 16", ParallelSummarizerTransform(provider, batch_size=16, max_length=max_tokens)),
-                ("batch path (16 x 2 workers)", ParallelSummarizerTransform(
-                    provider, batch_size=16, max_workers=2, stream=False, max_length=max_tokens)),
+                (
+                    "pipeline --batch-size 16",
+                    ParallelSummarizerTransform(provider, batch_size=16, max_length=max_tokens),
+                ),
+                (
+                    "batch path (16 x 2 workers)",
+                    ParallelSummarizerTransform(
+                        provider, batch_size=16, max_workers=2, stream=False, max_length=max_tokens
+                    ),
+                ),
             ]
             engine = [(label, run, {} if label == "ceiling" else {"engine": "vllm"}) for label, run in configs]
             sweep(engine, chunks, workload=workload, rows=rows, on_row=lambda row: (echo(row), checkpoint()))
@@ -110,10 +119,16 @@ def run_transformers(loads: dict, n: int, rows: list, facts: dict, checkpoint) -
         facts["transformers_default_window"] = provider.default_window
         for workload, (chunks, max_tokens) in loads.items():
             configs = [
-                ("transformers sequential", SummarizerTransform(provider, max_length=max_tokens),
-                 {"engine": "transformers"}),
-                ("transformers parallel (defaults)", ParallelSummarizerTransform(provider, max_length=max_tokens),
-                 {"engine": "transformers"}),
+                (
+                    "transformers sequential",
+                    SummarizerTransform(provider, max_length=max_tokens),
+                    {"engine": "transformers"},
+                ),
+                (
+                    "transformers parallel (defaults)",
+                    ParallelSummarizerTransform(provider, max_length=max_tokens),
+                    {"engine": "transformers"},
+                ),
             ]
             sweep(configs, chunks[:n], workload=workload, rows=rows, on_row=lambda row: (echo(row), checkpoint()))
 
@@ -131,9 +146,13 @@ def ratios(rows: list[dict]) -> dict:
         stream = next((r for r in rows if r["workload"] == workload and r["config"] == "pipeline defaults"), None)
         batch = next((r for r in rows if r["workload"] == workload and r["config"].startswith("batch path")), None)
         if stream and batch and stream["first_result_s"] and batch["first_result_s"]:
-            out[f"{workload}: first summary, batch path / streaming"] = round(batch["first_result_s"] / stream["first_result_s"], 2)
+            out[f"{workload}: first summary, batch path / streaming"] = round(
+                batch["first_result_s"] / stream["first_result_s"], 2
+            )
         seq = next((r for r in rows if r["workload"] == workload and r["config"] == "transformers sequential"), None)
-        par = next((r for r in rows if r["workload"] == workload and r["config"].startswith("transformers parallel")), None)
+        par = next(
+            (r for r in rows if r["workload"] == workload and r["config"].startswith("transformers parallel")), None
+        )
         if seq and par:
             par["speedup_wall"] = seq["wall_s"] / par["wall_s"]
             out[f"{workload}: transformers parallel / sequential (wall)"] = round(par["speedup_wall"], 2)
@@ -154,16 +173,36 @@ def targets(found: dict) -> dict:
 
 
 def render(results: dict) -> str:
-    columns = [("workload", "workload"), ("config", "configuration"), ("chunks", "chunks"), ("wall_s", "wall s"),
-               ("completion_tokens", "new tokens"), ("completion_tokens_per_s", "new tok/s"),
-               ("vs_ceiling", "× ceiling"), ("speedup_wall", "× sequential"), ("first_result_s", "first summary s"),
-               ("failed", "failed"), ("load_1m", "load")]
-    lines = [f"# Ceiling benchmark{' (quick)' if results['quick'] else ''}", "",
-             f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['when']}.",
-             f"Engine facts: {results['facts']}", "", markdown_table(results["rows"], columns), "", "## Ratios", ""]
+    columns = [
+        ("workload", "workload"),
+        ("config", "configuration"),
+        ("chunks", "chunks"),
+        ("wall_s", "wall s"),
+        ("completion_tokens", "new tokens"),
+        ("completion_tokens_per_s", "new tok/s"),
+        ("vs_ceiling", "× ceiling"),
+        ("speedup_wall", "× sequential"),
+        ("first_result_s", "first summary s"),
+        ("failed", "failed"),
+        ("load_1m", "load"),
+    ]
+    lines = [
+        f"# Ceiling benchmark{' (quick)' if results['quick'] else ''}",
+        "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['when']}.",
+        f"Engine facts: {results['facts']}",
+        "",
+        markdown_table(results["rows"], columns),
+        "",
+        "## Ratios",
+        "",
+    ]
     lines += [f"- {k}: {v}" for k, v in results["ratios"].items()]
     lines += ["", "## Targets", ""]
-    lines += [f"- {k}: {v['measured']} (target ≥ {v['target_min']}) {'met' if v['met'] else 'NOT met'}" for k, v in results["targets"].items()]
+    lines += [
+        f"- {k}: {v['measured']} (target ≥ {v['target_min']}) {'met' if v['met'] else 'NOT met'}"
+        for k, v in results["targets"].items()
+    ]
     return "\n".join(lines)
 
 
@@ -171,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunks-a", type=int, default=64)
     parser.add_argument("--chunks-b", type=int, default=96)
-    parser.add_argument("--transformers-chunks", type=int, default=32, help="chunks per workload for transformers (0: skip)")
+    parser.add_argument(
+        "--transformers-chunks", type=int, default=32, help="chunks per workload for transformers (0: skip)"
+    )
     parser.add_argument("--skip-vllm", action="store_true", help="transformers only (writes ceiling-transformers.*)")
     parser.add_argument("--workloads", default="a,b", help="which workloads to run, comma-separated")
     parser.add_argument("--quick", action="store_true", help="8 and 12 chunks, 4 for transformers: a smoke run")
@@ -191,8 +232,14 @@ def main(argv: list[str] | None = None) -> dict:
         write_result("bench-ceiling", stem, results, render(results))
 
     loads = workloads(args.chunks_a, args.chunks_b, chosen)
-    results["facts"]["workloads"] = {k: {"chunks": len(c), "prompt_tokens_per_chunk": round(sum(x.token_count for x in c) / len(c)),
-                                         "max_new_tokens": m} for k, (c, m) in loads.items()}
+    results["facts"]["workloads"] = {
+        k: {
+            "chunks": len(c),
+            "prompt_tokens_per_chunk": round(sum(x.token_count for x in c) / len(c)),
+            "max_new_tokens": m,
+        }
+        for k, (c, m) in loads.items()
+    }
     if not args.skip_vllm:
         run_vllm(loads, results["rows"], results["facts"], checkpoint)
     if args.transformers_chunks:

@@ -38,9 +38,10 @@ import threading
 import time
 import traceback
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 logger = logging.getLogger("apiana_lab.bench.gpu")
 
@@ -163,14 +164,20 @@ def prefill_flops(shape: ModelShape, calls: list[Forward]) -> float:
     Attention's own products (QK^T and AV) are left out: a few per cent at these lengths, so
     the rate is a slight underestimate.
     """
-    return float(sum(2 * shape.layer_params * c.rows * c.positions + 2 * shape.head_params * c.rows * c.head_positions
-                     for c in calls if c.positions > 1))
+    return float(
+        sum(
+            2 * shape.layer_params * c.rows * c.positions + 2 * shape.head_params * c.rows * c.head_positions
+            for c in calls
+            if c.positions > 1
+        )
+    )
 
 
 def decode_bytes(shape: ModelShape, calls: list[Forward]) -> float:
     """Per decode step: every weight read once for the batch, plus each row's KV cache read by attention."""
-    return float(sum(shape.weight_bytes + shape.kv_bytes_per_token * c.rows * c.context
-                     for c in calls if c.positions == 1))
+    return float(
+        sum(shape.weight_bytes + shape.kv_bytes_per_token * c.rows * c.context for c in calls if c.positions == 1)
+    )
 
 
 def throughput(shape: ModelShape, calls: list[Forward], peak: GpuPeak | None) -> dict:
@@ -207,9 +214,11 @@ class ForwardClock:
         self._local = threading.local()
         self._handles: list = []
 
-    def __enter__(self) -> "ForwardClock":
-        self._handles = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
-                         self.model.register_forward_hook(self._after, with_kwargs=True)]
+    def __enter__(self) -> ForwardClock:
+        self._handles = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after, with_kwargs=True),
+        ]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -245,8 +254,9 @@ class ForwardClock:
 # ---- the out-of-memory drill and the monitor's agreement ------------------------------------
 
 
-def oom_memory_cap(total_bytes: int, held_bytes: int, row_bytes: float,
-                   rows_that_fit: int = OOM_ROWS_THAT_FIT) -> float:
+def oom_memory_cap(
+    total_bytes: int, held_bytes: int, row_bytes: float, rows_that_fit: int = OOM_ROWS_THAT_FIT
+) -> float:
     """The share of the card's memory that leaves room for about 1.5 x `rows_that_fit` rows beyond what is held.
 
     `row_bytes` is the provider's own estimate of one row: (prompt + new tokens) x (KV cache +
@@ -264,8 +274,12 @@ def activation_bytes_per_token(config, itemsize: int) -> int:
     return (4 * cfg.hidden_size + 2 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)) * itemsize
 
 
-def compare_memory(frame, tolerance_mb: float = MONITOR_TOLERANCE_MB, tolerance_share: float = MONITOR_TOLERANCE_SHARE,
-                   agree_share: float = MONITOR_AGREE_SHARE) -> dict:
+def compare_memory(
+    frame,
+    tolerance_mb: float = MONITOR_TOLERANCE_MB,
+    tolerance_share: float = MONITOR_TOLERANCE_SHARE,
+    agree_share: float = MONITOR_AGREE_SHARE,
+) -> dict:
     """NVML against torch.cuda, sample by sample, in the monitor's frame.
 
     NVML's figure (this process's memory, else the devices' used memory) must be non-zero,
@@ -297,13 +311,18 @@ def compare_memory(frame, tolerance_mb: float = MONITOR_TOLERANCE_MB, tolerance_
         "nvml_minus_torch_max_mb": float(diff.abs().max()) if len(diff) else None,
         "share_within_tolerance": share,
         "tolerance": f"-64 MB to +{tolerance_mb:,.0f} MB + {tolerance_share:.0%} of torch's, "
-                     f"in {agree_share:.0%} of samples",
+        f"in {agree_share:.0%} of samples",
     }
     nonzero = figures["nvml_peak_mb"] > 0 and figures["torch_reserved_peak_mb"] > 0
     figures["ok"] = bool(nonzero and figures["samples"] >= 3 and share >= agree_share)
     if not figures["ok"]:
-        figures["reason"] = ("a series is zero" if not nonzero else "fewer than 3 samples with both"
-                             if figures["samples"] < 3 else f"only {share:.0%} of samples agree")
+        figures["reason"] = (
+            "a series is zero"
+            if not nonzero
+            else "fewer than 3 samples with both"
+            if figures["samples"] < 3
+            else f"only {share:.0%} of samples agree"
+        )
     return figures
 
 
@@ -392,8 +411,9 @@ def real_length_chunks(n: int, tokens: tuple[int, int] = (1000, 1400), seed: int
         path = Path(tmp) / "conversations.json"
         write_synthetic_export(path, size_mb=max(1.0, n / 15), seed=seed)
         for conversation in read_export(path):
-            chunks += [c for c in chunker.chunk(conversation) if tokens[0] <= c.token_count <= tokens[1]
-                       and not c.continued][:1]
+            chunks += [
+                c for c in chunker.chunk(conversation) if tokens[0] <= c.token_count <= tokens[1] and not c.continued
+            ][:1]
             if len(chunks) >= n:
                 return chunks
     raise RuntimeError(f"the synthetic export gave {len(chunks)} chunks of {tokens[0]}-{tokens[1]} tokens; need {n}")
@@ -429,8 +449,12 @@ class Check:
         """Run one step within its cap and what is left of the budget; record it whatever happens."""
         left = self.left()
         if left < min(cap_s, MIN_START_S):
-            row = {"step": name, "status": "cut", "detail": f"not started: {max(left, 0):.0f} s left of the "
-                   f"{self.args.budget_s:.0f} s budget", "seconds": 0.0}
+            row = {
+                "step": name,
+                "status": "cut",
+                "detail": f"not started: {max(left, 0):.0f} s left of the {self.args.budget_s:.0f} s budget",
+                "seconds": 0.0,
+            }
         else:
             start = time.monotonic()
             if self.monitor is not None:
@@ -468,14 +492,22 @@ class Check:
         wall = time.perf_counter() - start
         stats = transform.stats
         figures = {
-            "chunks": len(chunks), "done": done, "failed": stats.failed,
+            "chunks": len(chunks),
+            "done": done,
+            "failed": stats.failed,
             "failures_by_reason": dict(stats.failures_by_reason),
-            "batch_size": transform.batch_size, "max_workers": transform.max_workers,
-            "max_batch_tokens": provider.max_batch_tokens, "max_tokens": transform.options.max_tokens,
-            "wall_s": wall, "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "batch_size": transform.batch_size,
+            "max_workers": transform.max_workers,
+            "max_batch_tokens": provider.max_batch_tokens,
+            "max_tokens": transform.options.max_tokens,
+            "wall_s": wall,
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
             "completion_tokens_per_s": stats.completion_tokens / wall if wall > 0 else 0.0,
-            "batches": len(stats.latencies), "batch_size_changes": list(stats.batch_size_changes),
-            "model": asdict(shape), **throughput(shape, clock.calls, self.peak),
+            "batches": len(stats.latencies),
+            "batch_size_changes": list(stats.batch_size_changes),
+            "model": asdict(shape),
+            **throughput(shape, clock.calls, self.peak),
         }
         if done < len(chunks):
             status, detail = "cut", f"cut at its cap after {done}/{len(chunks)} chunks"
@@ -501,8 +533,9 @@ def transformers_steps(check: Check, shape: str, folder: Path):
         provider = holder["provider"] = load_provider(folder, check.device)
         load_s = time.perf_counter() - start
         provider.complete("Say hello.", GenerationOptions(max_tokens=2))  # warm-up: kernel choice is not throughput
-        row = check.run(ParallelSummarizerTransform(provider, max_length=args.max_tokens, ignore_eos=True),
-                        check.chunks, deadline)
+        row = check.run(
+            ParallelSummarizerTransform(provider, max_length=args.max_tokens, ignore_eos=True), check.chunks, deadline
+        )
         row["figures"].update(load_s=load_s, config_changes=holder["changed"])
         return row
 
@@ -511,11 +544,15 @@ def transformers_steps(check: Check, shape: str, folder: Path):
         if provider is None:
             return {"status": "skipped", "detail": "the model did not load"}
         try:
-            transform = ParallelSummarizerTransform(provider, batch_size="auto", max_length=args.max_tokens,
-                                                    ignore_eos=True)
+            transform = ParallelSummarizerTransform(
+                provider, batch_size="auto", max_length=args.max_tokens, ignore_eos=True
+            )
         except (ConfigError, TypeError, ValueError) as e:
-            return {"status": "not available", "figures": {"error": f"{type(e).__name__}: {e}"},
-                    "detail": "auto: not available in this build"}
+            return {
+                "status": "not available",
+                "figures": {"error": f"{type(e).__name__}: {e}"},
+                "detail": "auto: not available in this build",
+            }
         return check.run(transform, check.chunks, deadline)
 
     check.step(f"{shape} default batch", CAPS_S["transformers"], default)
@@ -533,18 +570,28 @@ def oom_step(check: Check, provider, shape: str) -> None:
 
         if provider is None:
             return {"status": "skipped", "detail": "the model did not load"}
-        transform = ParallelSummarizerTransform(provider, max_workers=1, batch_size=OOM_START_BATCH,
-                                                grow_after=OOM_GROW_AFTER, max_length=OOM_MAX_TOKENS, ignore_eos=True)
+        transform = ParallelSummarizerTransform(
+            provider,
+            max_workers=1,
+            batch_size=OOM_START_BATCH,
+            grow_after=OOM_GROW_AFTER,
+            max_length=OOM_MAX_TOKENS,
+            ignore_eos=True,
+        )
         chunks = (check.chunks * math.ceil((OOM_START_BATCH + 8) / len(check.chunks)))[: OOM_START_BATCH + 8]
         longest = max(provider.count_tokens(transform.prompt(c)) for c in chunks)
         model = provider.models[0]
-        per_token = model_shape(model, provider.dtype.itemsize).kv_bytes_per_token + \
-            activation_bytes_per_token(model.config, provider.dtype.itemsize)
+        per_token = model_shape(model, provider.dtype.itemsize).kv_bytes_per_token + activation_bytes_per_token(
+            model.config, provider.dtype.itemsize
+        )
         row_bytes = (longest + OOM_MAX_TOKENS) * per_token
         if not check.cuda:
             plan = oom_memory_cap(80 * 2**30, sum(p.numel() * p.element_size() for p in model.parameters()), row_bytes)
-            return {"status": "skipped", "detail": "skipped: no CUDA", "figures": {
-                "row_bytes": row_bytes, "memory_cap_on_an_80gb_card": plan}}
+            return {
+                "status": "skipped",
+                "detail": "skipped: no CUDA",
+                "figures": {"row_bytes": row_bytes, "memory_cap_on_an_80gb_card": plan},
+            }
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(check.device).total_memory
         held = torch.cuda.memory_reserved(check.device)
@@ -563,8 +610,14 @@ def oom_step(check: Check, provider, shape: str) -> None:
         grew = [c for c in changes if str(c["reason"]).startswith("grow")]
         path = "→".join(str(size) for size in [OOM_START_BATCH] + [c["to"] for c in changes])
         path = f"batch {path}: {len(halved)} halved on OOM, {len(grew)} grown back"
-        row["figures"].update(memory_cap_share=cap, memory_cap_gb=cap * total / 1e9, held_gb=held / 1e9,
-                              row_bytes_estimate=row_bytes, halvings=len(halved), grow_backs=len(grew))
+        row["figures"].update(
+            memory_cap_share=cap,
+            memory_cap_gb=cap * total / 1e9,
+            held_gb=held / 1e9,
+            row_bytes_estimate=row_bytes,
+            halvings=len(halved),
+            grow_backs=len(grew),
+        )
         if row["status"] == "ok" and not (halved and grew):
             row["status"] = "failed"
             row["detail"] = f"expected at least one halving and one grow-back; saw: {path}"
@@ -594,9 +647,11 @@ def monitor_step(check: Check) -> None:
         figures["agreement"] = agreement
         if not agreement["ok"]:
             return {"status": "failed", "detail": agreement["reason"], "figures": figures}
-        detail = (f"{agreement['samples']} samples; NVML − torch reserved: median "
-                  f"{agreement['nvml_minus_torch_median_mb']:,.0f} MB, "
-                  f"{agreement['share_within_tolerance']:.0%} within tolerance")
+        detail = (
+            f"{agreement['samples']} samples; NVML − torch reserved: median "
+            f"{agreement['nvml_minus_torch_median_mb']:,.0f} MB, "
+            f"{agreement['share_within_tolerance']:.0%} within tolerance"
+        )
         return {"status": "ok", "detail": detail, "figures": figures}
 
     check.step("monitor (NVML vs torch.cuda)", CAPS_S["monitor"], compare)
@@ -615,8 +670,10 @@ def int8_step(check: Check, shape: str, environment: dict) -> None:
             return {"status": "skipped", "detail": "skipped: no CUDA (8-bit kernels need one)"}
         missing = [m for m in ("bitsandbytes", "accelerate") if environment.get(m) is None]
         if missing:
-            return {"status": "not available", "detail": f"not available: {', '.join(missing)} not installed; "
-                    f"{OPTIONAL[missing[0]][1]}"}
+            return {
+                "status": "not available",
+                "detail": f"not available: {', '.join(missing)} not installed; {OPTIONAL[missing[0]][1]}",
+            }
         with tempfile.TemporaryDirectory(prefix="apiana-gpu-8bit-") as tmp:
             folder = Path(tmp)
             model_folder(shape, folder)
@@ -625,8 +682,11 @@ def int8_step(check: Check, shape: str, environment: dict) -> None:
             source.close()
             provider = TransformersProvider(str(folder), device=check.device, load_in_8bit=True)
         try:
-            return check.run(ParallelSummarizerTransform(provider, max_length=check.args.max_tokens, ignore_eos=True),
-                             check.chunks, deadline)
+            return check.run(
+                ParallelSummarizerTransform(provider, max_length=check.args.max_tokens, ignore_eos=True),
+                check.chunks,
+                deadline,
+            )
         finally:
             provider.close()
             torch.cuda.empty_cache()
@@ -652,32 +712,59 @@ def _cut(text: str, width: int) -> str:
 def summary_line(row: dict) -> str:
     """One step as one line of the summary."""
     f = row.get("figures", {})
-    cells = [f"{row['step']:<30.30}", f"{row['status']:<13}", f"{row.get('seconds', 0.0):6.1f}",
-             f"{_rate(f.get('completion_tokens_per_s'), 1):>9}", f"{_rate(f.get('prefill_flop_per_s'), 1e12):>8}",
-             f"{_share(f.get('prefill_share_of_peak')):>5}", f"{_rate(f.get('decode_bytes_per_s'), 1e9):>8}",
-             f"{_share(f.get('decode_share_of_bandwidth')):>5}", _cut(row.get("detail", ""), 60)]
+    cells = [
+        f"{row['step']:<30.30}",
+        f"{row['status']:<13}",
+        f"{row.get('seconds', 0.0):6.1f}",
+        f"{_rate(f.get('completion_tokens_per_s'), 1):>9}",
+        f"{_rate(f.get('prefill_flop_per_s'), 1e12):>8}",
+        f"{_share(f.get('prefill_share_of_peak')):>5}",
+        f"{_rate(f.get('decode_bytes_per_s'), 1e9):>8}",
+        f"{_share(f.get('decode_share_of_bandwidth')):>5}",
+        _cut(row.get("detail", ""), 60),
+    ]
     return " ".join(cells)
 
 
-SUMMARY_HEADER = " ".join([f"{'step':<30}", f"{'status':<13}", f"{'s':>6}", f"{'out tok/s':>9}", f"{'TFLOP/s':>8}",
-                           f"{'%peak':>5}", f"{'GB/s':>8}", f"{'%bw':>5}", "detail"])
+SUMMARY_HEADER = " ".join(
+    [
+        f"{'step':<30}",
+        f"{'status':<13}",
+        f"{'s':>6}",
+        f"{'out tok/s':>9}",
+        f"{'TFLOP/s':>8}",
+        f"{'%peak':>5}",
+        f"{'GB/s':>8}",
+        f"{'%bw':>5}",
+        "detail",
+    ]
+)
 
 
 def render_summary(results: dict) -> str:
     """The one-screen summary: the card and its limits, one line per step, the totals."""
     peak = results["peak"]
-    limits = (f"{peak['name']}: {peak['bf16_tflops']:,.0f} TFLOP/s bf16 dense, {peak['bandwidth_gbs']:,.0f} GB/s"
-              if peak else "tiny config: no peak figures" if results["tiny"] else "peak unknown: not in the table")
+    limits = (
+        f"{peak['name']}: {peak['bf16_tflops']:,.0f} TFLOP/s bf16 dense, {peak['bandwidth_gbs']:,.0f} GB/s"
+        if peak
+        else "tiny config: no peak figures"
+        if results["tiny"]
+        else "peak unknown: not in the table"
+    )
     env = results["environment"]
     missing = [m for m in OPTIONAL if env.get(m) is None]
-    lines = [f"GPU check on {results['device_name']} ({limits})",
-             f"torch {env.get('torch')}, transformers {env.get('transformers')}; "
-             f"missing: {', '.join(missing) if missing else 'nothing'}",
-             SUMMARY_HEADER]
+    lines = [
+        f"GPU check on {results['device_name']} ({limits})",
+        f"torch {env.get('torch')}, transformers {env.get('transformers')}; "
+        f"missing: {', '.join(missing) if missing else 'nothing'}",
+        SUMMARY_HEADER,
+    ]
     lines += [summary_line(row) for row in results["steps"]]
     ok = sum(r["status"] == "ok" for r in results["steps"])
-    lines.append(f"{ok}/{len(results['steps'])} steps ok in {results['seconds']:.0f} s of {results['budget_s']:.0f} s; "
-                 f"TFLOP/s: prefill, GB/s: decode; results in {results.get('json', '?')}")
+    lines.append(
+        f"{ok}/{len(results['steps'])} steps ok in {results['seconds']:.0f} s of {results['budget_s']:.0f} s; "
+        f"TFLOP/s: prefill, GB/s: decode; results in {results.get('json', '?')}"
+    )
     return "\n".join(lines)
 
 
@@ -689,18 +776,35 @@ def render_markdown(results: dict) -> str:
     rows = []
     for row in results["steps"]:
         f = row.get("figures", {})
-        rows.append({"step": row["step"], "status": row["status"], "seconds": round(row.get("seconds", 0.0), 1),
-                     "tok_s": f.get("completion_tokens_per_s"),
-                     "tflops": None if f.get("prefill_flop_per_s") is None else f["prefill_flop_per_s"] / 1e12,
-                     "peak": _share(f.get("prefill_share_of_peak")),
-                     "gbs": None if f.get("decode_bytes_per_s") is None else f["decode_bytes_per_s"] / 1e9,
-                     "bw": _share(f.get("decode_share_of_bandwidth")), "detail": row.get("detail", "")})
-    columns = [("step", "step"), ("status", "status"), ("seconds", "s"), ("tok_s", "output tok/s"),
-               ("tflops", "prefill TFLOP/s"), ("peak", "% of bf16 peak"), ("gbs", "decode GB/s"),
-               ("bw", "% of bandwidth"), ("detail", "detail")]
-    limits = (f"{peak['name']} datasheet: {peak['bf16_tflops']:,.0f} TFLOP/s dense bf16, "
-              f"{peak['bandwidth_gbs']:,.0f} GB/s"
-              if peak else "peak unknown: this card is not in the table (apiana_lab/bench/gpu.py, GPU_PEAKS)")
+        rows.append(
+            {
+                "step": row["step"],
+                "status": row["status"],
+                "seconds": round(row.get("seconds", 0.0), 1),
+                "tok_s": f.get("completion_tokens_per_s"),
+                "tflops": None if f.get("prefill_flop_per_s") is None else f["prefill_flop_per_s"] / 1e12,
+                "peak": _share(f.get("prefill_share_of_peak")),
+                "gbs": None if f.get("decode_bytes_per_s") is None else f["decode_bytes_per_s"] / 1e9,
+                "bw": _share(f.get("decode_share_of_bandwidth")),
+                "detail": row.get("detail", ""),
+            }
+        )
+    columns = [
+        ("step", "step"),
+        ("status", "status"),
+        ("seconds", "s"),
+        ("tok_s", "output tok/s"),
+        ("tflops", "prefill TFLOP/s"),
+        ("peak", "% of bf16 peak"),
+        ("gbs", "decode GB/s"),
+        ("bw", "% of bandwidth"),
+        ("detail", "detail"),
+    ]
+    limits = (
+        f"{peak['name']} datasheet: {peak['bf16_tflops']:,.0f} TFLOP/s dense bf16, {peak['bandwidth_gbs']:,.0f} GB/s"
+        if peak
+        else "peak unknown: this card is not in the table (apiana_lab/bench/gpu.py, GPU_PEAKS)"
+    )
     parts = [
         f"# GPU check: {results['device_name']}\n",
         f"{results['when']}; {limits}. torch {results['environment'].get('torch')}, transformers "
@@ -756,8 +860,11 @@ def main(argv: list[str] | None = None) -> int:
     add("--max-tokens", type=int, help="new tokens per chunk, forced (default 64; --tiny: 4)")
     add("--budget-s", type=float, default=BUDGET_S, help="seconds for the whole check; steps past it are cut")
     add("--vendor", type=Path, default=VENDOR, help="folder of carried packages, put first on sys.path")
-    add("--vendor-wheel", type=Path, help="unpack this wheel (bitsandbytes) into --vendor, keeping --cuda-major's "
-        "native libraries, and exit")
+    add(
+        "--vendor-wheel",
+        type=Path,
+        help="unpack this wheel (bitsandbytes) into --vendor, keeping --cuda-major's native libraries, and exit",
+    )
     add("--cuda-major", type=int, default=13, help="with --vendor-wheel: the CUDA major version torch was built for")
     args = parser.parse_args(argv)
     if args.vendor_wheel is not None:
@@ -795,11 +902,21 @@ def main(argv: list[str] | None = None) -> int:
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     stem = f"gpu-{slug}-{time.strftime('%Y-%m-%d')}"
     shapes = ["smollm2-135m", "mistral-7b"] if cuda else ["tiny"]
-    results = {"benchmark": "gpu", "tiny": args.tiny, "complete": False, "device_name": device_name,
-               "peak": asdict(peak) if peak else None, "environment": environment, "machine": machine(),
-               "cuda": torch.version.cuda, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": args.budget_s,
-               "settings": {"chunks": args.chunks, "max_tokens": args.max_tokens, "shapes": shapes}, "steps": [],
-               "seconds": 0.0}
+    results = {
+        "benchmark": "gpu",
+        "tiny": args.tiny,
+        "complete": False,
+        "device_name": device_name,
+        "peak": asdict(peak) if peak else None,
+        "environment": environment,
+        "machine": machine(),
+        "cuda": torch.version.cuda,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "budget_s": args.budget_s,
+        "settings": {"chunks": args.chunks, "max_tokens": args.max_tokens, "shapes": shapes},
+        "steps": [],
+        "seconds": 0.0,
+    }
     start = time.monotonic()
 
     def save() -> None:

@@ -35,10 +35,19 @@ def run_size(size_mb: float, workdir: Path) -> dict:
     out = workdir / f"out-{size_mb:g}mb"
     shutil.rmtree(out, ignore_errors=True)
     synth = write_synthetic_export(export, size_mb=size_mb, seed=0)
-    command = [str(Path(sys.executable).parent / "chatgpt-export-v2"), "-i", str(export), "-o", str(out),
-               "--backend", "fake", "--no-progress",
-               # The fake backend logs every prompt it gets, for tests; that log is not the pipeline's memory.
-               "--engine-arg", "history=false"]
+    command = [
+        str(Path(sys.executable).parent / "chatgpt-export-v2"),
+        "-i",
+        str(export),
+        "-o",
+        str(out),
+        "--backend",
+        "fake",
+        "--no-progress",
+        # The fake backend logs every prompt it gets, for tests; that log is not the pipeline's memory.
+        "--engine-arg",
+        "history=false",
+    ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     log = workdir / f"log-{size_mb:g}mb.txt"
     start = time.perf_counter()
@@ -66,7 +75,9 @@ def run_size(size_mb: float, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[200, 1000], help="export sizes in MB (smallest first)")
+    parser.add_argument(
+        "--sizes", type=float, nargs="+", default=[200, 1000], help="export sizes in MB (smallest first)"
+    )
     parser.add_argument("--workdir", default=None, help="where the exports and stores go (default: a temporary folder)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="apiana-bench-memory-"))
@@ -85,17 +96,26 @@ def main(argv: list[str] | None = None) -> dict:
     growth = largest["peak_rss_mb"] / smallest["peak_rss_mb"]
     results["growth"] = round(growth, 3)
     results["targets"] = {
-        f"peak RSS at {largest['size_mb']:g} MB <= {TARGET_PEAK_MB_AT_1GB:g} MB": largest["peak_rss_mb"] <= TARGET_PEAK_MB_AT_1GB,
-        f"peak at {largest['size_mb']:g} MB / peak at {smallest['size_mb']:g} MB <= {TARGET_GROWTH}": growth <= TARGET_GROWTH,
+        f"peak RSS at {largest['size_mb']:g} MB <= {TARGET_PEAK_MB_AT_1GB:g} MB": largest["peak_rss_mb"]
+        <= TARGET_PEAK_MB_AT_1GB,
+        f"peak at {largest['size_mb']:g} MB / peak at {smallest['size_mb']:g} MB <= {TARGET_GROWTH}": growth
+        <= TARGET_GROWTH,
     }
-    columns = [("size_mb", "export MB"), ("conversations", "conversations"), ("chunks", "chunks"), ("wall_s", "wall s"),
-               ("peak_rss_mb", "peak RSS MB"), ("store_mb", "apiana.sqlite MB")]
+    columns = [
+        ("size_mb", "export MB"),
+        ("conversations", "conversations"),
+        ("chunks", "chunks"),
+        ("wall_s", "wall s"),
+        ("peak_rss_mb", "peak RSS MB"),
+        ("store_mb", "apiana.sqlite MB"),
+    ]
     markdown = (
         f"# Peak memory of `chatgpt-export-v2 --backend fake` against export size\n\n"
         f"{results['machine']['cores']} cores ({results['machine']['cpu']}); each size in a fresh process, "
         f"peak RSS from the kernel (wait4).\n\n{markdown_table(rows, columns)}\n\n"
         f"Peak at {largest['size_mb']:g} MB / peak at {smallest['size_mb']:g} MB: **{growth:.2f}**\n\n"
-        + "\n".join(f"- {k}: {'met' if v else 'NOT met'}" for k, v in results["targets"].items()) + "\n"
+        + "\n".join(f"- {k}: {'met' if v else 'NOT met'}" for k, v in results["targets"].items())
+        + "\n"
     )
     stem = "memory" if sorted(args.sizes) == [200, 1000] else "memory-" + "-".join(f"{s:g}" for s in sorted(args.sizes))
     write_result("bench-memory", stem, results, markdown)

@@ -48,8 +48,10 @@ def timed_run(transform, chunks: list, monitor=None) -> dict:
     else:
         row, _ = measure(transform, chunks)
     if row["failed"]:
-        raise RuntimeError(f"{row['failed']} of {row['chunks']} chunks failed ({row['failures_by_reason']}: "
-                           f"{row.get('first_failure')}); the comparison needs identical work")
+        raise RuntimeError(
+            f"{row['failed']} of {row['chunks']} chunks failed ({row['failures_by_reason']}: "
+            f"{row.get('first_failure')}); the comparison needs identical work"
+        )
     out = {key: row[key] for key in ("wall_s", "completion_tokens", "completion_tokens_per_s", "load_1m")}
     if monitor is not None:
         samples = monitor.to_pandas()
@@ -94,8 +96,11 @@ def monitor_cost(model, chunks: list, max_tokens: int, repeats: int, interval: f
                 monitor = MemoryMonitor(provider, interval=interval) if config == "with monitor" else None
                 row = {"pair": r, "config": config, **timed_run(transform, chunks, monitor)}
                 rows.append(row)
-                print(f"  pair {r} {config:<16} {row['wall_s']:7.2f} s {row['completion_tokens_per_s']:8.1f} tok/s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  pair {r} {config:<16} {row['wall_s']:7.2f} s {row['completion_tokens_per_s']:8.1f} tok/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 checkpoint()
     return {"load_s": round(facts["load_s"], 1)}
 
@@ -112,8 +117,11 @@ def stats_cost(model, chunks: list, max_tokens: int, repeats: int, rows: list, c
                 timed_run(transform, chunks)  # warm-up
                 row = {"pair": r, "config": config, **timed_run(transform, chunks)}
             rows.append(row)
-            print(f"  pair {r} {config:<10} {row['wall_s']:7.2f} s {row['completion_tokens_per_s']:8.1f} tok/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  pair {r} {config:<10} {row['wall_s']:7.2f} s {row['completion_tokens_per_s']:8.1f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
             checkpoint()
     return {"load_s": [round(x, 1) for x in loads]}
 
@@ -121,34 +129,54 @@ def stats_cost(model, chunks: list, max_tokens: int, repeats: int, rows: list, c
 def render_markdown(results: dict) -> str:
     """The figures as a short markdown report."""
     s, m = results["settings"], results["machine"]
-    columns = [("pair", "pair"), ("config", "configuration"), ("wall_s", "wall s"), ("completion_tokens", "new tokens"),
-               ("completion_tokens_per_s", "new tok/s"), ("mean_sample_ms", "ms per sample (wall)"),
-               ("mean_sample_cpu_ms", "ms per sample (CPU)"), ("load_1m", "load 1m")]
-    what = "vLLM stats off vs on (fresh engines)" if s["stats_cost"] else f"the memory monitor (every {s['interval_s']} s) vs none"
-    parts = [f"# Cost of watching: {what}\n",
-             f"{m['cores']} cores ({m['cpu']}); bundled SmolLM2-135M-Instruct in vLLM, prefix caching off; "
-             f"{s['chunks']} chunks of {s['chunk_tokens'][0]}-{s['chunk_tokens'][1]} tokens, {s['max_tokens']} new tokens "
-             f"forced, all in one batch; {s['repeats']} pairs in alternating order.\n"]
+    columns = [
+        ("pair", "pair"),
+        ("config", "configuration"),
+        ("wall_s", "wall s"),
+        ("completion_tokens", "new tokens"),
+        ("completion_tokens_per_s", "new tok/s"),
+        ("mean_sample_ms", "ms per sample (wall)"),
+        ("mean_sample_cpu_ms", "ms per sample (CPU)"),
+        ("load_1m", "load 1m"),
+    ]
+    what = (
+        "vLLM stats off vs on (fresh engines)"
+        if s["stats_cost"]
+        else f"the memory monitor (every {s['interval_s']} s) vs none"
+    )
+    parts = [
+        f"# Cost of watching: {what}\n",
+        f"{m['cores']} cores ({m['cpu']}); bundled SmolLM2-135M-Instruct in vLLM, prefix caching off; "
+        f"{s['chunks']} chunks of {s['chunk_tokens'][0]}-{s['chunk_tokens'][1]} tokens, {s['max_tokens']} new tokens "
+        f"forced, all in one batch; {s['repeats']} pairs in alternating order.\n",
+    ]
     if not results["complete"]:
         parts.append("**Partial results: the run has not finished (or was cut short).**\n")
     parts.append(markdown_table(results["rows"], columns) + "\n")
     summary = results.get("summary")
     if summary:
-        parts.append(f"Throughput ratio per pair: {summary['ratios']}; mean {summary['mean_ratio']} "
-                     f"(range {summary['min_ratio']}-{summary['max_ratio']}), so a cost of {summary['cost']:.1%}.\n")
+        parts.append(
+            f"Throughput ratio per pair: {summary['ratios']}; mean {summary['mean_ratio']} "
+            f"(range {summary['min_ratio']}-{summary['max_ratio']}), so a cost of {summary['cost']:.1%}.\n"
+        )
         if not s["stats_cost"]:
             verdict = "met" if summary["cost"] < TARGET_MAX_COST else "NOT met"
-            parts.append(f"Target: cost under {TARGET_MAX_COST:.0%}: {verdict}. The sampler's own time: "
-                         f"{summary['mean_sample_cpu_ms']:.2f} ms of CPU ({summary['mean_sample_ms']:.1f} ms wall) per "
-                         f"sample every {s['interval_s']} s, {summary['sampler_cpu_share']:.2%} of one core.\n")
+            parts.append(
+                f"Target: cost under {TARGET_MAX_COST:.0%}: {verdict}. The sampler's own time: "
+                f"{summary['mean_sample_cpu_ms']:.2f} ms of CPU ({summary['mean_sample_ms']:.1f} ms wall) per "
+                f"sample every {s['interval_s']} s, {summary['sampler_cpu_share']:.2%} of one core.\n"
+            )
     return "\n".join(parts)
 
 
 def save(results: dict, stem: str) -> str:
     """Work out the ratios from the pairs measured so far and write both files."""
-    base, other = ("stats off", "stats on") if results["settings"]["stats_cost"] else ("without monitor", "with monitor")
-    complete_pairs = [r for r in {row["pair"] for row in results["rows"]}
-                      if sum(row["pair"] == r for row in results["rows"]) == 2]
+    base, other = (
+        ("stats off", "stats on") if results["settings"]["stats_cost"] else ("without monitor", "with monitor")
+    )
+    complete_pairs = [
+        r for r in {row["pair"] for row in results["rows"]} if sum(row["pair"] == r for row in results["rows"]) == 2
+    ]
     rows = [row for row in results["rows"] if row["pair"] in complete_pairs]
     if rows:
         results["summary"] = summarize_pairs(rows, base, other)
@@ -172,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per chunk (forced)")
     parser.add_argument("--repeats", type=int, default=3, help="pairs of runs, in alternating order")
     parser.add_argument("--interval", type=float, default=0.5, help="the monitor's sampling interval, seconds")
-    parser.add_argument("--stats-cost", action="store_true", help="measure vLLM's stats (fresh engines) instead of the monitor")
+    parser.add_argument(
+        "--stats-cost", action="store_true", help="measure vLLM's stats (fresh engines) instead of the monitor"
+    )
     parser.add_argument("--model", default=None, help="a local HF folder (default: the bundled model)")
     parser.add_argument("--quick", action="store_true", help="4 chunks, 16 new tokens, 1 pair: checks the script works")
     args = parser.parse_args(argv)
@@ -184,17 +214,28 @@ def main(argv: list[str] | None = None) -> dict:
     chunks, _ = workload_chunks(n)
     stem = ("stats" if args.stats_cost else "monitor") + ("-quick" if args.quick else "")
     results = {
-        "benchmark": "monitor", "complete": False, "machine": machine(),
-        "settings": {"chunks": n, "max_tokens": max_tokens, "repeats": repeats, "interval_s": args.interval,
-                     "stats_cost": args.stats_cost, "quick": args.quick, "model": args.model or "bundled",
-                     "chunk_tokens": [min(c.token_count for c in chunks), max(c.token_count for c in chunks)]},
+        "benchmark": "monitor",
+        "complete": False,
+        "machine": machine(),
+        "settings": {
+            "chunks": n,
+            "max_tokens": max_tokens,
+            "repeats": repeats,
+            "interval_s": args.interval,
+            "stats_cost": args.stats_cost,
+            "quick": args.quick,
+            "model": args.model or "bundled",
+            "chunk_tokens": [min(c.token_count for c in chunks), max(c.token_count for c in chunks)],
+        },
         "rows": [],
     }
     checkpoint = lambda: save(results, stem)  # noqa: E731  a run cut short still leaves its figures
     if args.stats_cost:
         results["engine"] = stats_cost(args.model, chunks, max_tokens, repeats, results["rows"], checkpoint)
     else:
-        results["engine"] = monitor_cost(args.model, chunks, max_tokens, repeats, args.interval, results["rows"], checkpoint)
+        results["engine"] = monitor_cost(
+            args.model, chunks, max_tokens, repeats, args.interval, results["rows"], checkpoint
+        )
     results["complete"] = True
     markdown = save(results, stem)
     print(markdown)

@@ -43,12 +43,26 @@ def main(argv: list[str] | None = None) -> dict:
         provider = get_provider(args.backend)
         load_seconds = time.perf_counter() - start
         try:
-            plan = plan_export(str(export), args.backend, sample=args.sample, chunk_size=args.chunk_size,
-                               max_length=args.max_length, provider=provider)
+            plan = plan_export(
+                str(export),
+                args.backend,
+                sample=args.sample,
+                chunk_size=args.chunk_size,
+                max_length=args.max_length,
+                provider=provider,
+            )
             print(format_plan(plan), flush=True)
             start = time.perf_counter()
-            run = run_export(RunConfig(input=str(export), output=str(Path(folder) / "out"), backend=args.backend,
-                                       chunk_size=args.chunk_size, max_length=args.max_length), provider=provider)
+            run = run_export(
+                RunConfig(
+                    input=str(export),
+                    output=str(Path(folder) / "out"),
+                    backend=args.backend,
+                    chunk_size=args.chunk_size,
+                    max_length=args.max_length,
+                ),
+                provider=provider,
+            )
             wall = time.perf_counter() - start
         finally:
             provider.close()
@@ -57,32 +71,75 @@ def main(argv: list[str] | None = None) -> dict:
     projected_summarize = p["prefill_seconds"] + p["decode_seconds"]
     projected_total = p["read_and_chunk_seconds"] + projected_summarize  # the engine was loaded once, outside both
     rows = [
-        {"what": "summarizing (prefill + decode)", "projected_s": projected_summarize, "low_s": p["low_seconds"] - p["load_seconds"] - p["read_and_chunk_seconds"],
-         "high_s": p["high_seconds"] - p["load_seconds"] - p["read_and_chunk_seconds"], "actual_s": run["summarize_seconds"]},
-        {"what": "whole run (read, chunk, summarize, write)", "projected_s": projected_total,
-         "low_s": p["low_seconds"] - p["load_seconds"], "high_s": p["high_seconds"] - p["load_seconds"], "actual_s": wall},
+        {
+            "what": "summarizing (prefill + decode)",
+            "projected_s": projected_summarize,
+            "low_s": p["low_seconds"] - p["load_seconds"] - p["read_and_chunk_seconds"],
+            "high_s": p["high_seconds"] - p["load_seconds"] - p["read_and_chunk_seconds"],
+            "actual_s": run["summarize_seconds"],
+        },
+        {
+            "what": "whole run (read, chunk, summarize, write)",
+            "projected_s": projected_total,
+            "low_s": p["low_seconds"] - p["load_seconds"],
+            "high_s": p["high_seconds"] - p["load_seconds"],
+            "actual_s": wall,
+        },
     ]
     for row in rows:
         row["error"] = row["projected_s"] / row["actual_s"] - 1
         row["within_range"] = row["low_s"] <= row["actual_s"] <= row["high_s"]
     results = {
-        "machine": machine(), "settings": vars(args), "engine_load_seconds": round(load_seconds, 1),
-        "plan": plan, "run": {k: run.get(k) for k in ("chunks_total", "summaries_computed", "failed", "summarize_seconds",
-                                                      "completion_tokens", "prompt_tokens", "completion_tokens_per_s")},
+        "machine": machine(),
+        "settings": vars(args),
+        "engine_load_seconds": round(load_seconds, 1),
+        "plan": plan,
+        "run": {
+            k: run.get(k)
+            for k in (
+                "chunks_total",
+                "summaries_computed",
+                "failed",
+                "summarize_seconds",
+                "completion_tokens",
+                "prompt_tokens",
+                "completion_tokens_per_s",
+            )
+        },
         "rows": rows,
-        "target": {"max_abs_error": TARGET_ERROR, "measured": round(rows[0]["error"], 3), "met": abs(rows[0]["error"]) <= TARGET_ERROR},
+        "target": {
+            "max_abs_error": TARGET_ERROR,
+            "measured": round(rows[0]["error"], 3),
+            "met": abs(rows[0]["error"]) <= TARGET_ERROR,
+        },
     }
-    columns = [("what", "what"), ("projected_s", "projected s"), ("low_s", "low s"), ("high_s", "high s"),
-               ("actual_s", "actual s"), ("error", "error"), ("within_range", "in range")]
-    markdown = "\n".join([
-        f"# plan against the real run: {args.size_mb:g} MB export, {args.sample}-chunk sample, {args.backend}", "",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['when']}.",
-        f"Export: {plan['export']['chunks']} chunks, {plan['export']['prompt_tokens']:,} prompt tokens. "
-        f"Run: {results['run']['summaries_computed']} summaries, {results['run']['completion_tokens']:,} new tokens.", "",
-        markdown_table(rows, columns), "",
-        f"Target: |error| ≤ {TARGET_ERROR:.0%} on summarizing: {results['target']['measured']:+.1%}, "
-        f"{'met' if results['target']['met'] else 'NOT met'}.", "", "```", format_plan(plan), "```",
-    ])
+    columns = [
+        ("what", "what"),
+        ("projected_s", "projected s"),
+        ("low_s", "low s"),
+        ("high_s", "high s"),
+        ("actual_s", "actual s"),
+        ("error", "error"),
+        ("within_range", "in range"),
+    ]
+    markdown = "\n".join(
+        [
+            f"# plan against the real run: {args.size_mb:g} MB export, {args.sample}-chunk sample, {args.backend}",
+            "",
+            f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['when']}.",
+            f"Export: {plan['export']['chunks']} chunks, {plan['export']['prompt_tokens']:,} prompt tokens. "
+            f"Run: {results['run']['summaries_computed']} summaries, {results['run']['completion_tokens']:,} new tokens.",
+            "",
+            markdown_table(rows, columns),
+            "",
+            f"Target: |error| ≤ {TARGET_ERROR:.0%} on summarizing: {results['target']['measured']:+.1%}, "
+            f"{'met' if results['target']['met'] else 'NOT met'}.",
+            "",
+            "```",
+            format_plan(plan),
+            "```",
+        ]
+    )
     write_result("bench-plan", "plan", results, markdown)
     print(markdown)
     return results

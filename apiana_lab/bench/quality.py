@@ -26,11 +26,10 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
+from apiana_lab.experiments.record import machine, markdown_table, write_result  # noqa: E402
 from apiana_lab.export.reader import read_export  # noqa: E402
 from apiana_lab.export.synth import SAMPLE_PATH  # noqa: E402
 from apiana_lab.quality import profile, summarize_profiles  # noqa: E402
-
-from apiana_lab.experiments.record import machine, markdown_table, write_result  # noqa: E402
 
 logger = logging.getLogger("apiana_lab.bench.quality")
 
@@ -50,10 +49,14 @@ def make_pairs(n: int, seed: int = 0, chunk_words: int = 1000, summary_words: in
     times, stopped at the cap), one in ten echoes the turns, one in twenty is French.
     """
     rng = random.Random(seed)
-    counts = Counter(w.lower() for c in read_export(SAMPLE_PATH) for e in c.entries for w in re.findall(r"[A-Za-z]+", e.text))
+    counts = Counter(
+        w.lower() for c in read_export(SAMPLE_PATH) for e in c.entries for w in re.findall(r"[A-Za-z]+", e.text)
+    )
     vocabulary = [w for w, _ in counts.most_common()]  # the sample's words, most frequent first, then made-up ones
     while len(vocabulary) < 5000:
-        vocabulary.append("".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 4))))
+        vocabulary.append(
+            "".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 4)))
+        )
     cumulative, total = [], 0.0
     for rank in range(1, len(vocabulary) + 1):
         total += 1 / rank
@@ -75,7 +78,9 @@ def make_pairs(n: int, seed: int = 0, chunk_words: int = 1000, summary_words: in
         copied = re.findall(r"[A-Z][^.?!:]*[.?!]", chunk)
         parts, words = [f"The user told me that {sentence().lower()}"], 0
         while words < summary_words:
-            part = rng.choice((f"I suggested that {sentence().lower()}", f"I {sentence().lower()}", rng.choice(copied), sentence()))
+            part = rng.choice(
+                (f"I suggested that {sentence().lower()}", f"I {sentence().lower()}", rng.choice(copied), sentence())
+            )
             parts.append(part)
             words += len(part.split())
         kind, finish = i % 20, "stop"
@@ -131,27 +136,58 @@ def main(argv: list[str] | None = None) -> int:
         "target_50k_s": TARGET_SECONDS,
         "quality": summarize_profiles(profiles[: len(pairs)]),
     }
-    row = {k: figures[k] for k in ("summaries", "summary_words_median", "chunk_words_median", "wall_s", "cpu_s",
-                                   "summaries_per_s", "ms_per_summary", "projected_50k_s", "detector_load_s")}
-    md = "\n".join([
-        "# Quality profile speed",
-        "",
-        f"One core of {figures['machine']['cpu']} (load average at start {figures['machine']['loadavg_at_start']}). "
-        f"{len(pairs)} distinct pairs cycled; the detector's one-off load is not in the rate.",
-        "",
-        markdown_table([row], [("summaries", "summaries"), ("summary_words_median", "summary words"),
-                               ("chunk_words_median", "chunk words"), ("wall_s", "wall s"), ("cpu_s", "CPU s"),
-                               ("summaries_per_s", "summaries/s"), ("ms_per_summary", "ms each"),
-                               ("projected_50k_s", "50k in s"), ("detector_load_s", "detector load s")]),
-        "",
-        f"Target: 50,000 in under {TARGET_SECONDS:.0f} s. Flag shares on the distinct pairs: "
-        + ", ".join(f"{k} {v['share']:.0%}" for k, v in figures["quality"]["flags"].items()),
-        "",
-        "Rerun: `python -m apiana_lab.bench.quality`",
-    ])
+    row = {
+        k: figures[k]
+        for k in (
+            "summaries",
+            "summary_words_median",
+            "chunk_words_median",
+            "wall_s",
+            "cpu_s",
+            "summaries_per_s",
+            "ms_per_summary",
+            "projected_50k_s",
+            "detector_load_s",
+        )
+    }
+    md = "\n".join(
+        [
+            "# Quality profile speed",
+            "",
+            f"One core of {figures['machine']['cpu']} (load average at start {figures['machine']['loadavg_at_start']}). "
+            f"{len(pairs)} distinct pairs cycled; the detector's one-off load is not in the rate.",
+            "",
+            markdown_table(
+                [row],
+                [
+                    ("summaries", "summaries"),
+                    ("summary_words_median", "summary words"),
+                    ("chunk_words_median", "chunk words"),
+                    ("wall_s", "wall s"),
+                    ("cpu_s", "CPU s"),
+                    ("summaries_per_s", "summaries/s"),
+                    ("ms_per_summary", "ms each"),
+                    ("projected_50k_s", "50k in s"),
+                    ("detector_load_s", "detector load s"),
+                ],
+            ),
+            "",
+            f"Target: 50,000 in under {TARGET_SECONDS:.0f} s. Flag shares on the distinct pairs: "
+            + ", ".join(f"{k} {v['share']:.0%}" for k, v in figures["quality"]["flags"].items()),
+            "",
+            "Rerun: `python -m apiana_lab.bench.quality`",
+        ]
+    )
     json_path, md_path = write_result("bench-quality", "quality", figures, md)
-    logger.info("%d summaries in %.1f s (%.0f/s, %.2f ms each) on one core; wrote %s and %s",
-                args.summaries, wall, args.summaries / wall, 1000 * wall / args.summaries, json_path, md_path)
+    logger.info(
+        "%d summaries in %.1f s (%.0f/s, %.2f ms each) on one core; wrote %s and %s",
+        args.summaries,
+        wall,
+        args.summaries / wall,
+        1000 * wall / args.summaries,
+        json_path,
+        md_path,
+    )
     return 0
 
 

@@ -15,9 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from apiana_lab.quality import DEFAULT_THRESHOLDS, load_labels, score_flags
-
 from apiana_lab.experiments.record import machine, markdown_table, write_result
+from apiana_lab.quality import DEFAULT_THRESHOLDS, load_labels, score_flags
 
 logger = logging.getLogger("apiana_lab.bench.quality_labels")
 
@@ -37,10 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     origins: dict[str, int] = {}
     for r in records:
         origins[r["origin"]] = origins.get(r["origin"], 0) + 1
-    figures = {"machine": machine(), "labels": args.labels, "origins": origins,
-               "thresholds": dataclasses.asdict(DEFAULT_THRESHOLDS), **result, "held_out": held_result}
-    columns = [("flag", "flag"), ("positives", "labelled"), ("flagged", "flagged"), ("tp", "tp"), ("fp", "fp"),
-               ("fn", "fn"), ("precision", "precision"), ("recall", "recall")]
+    figures = {
+        "machine": machine(),
+        "labels": args.labels,
+        "origins": origins,
+        "thresholds": dataclasses.asdict(DEFAULT_THRESHOLDS),
+        **result,
+        "held_out": held_result,
+    }
+    columns = [
+        ("flag", "flag"),
+        ("positives", "labelled"),
+        ("flagged", "flagged"),
+        ("tp", "tp"),
+        ("fp", "fp"),
+        ("fn", "fn"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+    ]
     md = [
         "# Quality flags against human labels",
         "",
@@ -68,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     md += [
         "Thresholds: " + ", ".join(f"`{k}={v}`" for k, v in dataclasses.asdict(DEFAULT_THRESHOLDS).items()),
         "",
-        "Disagreements: " + ("; ".join(f"{flag}: " + ", ".join(f"{m['id']} ({'missed' if 'missed' in m else 'false alarm'})"
-                                                              for m in ms) for flag, ms in result["misses"].items()) or "none"),
+        "Disagreements: "
+        + (
+            "; ".join(
+                f"{flag}: " + ", ".join(f"{m['id']} ({'missed' if 'missed' in m else 'false alarm'})" for m in ms)
+                for flag, ms in result["misses"].items()
+            )
+            or "none"
+        ),
         "",
         "Rerun: `python -m apiana_lab.bench.quality_labels`",
     ]

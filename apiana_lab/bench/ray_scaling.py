@@ -30,21 +30,40 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..ray_executor import start_cluster
 from apiana_lab.experiments.record import machine, markdown_table, write_result
+from apiana_lab.ray_executor import start_cluster
 
 TARGET_RATIO = 1.8  # two worker nodes against one
 
 
-def run_once(export: Path, out: Path, *, executor: str, latency: float, batch_size: int, max_workers: int,
-             chunk_size: int, replicas: int | None = None, replica_cpus: float = 1.0) -> dict:
+def run_once(
+    export: Path,
+    out: Path,
+    *,
+    executor: str,
+    latency: float,
+    batch_size: int,
+    max_workers: int,
+    chunk_size: int,
+    replicas: int | None = None,
+    replica_cpus: float = 1.0,
+) -> dict:
     """One run of the fake provider through run_export into a fresh `out`; the figures a comparison needs."""
     from apiana_lab.pipeline import RunConfig, run_export
 
     shutil.rmtree(out, ignore_errors=True)
-    config = RunConfig(str(export), str(out), backend="fake", chunk_size=chunk_size, batch_size=batch_size,
-                       max_workers=max_workers, engine_options={"latency": latency}, executor=executor, replicas=replicas,
-                       replica_cpus=replica_cpus)
+    config = RunConfig(
+        str(export),
+        str(out),
+        backend="fake",
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        max_workers=max_workers,
+        engine_options={"latency": latency},
+        executor=executor,
+        replicas=replicas,
+        replica_cpus=replica_cpus,
+    )
     start = time.perf_counter()
     run = run_export(config)
     wall = time.perf_counter() - start
@@ -67,8 +86,16 @@ def run_once(export: Path, out: Path, *, executor: str, latency: float, batch_si
     }
 
 
-def scaling(export: Path, workdir: Path, *, latency: float = 0.05, batch_size: int = 4, max_workers: int = 2,
-            chunk_size: int = 128, replica_cpus: float = 1.0) -> dict:
+def scaling(
+    export: Path,
+    workdir: Path,
+    *,
+    latency: float = 0.05,
+    batch_size: int = 4,
+    max_workers: int = 2,
+    chunk_size: int = 128,
+    replica_cpus: float = 1.0,
+) -> dict:
     """Local, one replica and two replicas on the connected (or RAY_ADDRESS) cluster; ratio and overhead per chunk.
 
     Ray Data is told to start every replica before it hands out the first batch, so that a
@@ -116,13 +143,30 @@ def compare_ray_data_llm(workdir: Path, *, chunks: int = 24, max_tokens: int = 3
     out = workdir / "ours"
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    run = run_export(RunConfig(str(export), str(out), backend="vllm", chunk_size=chunk_size, limit=chunks,
-                               max_length=max_tokens, batch_size=chunks, engine_options=engine, executor="ray",
-                               replicas=1, replica_cpus=1))
+    run = run_export(
+        RunConfig(
+            str(export),
+            str(out),
+            backend="vllm",
+            chunk_size=chunk_size,
+            limit=chunks,
+            max_length=max_tokens,
+            batch_size=chunks,
+            engine_options=engine,
+            executor="ray",
+            replicas=1,
+            replica_cpus=1,
+        )
+    )
     ours_wall = time.perf_counter() - start
-    ours = {"path": "ours: RaySummarizer, one replica", "rows": run["summaries_computed"], "wall_s": round(ours_wall, 2),
-            "summarize_s": run["summarize_seconds"], "engine_s": round(run["summarize_seconds"] - run["ray"]["startup_seconds"], 2),
-            "completion_tokens": run["completion_tokens"]}
+    ours = {
+        "path": "ours: RaySummarizer, one replica",
+        "rows": run["summaries_computed"],
+        "wall_s": round(ours_wall, 2),
+        "summarize_s": run["summarize_seconds"],
+        "engine_s": round(run["summarize_seconds"] - run["ray"]["startup_seconds"], 2),
+        "completion_tokens": run["completion_tokens"],
+    }
 
     # The very same prompts (the stored chunks, rendered by our transform) as ray.data.llm rows.
     store = SQLiteStore(out / "apiana.sqlite")
@@ -136,7 +180,10 @@ def compare_ray_data_llm(workdir: Path, *, chunks: int = 24, max_tokens: int = 3
     prompts = SummarizerTransform(_Named(model), max_length=max_tokens)
     rows = [{"id": c.id, "messages": prompts.prompt(c)} for c in texts]
     config = vLLMEngineProcessorConfig(
-        model_source=model, engine_kwargs=dict(engine), batch_size=len(rows), concurrency=1,
+        model_source=model,
+        engine_kwargs=dict(engine),
+        batch_size=len(rows),
+        concurrency=1,
         # CPU only: without a placement group config the stage asks Ray for one GPU per replica.
         placement_group_config={"bundles": [{"CPU": 1}]},
         # Its default (True) makes vLLM import ray.serve, which only the ray[llm] extra installs:
@@ -145,9 +192,12 @@ def compare_ray_data_llm(workdir: Path, *, chunks: int = 24, max_tokens: int = 3
     )
     processor = build_processor(
         config,
-        preprocess=lambda row: dict(messages=row["messages"], sampling_params=dict(temperature=0.0, max_tokens=max_tokens)),
-        postprocess=lambda row: dict(text=row["generated_text"], tokens=row["num_generated_tokens"],
-                                     llm_s=row["time_taken_llm"]),
+        preprocess=lambda row: dict(
+            messages=row["messages"], sampling_params=dict(temperature=0.0, max_tokens=max_tokens)
+        ),
+        postprocess=lambda row: dict(
+            text=row["generated_text"], tokens=row["num_generated_tokens"], llm_s=row["time_taken_llm"]
+        ),
     )
     start = time.perf_counter()
     error = None
@@ -156,14 +206,26 @@ def compare_ray_data_llm(workdir: Path, *, chunks: int = 24, max_tokens: int = 3
     except Exception as e:  # recorded: whether it runs here at all is one of the findings
         results, error = [], f"{type(e).__name__}: {str(e)[:500]}"
     wall = time.perf_counter() - start
-    theirs = {"path": "ray.data.llm vLLMEngineProcessor", "rows": len(results), "wall_s": round(wall, 2),
-              "summarize_s": round(wall, 2), "engine_s": round(max((r["llm_s"] for r in results), default=0.0), 2),
-              "completion_tokens": sum(r["tokens"] for r in results), "error": error}
+    theirs = {
+        "path": "ray.data.llm vLLMEngineProcessor",
+        "rows": len(results),
+        "wall_s": round(wall, 2),
+        "summarize_s": round(wall, 2),
+        "engine_s": round(max((r["llm_s"] for r in results), default=0.0), 2),
+        "completion_tokens": sum(r["tokens"] for r in results),
+        "error": error,
+    }
     for row in (ours, theirs):
         # Everything that is not the engine generating: actor starts, stages, moving rows, storing.
         row["outside_engine_s"] = round(row["wall_s"] - row["engine_s"], 2)
-    return {"model": model, "chunks": chunks, "max_tokens": max_tokens, "engine": engine, "rows": [ours, theirs],
-            "extra_outside_engine_s": None if error else round(theirs["outside_engine_s"] - ours["outside_engine_s"], 2)}
+    return {
+        "model": model,
+        "chunks": chunks,
+        "max_tokens": max_tokens,
+        "engine": engine,
+        "rows": [ours, theirs],
+        "extra_outside_engine_s": None if error else round(theirs["outside_engine_s"] - ours["outside_engine_s"], 2),
+    }
 
 
 class _Named:
@@ -183,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk (small: many chunks)")
-    parser.add_argument("--address", default=None, help="an existing cluster with two worker nodes (default: start one here)")
+    parser.add_argument(
+        "--address", default=None, help="an existing cluster with two worker nodes (default: start one here)"
+    )
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica: a whole worker node's")
     parser.add_argument("--ray-data-llm", action="store_true", help="compare with ray.data.llm on vLLM instead")
     parser.add_argument("--chunks", type=int, default=24, help="with --ray-data-llm: chunks to summarize")
@@ -205,20 +269,40 @@ def main(argv: list[str] | None = None) -> dict:
         ray.init(address=args.address or cluster.address)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print(f"{len(nodes)} nodes; running local, 1 and 2 replicas ...", file=sys.stderr, flush=True)
-        figures = scaling(export, workdir, latency=args.latency, batch_size=args.batch_size, max_workers=args.max_workers,
-                          chunk_size=args.chunk_size, replica_cpus=args.replica_cpus)
+        figures = scaling(
+            export,
+            workdir,
+            latency=args.latency,
+            batch_size=args.batch_size,
+            max_workers=args.max_workers,
+            chunk_size=args.chunk_size,
+            replica_cpus=args.replica_cpus,
+        )
     finally:
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
-    results = {"benchmark": "ray_scaling", "machine": machine(), "cluster": "started here" if cluster else args.address,
-               "nodes": len(nodes), "ray_version": ray.__version__, **figures,
-               "targets": {f"two worker nodes / one >= {TARGET_RATIO}": figures["ratio_two_to_one"] >= TARGET_RATIO}}
+    results = {
+        "benchmark": "ray_scaling",
+        "machine": machine(),
+        "cluster": "started here" if cluster else args.address,
+        "nodes": len(nodes),
+        "ray_version": ray.__version__,
+        **figures,
+        "targets": {f"two worker nodes / one >= {TARGET_RATIO}": figures["ratio_two_to_one"] >= TARGET_RATIO},
+    }
     s = figures["settings"]
-    columns = [("config", "configuration"), ("chunks", "chunks"), ("summarize_s", "summarize s"), ("startup_s", "startup s"),
-               ("steady_s", "after startup s"), ("chunks_per_s", "chunks/s"), ("batches", "Ray batches"),
-               ("nodes_used", "nodes used")]
+    columns = [
+        ("config", "configuration"),
+        ("chunks", "chunks"),
+        ("summarize_s", "summarize s"),
+        ("startup_s", "startup s"),
+        ("steady_s", "after startup s"),
+        ("chunks_per_s", "chunks/s"),
+        ("batches", "Ray batches"),
+        ("nodes_used", "nodes used"),
+    ]
     markdown = (
         f"# Ray scaling: one worker node against two\n\n"
         f"{results['machine']['cores']} cores ({results['machine']['cpu']}), load {results['machine']['loadavg_at_start']}; "
@@ -230,7 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"Ray's overhead against the same provider locally: **{figures['overhead_ms_per_chunk']:.2f} ms per chunk** "
         f"after startup, {figures['overhead_ms_per_chunk_with_startup']:.2f} ms per chunk counting the replicas' startup.\n"
     )
-    json_path, md_path = write_result("bench-ray", "ray_scaling-quick" if args.quick else "ray_scaling", results, markdown)
+    json_path, md_path = write_result(
+        "bench-ray", "ray_scaling-quick" if args.quick else "ray_scaling", results, markdown
+    )
     print(markdown)
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return results
@@ -255,8 +341,15 @@ def main_ray_data_llm(chunks: int = 24) -> dict:
 
 def ray_data_llm_markdown(results: dict) -> str:
     """The comparison as a markdown page."""
-    columns = [("path", "path"), ("rows", "rows"), ("wall_s", "wall s"), ("engine_s", "engine s"),
-               ("outside_engine_s", "outside the engine s"), ("completion_tokens", "completion tokens"), ("error", "error")]
+    columns = [
+        ("path", "path"),
+        ("rows", "rows"),
+        ("wall_s", "wall s"),
+        ("engine_s", "engine s"),
+        ("outside_engine_s", "outside the engine s"),
+        ("completion_tokens", "completion tokens"),
+        ("error", "error"),
+    ]
     return (
         f"# Our Ray executor against ray.data.llm, vLLM on CPU\n\n"
         f"{results['machine']['cores']} cores, load {results['machine']['loadavg_at_start']}; Ray {results['ray_version']}; "
@@ -269,7 +362,7 @@ def ray_data_llm_markdown(results: dict) -> str:
         f"engine's actor waited while the detokenize pool held a CPU). One run on a shared machine: read the difference "
         f"as mostly start-up, not as a per-row cost. With its default `log_engine_metrics=True` "
         f"the engine does not start under `ray[data]` alone (vLLM's metrics need `ray.serve`: \"RayPrometheusMetric "
-        f"requires Ray to be installed\"); the run above sets it to False.\n"
+        f'requires Ray to be installed"); the run above sets it to False.\n'
     )
 
 

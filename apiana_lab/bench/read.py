@@ -74,8 +74,12 @@ def run_phase(phase: str, path: Path, workdir: Path) -> dict:
 
             report = ReadReport()
             refs = Ingest(store, chunker, report=report)(str(path))
-            figures.update(conversations=report.conversations, messages=None, chunks=len(refs),
-                           tokens=sum(r.token_count for r in refs))
+            figures.update(
+                conversations=report.conversations,
+                messages=None,
+                chunks=len(refs),
+                tokens=sum(r.token_count for r in refs),
+            )
             store.close()
             figures["sqlite_mb"] = round(sum(p.stat().st_size for p in workdir.glob("bench.sqlite*")) / 1e6, 1)
         else:
@@ -106,9 +110,21 @@ def profile_phase(phase: str, path: Path, workdir: Path, out: Path) -> None:
     out.write_text(text.getvalue(), encoding="utf-8")
 
 
-def in_subprocess(phase: str, path: Path, workdir: Path, profile_to: Path | None = None, env: dict | None = None) -> dict:
+def in_subprocess(
+    phase: str, path: Path, workdir: Path, profile_to: Path | None = None, env: dict | None = None
+) -> dict:
     """Run one phase in a fresh interpreter and return its figures."""
-    cmd = [sys.executable, "-m", "apiana_lab.bench.read", "--phase", phase, "--path", str(path), "--workdir", str(workdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "apiana_lab.bench.read",
+        "--phase",
+        phase,
+        "--path",
+        str(path),
+        "--workdir",
+        str(workdir),
+    ]
     if profile_to is not None:
         cmd += ["--profile-to", str(profile_to)]
     started = time.perf_counter()
@@ -153,8 +169,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         export = workdir / ("export" if args.format == "chatgpt-sharded" else "conversations.json")
         synth = write_synthetic_export(export, size_mb=args.size_mb, format=args.format, seed=args.seed)
         size_bytes = synth.bytes
-        print(f"synthetic {args.format} export: {size_bytes / 1e6:.1f} MB, {synth.conversations:,} conversations, "
-              f"{synth.seconds:.1f} s to write ({export})", file=sys.stderr)
+        print(
+            f"synthetic {args.format} export: {size_bytes / 1e6:.1f} MB, {synth.conversations:,} conversations, "
+            f"{synth.seconds:.1f} s to write ({export})",
+            file=sys.stderr,
+        )
 
         rows = []
         runs = [(phase, LABELS[phase], {}) for phase in PHASES] + EXTRAS
@@ -179,10 +198,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         target_s = TARGET_SECONDS_PER_200MB * size_bytes / 200e6
         final = next(r for r in rows if r["phase"] == "read_chunk_store")
         targets = {
-            "read_chunk_store_seconds": {"target_max": round(target_s, 1), "measured": round(final["seconds"], 2),
-                                         "met": final["seconds"] <= target_s},
-            "read_chunk_store_peak_rss_mb": {"target_max": TARGET_PEAK_RSS_MB, "measured": round(final["peak_rss_mb"], 1),
-                                             "met": final["peak_rss_mb"] <= TARGET_PEAK_RSS_MB},
+            "read_chunk_store_seconds": {
+                "target_max": round(target_s, 1),
+                "measured": round(final["seconds"], 2),
+                "met": final["seconds"] <= target_s,
+            },
+            "read_chunk_store_peak_rss_mb": {
+                "target_max": TARGET_PEAK_RSS_MB,
+                "measured": round(final["peak_rss_mb"], 1),
+                "met": final["peak_rss_mb"] <= TARGET_PEAK_RSS_MB,
+            },
         }
         if args.profile:
             profile_path = results_root() / "bench-read" / f"profile-read-chunk-{size_label}mb.txt"
@@ -192,23 +217,40 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         results = {
             "benchmark": "read",
-            "export": {"format": args.format, "size_mb": round(size_bytes / 1e6, 2), "seed": args.seed,
-                       "conversations_written": synth.conversations, "messages_written": synth.messages},
-            "chunking": {"method": "tokens", "chunk_size": 3500, "tokenizer": "bundled SmolLM2 (tokenizers)",
-                         "TOKENIZERS_PARALLELISM": os.environ["TOKENIZERS_PARALLELISM"]},
+            "export": {
+                "format": args.format,
+                "size_mb": round(size_bytes / 1e6, 2),
+                "seed": args.seed,
+                "conversations_written": synth.conversations,
+                "messages_written": synth.messages,
+            },
+            "chunking": {
+                "method": "tokens",
+                "chunk_size": 3500,
+                "tokenizer": "bundled SmolLM2 (tokenizers)",
+                "TOKENIZERS_PARALLELISM": os.environ["TOKENIZERS_PARALLELISM"],
+            },
             "machine": facts,
             "phases": rows,
             "targets": targets,
         }
         columns = [
-            ("label", "phase"), ("seconds", "wall s"), ("mb_per_s", "MB/s"), ("peak_rss_mb", "peak RSS MB"),
-            ("conversations", "conversations"), ("chunks", "chunks"), ("tokens", "tokens"),
+            ("label", "phase"),
+            ("seconds", "wall s"),
+            ("mb_per_s", "MB/s"),
+            ("peak_rss_mb", "peak RSS MB"),
+            ("conversations", "conversations"),
+            ("chunks", "chunks"),
+            ("tokens", "tokens"),
             ("tokens_per_s", "tokens/s"),
-            ("time_vs_json_load", "time / json.load"), ("rss_vs_json_load", "RSS / json.load"),
+            ("time_vs_json_load", "time / json.load"),
+            ("rss_vs_json_load", "RSS / json.load"),
         ]
         table = markdown_table(rows, columns)
-        met = ", ".join(f"{k}: {v['measured']} (target <= {v['target_max']}, {'met' if v['met'] else 'NOT met'})"
-                        for k, v in targets.items())
+        met = ", ".join(
+            f"{k}: {v['measured']} (target <= {v['target_max']}, {'met' if v['met'] else 'NOT met'})"
+            for k, v in targets.items()
+        )
         markdown = (
             f"# Reading a {size_bytes / 1e6:.0f} MB synthetic {args.format} export\n\n"
             f"{results['machine']['cores']} cores, {results['machine']['cpu']}; each phase in its own process; "

@@ -26,9 +26,9 @@ TRIES = [  # (name, RunConfig fields for the redo)
 
 
 def main() -> None:
+    from apiana_lab.experiments.engine import loaded
     from apiana_lab.export.synth import SAMPLE_PATH
     from apiana_lab.pipeline import RunConfig, run_export
-    from apiana_lab.experiments.engine import loaded
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="vllm")
@@ -51,20 +51,32 @@ def main() -> None:
             print(rows[-1], flush=True)
     shutil.rmtree(work, ignore_errors=True)
     flags = [k for k in rows[0] if k.startswith("flag ")]
-    table = markdown_table(rows, [("options", "options of the redo"), ("redone", "chunks redone"),
-                                  ("flagged", "flagged after"), ("flagged_share", "share"),
-                                  *[(k, k.removeprefix("flag ")) for k in flags]])
-    markdown = (f"# One redo of the flagged summaries ({args.backend}, the bundled model, the sample, max_length "
-                f"{args.max_length})\n\nThe first row is the greedy run; every other row is one `--redo flagged` on a "
-                f"copy of it, keeping per chunk the version with the fewest flags.\n\n{table}\n\n"
-                f"Rerun: `python -m apiana_lab.bench.redo --backend {args.backend} --max-length {args.max_length}`\n")
+    table = markdown_table(
+        rows,
+        [
+            ("options", "options of the redo"),
+            ("redone", "chunks redone"),
+            ("flagged", "flagged after"),
+            ("flagged_share", "share"),
+            *[(k, k.removeprefix("flag ")) for k in flags],
+        ],
+    )
+    markdown = (
+        f"# One redo of the flagged summaries ({args.backend}, the bundled model, the sample, max_length "
+        f"{args.max_length})\n\nThe first row is the greedy run; every other row is one `--redo flagged` on a "
+        f"copy of it, keeping per chunk the version with the fewest flags.\n\n{table}\n\n"
+        f"Rerun: `python -m apiana_lab.bench.redo --backend {args.backend} --max-length {args.max_length}`\n"
+    )
     write_result("bench-redo", "redo", {"machine": machine(), "rows": rows}, markdown)
     print(markdown)
 
 
 def _figures(quality: dict) -> dict:
-    return {"flagged": quality["flagged"], "flagged_share": quality["flagged_share"],
-            **{f"flag {name}": f["count"] for name, f in quality["flags"].items()}}
+    return {
+        "flagged": quality["flagged"],
+        "flagged_share": quality["flagged_share"],
+        **{f"flag {name}": f["count"] for name, f in quality["flags"].items()},
+    }
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def measure_offline(provider, chunks: list, max_tokens: int, label: str) -> dict
     """Offline vLLM through the pipeline's transform, every chunk in flight at once (its window is the chunk count)."""
     from apiana_lab.summarize import ParallelSummarizerTransform
 
-    transform = ParallelSummarizerTransform(provider, max_workers=1, batch_size=len(chunks), max_length=max_tokens, ignore_eos=True)
+    transform = ParallelSummarizerTransform(
+        provider, max_workers=1, batch_size=len(chunks), max_length=max_tokens, ignore_eos=True
+    )
     row = sweep([(label, transform)], chunks, workload="a", on_row=echo)[0]
     row["in_flight"] = len(chunks)
     return row
@@ -72,32 +74,51 @@ def add_ratios(results: dict) -> None:
         r["ratio_to_offline"] = None if r["failed"] else r["completion_tokens_per_s"] / base
     if server:
         best = max(server, key=lambda r: r["completion_tokens_per_s"])
-        results["target"] = {"best_config": best["config"], "target_min": TARGET_RATIO,
-                             "measured": round(best["ratio_to_offline"], 3), "met": best["ratio_to_offline"] >= TARGET_RATIO}
+        results["target"] = {
+            "best_config": best["config"],
+            "target_min": TARGET_RATIO,
+            "measured": round(best["ratio_to_offline"], 3),
+            "met": best["ratio_to_offline"] >= TARGET_RATIO,
+        }
 
 
 def render_markdown(results: dict) -> str:
     """The figures as a short markdown report."""
     s = results["settings"]
-    columns = [("config", "configuration"), ("chunks", "chunks"), ("failed", "failed"), ("in_flight", "in flight"), ("wall_s", "wall s"),
-               ("completion_tokens", "output tokens"), ("completion_tokens_per_s", "output tok/s"),
-               ("ratio_to_offline", "× offline"), ("server_running_max", "server running (max)"), ("load_1m", "load 1m")]
-    parts = [f"# Offline vLLM vs the same model behind a vLLM server, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
-             f"Bundled SmolLM2-135M-Instruct, dtype {s.get('offline_dtype', s['dtype'])}, {s['chunks']} real-length chunks "
-             f"({s['chunk_tokens'][0]}-{s['chunk_tokens'][1]} tokens), {s['max_tokens']} new tokens forced (ignore_eos), "
-             "prefix caching off on both. Offline: ParallelSummarizerTransform over VLLMProvider, every chunk in flight at once, "
-             "measured before and after the server; × offline is against their mean. Server: the openai backend, "
-             "N worker threads each with one request in flight.\n"]
+    columns = [
+        ("config", "configuration"),
+        ("chunks", "chunks"),
+        ("failed", "failed"),
+        ("in_flight", "in flight"),
+        ("wall_s", "wall s"),
+        ("completion_tokens", "output tokens"),
+        ("completion_tokens_per_s", "output tok/s"),
+        ("ratio_to_offline", "× offline"),
+        ("server_running_max", "server running (max)"),
+        ("load_1m", "load 1m"),
+    ]
+    parts = [
+        f"# Offline vLLM vs the same model behind a vLLM server, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
+        f"Bundled SmolLM2-135M-Instruct, dtype {s.get('offline_dtype', s['dtype'])}, {s['chunks']} real-length chunks "
+        f"({s['chunk_tokens'][0]}-{s['chunk_tokens'][1]} tokens), {s['max_tokens']} new tokens forced (ignore_eos), "
+        "prefix caching off on both. Offline: ParallelSummarizerTransform over VLLMProvider, every chunk in flight at once, "
+        "measured before and after the server; × offline is against their mean. Server: the openai backend, "
+        "N worker threads each with one request in flight.\n",
+    ]
     if not results["complete"]:
         parts.append("**Partial results: the run has not finished (or was cut short).**\n")
     parts.append(markdown_table(results["rows"], columns) + "\n")
     for r in results["rows"]:
         if r["failed"]:
-            parts.append(f"{r['config']}: {r['failed']} chunks failed, so it is left out of the ratios; first error: {r.get('first_failure', '')[:300]}\n")
+            parts.append(
+                f"{r['config']}: {r['failed']} chunks failed, so it is left out of the ratios; first error: {r.get('first_failure', '')[:300]}\n"
+            )
     t = results.get("target")
     if t:
-        parts.append(f"Target: best server concurrency ≥ {t['target_min']}× offline; measured {t['measured']}× "
-                     f"({t['best_config']}): {'met' if t['met'] else 'NOT met'}.\n")
+        parts.append(
+            f"Target: best server concurrency ≥ {t['target_min']}× offline; measured {t['measured']}× "
+            f"({t['best_config']}): {'met' if t['met'] else 'NOT met'}.\n"
+        )
     return "\n".join(parts)
 
 
@@ -111,12 +132,20 @@ def save(results: dict, stem: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--chunks", type=int, default=64, help="real-length chunks (64 so that 64 requests can be in flight)")
+    parser.add_argument(
+        "--chunks", type=int, default=64, help="real-length chunks (64 so that 64 requests can be in flight)"
+    )
     parser.add_argument("--concurrency", default="1,8,32,64", help="requests in flight to try, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per chunk, forced with ignore_eos")
-    parser.add_argument("--dtype", default="auto", help="both engines' dtype (auto: as VLLMProvider resolves it; the server gets the same)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="both engines' dtype (auto: as VLLMProvider resolves it; the server gets the same)",
+    )
     parser.add_argument("--model", default=None, help="a local model folder (default: the bundled SmolLM2)")
-    parser.add_argument("--quick", action="store_true", help="4 chunks, 16 new tokens, 1 and 4 in flight: checks the script works")
+    parser.add_argument(
+        "--quick", action="store_true", help="4 chunks, 16 new tokens, 1 and 4 in flight: checks the script works"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # `timeout` and schedulers stop a run with SIGTERM: unwind, so both engines are shut down.
@@ -132,10 +161,22 @@ def main(argv: list[str] | None = None) -> dict:
     model = resolve_model(args.model)
     stem = "server-quick" if args.quick else "server"
     chunks, _ = workload_chunks(n)
-    results = {"benchmark": "server", "complete": False, "machine": machine(), "rows": [],
-               "settings": {"chunks": n, "max_tokens": max_tokens, "concurrency": levels, "dtype": args.dtype, "model": model,
-                            "chunk_tokens": [min(c.token_count for c in chunks), max(c.token_count for c in chunks)],
-                            "prefix_caching": False, "forced_length": True}}
+    results = {
+        "benchmark": "server",
+        "complete": False,
+        "machine": machine(),
+        "rows": [],
+        "settings": {
+            "chunks": n,
+            "max_tokens": max_tokens,
+            "concurrency": levels,
+            "dtype": args.dtype,
+            "model": model,
+            "chunk_tokens": [min(c.token_count for c in chunks), max(c.token_count for c in chunks)],
+            "prefix_caching": False,
+            "forced_length": True,
+        },
+    }
 
     # Both engines stay up together (2 GiB of KV cache each), so offline can run again after the
     # server rows: an idle engine waits on its queue and takes no CPU from the other.
@@ -148,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
             results["settings"]["offline_dtype"] = dtype
             # The server gets the dtype the offline engine resolved: "auto" means float32 to VLLMProvider on a CPU
             # without native bfloat16, but bfloat16 to a bare server, which would then run many times slower.
-            server = VLLMServer(model, ["--max-model-len", "4096", "--enforce-eager", "--dtype", dtype,
-                                        "--no-enable-prefix-caching"])
+            server = VLLMServer(
+                model, ["--max-model-len", "4096", "--enforce-eager", "--dtype", dtype, "--no-enable-prefix-caching"]
+            )
             print(f"vLLM server: starting ({server.log_path})", file=sys.stderr, flush=True)
             server.start()
             with loaded("openai", base_url=server.base_url) as remote:

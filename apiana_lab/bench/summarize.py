@@ -21,7 +21,6 @@ import time
 
 from apiana_lab.experiments.engine import loaded
 from apiana_lab.experiments.measure import SHORT_SYSTEM, SHORT_TEMPLATE, sweep, workload_chunks
-
 from apiana_lab.experiments.record import machine, markdown_table, write_result
 
 logger = logging.getLogger("apiana_lab.bench.summarize")
@@ -77,8 +76,12 @@ def cpu_limits(n: int) -> dict:
 
 def echo(row: dict) -> None:
     """One measured configuration, on stderr as it goes."""
-    print(f"  [{row['workload']}] {row['config']:<28} {row['wall_s']:8.1f} s  {row['completion_tokens']:6d} new tokens  "
-          f"{row['completion_tokens_per_s']:7.1f} tok/s  {row['failed']} failed", file=sys.stderr, flush=True)
+    print(
+        f"  [{row['workload']}] {row['config']:<28} {row['wall_s']:8.1f} s  {row['completion_tokens']:6d} new tokens  "
+        f"{row['completion_tokens_per_s']:7.1f} tok/s  {row['failed']} failed",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def transforms(provider, n: int, max_tokens: int, prompts: dict, engine: str) -> list[tuple[str, object]]:
@@ -88,10 +91,19 @@ def transforms(provider, n: int, max_tokens: int, prompts: dict, engine: str) ->
     if engine == "transformers":
         return [
             ("transformers sequential", SummarizerTransform(provider, max_length=max_tokens, **prompts)),
-            ("transformers parallel", ParallelSummarizerTransform(
-                provider, max_workers=1, batch_size=min(n, 32), max_length=max_tokens, **prompts)),
+            (
+                "transformers parallel",
+                ParallelSummarizerTransform(
+                    provider, max_workers=1, batch_size=min(n, 32), max_length=max_tokens, **prompts
+                ),
+            ),
         ]
-    return [("vllm parallel", ParallelSummarizerTransform(provider, max_workers=1, batch_size=n, max_length=max_tokens, **prompts))]
+    return [
+        (
+            "vllm parallel",
+            ParallelSummarizerTransform(provider, max_workers=1, batch_size=n, max_length=max_tokens, **prompts),
+        )
+    ]
 
 
 def engine_facts(provider, engine: str) -> dict:
@@ -99,11 +111,18 @@ def engine_facts(provider, engine: str) -> dict:
     if engine == "transformers":
         model = provider.models[0]
         cfg = model.config
-        return {"dtype": str(provider.dtype), "n_params": sum(p.numel() for p in model.parameters()),
-                "embedding_params": model.get_input_embeddings().weight.numel(),
-                "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
-    return {"dtype": str(provider.llm.llm_engine.model_config.dtype), "max_model_len": provider.max_context,
-            "VLLM_CPU_KVCACHE_SPACE_GiB": os.environ.get("VLLM_CPU_KVCACHE_SPACE")}
+        return {
+            "dtype": str(provider.dtype),
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "embedding_params": model.get_input_embeddings().weight.numel(),
+            "layers": cfg.num_hidden_layers,
+            "hidden": cfg.hidden_size,
+        }
+    return {
+        "dtype": str(provider.llm.llm_engine.model_config.dtype),
+        "max_model_len": provider.max_context,
+        "VLLM_CPU_KVCACHE_SPACE_GiB": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+    }
 
 
 def run_engine(engine: str, workloads: dict, n: int, rows: list, facts: dict, checkpoint=lambda: None) -> None:
@@ -125,8 +144,13 @@ def run_engine(engine: str, workloads: dict, n: int, rows: list, facts: dict, ch
             # Prefill alone: the same (a) prompts with one new token.
             chunks, _, prompts, _ = workloads["a"]
             _, transform = transforms(provider, n, 1, prompts, engine)[0]
-            sweep([("vllm prefill (max_tokens=1)", transform)], chunks, workload="a", rows=rows,
-                  on_row=lambda row: (echo(row), checkpoint()))
+            sweep(
+                [("vllm prefill (max_tokens=1)", transform)],
+                chunks,
+                workload="a",
+                rows=rows,
+                on_row=lambda row: (echo(row), checkpoint()),
+            )
 
 
 def orchestration(n: int, short_chunks: list, batch_size: int, max_workers: int) -> dict:
@@ -134,8 +158,12 @@ def orchestration(n: int, short_chunks: list, batch_size: int, max_workers: int)
     from apiana_lab.providers.fake import FakeProvider
     from apiana_lab.summarize import ParallelSummarizerTransform
 
-    chunks = [dataclasses.replace(short_chunks[i % len(short_chunks)], id=f"orchestration-{i}", index=i) for i in range(n)]
-    transform = ParallelSummarizerTransform(FakeProvider(latency=0), max_workers=max_workers, batch_size=batch_size, max_length=128)
+    chunks = [
+        dataclasses.replace(short_chunks[i % len(short_chunks)], id=f"orchestration-{i}", index=i) for i in range(n)
+    ]
+    transform = ParallelSummarizerTransform(
+        FakeProvider(latency=0), max_workers=max_workers, batch_size=batch_size, max_length=128
+    )
     gc.collect()
     start = time.perf_counter()
     done = sum(1 for _, record in transform.run(chunks) if record.error is None)
@@ -167,7 +195,9 @@ def add_ratios(rows: list[dict]) -> dict:
             if target is not None:
                 row["target_speedup"] = target
                 targets[f"{workload}: {row['config']}"] = {
-                    "target_min": target, "measured": round(row["speedup_wall"], 2), "met": row["speedup_wall"] >= target,
+                    "target_min": target,
+                    "measured": round(row["speedup_wall"], 2),
+                    "met": row["speedup_wall"] >= target,
                 }
     return targets
 
@@ -202,19 +232,31 @@ def render_markdown(results: dict) -> str:
     """The figures as a short markdown report."""
     s, engines = results["settings"], results["engines"]
     columns = [
-        ("config", "configuration"), ("chunks", "chunks"), ("wall_s", "wall s"), ("prompt_tokens", "prompt tokens"),
-        ("completion_tokens", "completion tokens"), ("completion_tokens_per_s", "completion tok/s"),
-        ("chunks_per_s", "chunks/s"), ("speedup_wall", "× sequential (wall)"), ("target_speedup", "target ×"),
+        ("config", "configuration"),
+        ("chunks", "chunks"),
+        ("wall_s", "wall s"),
+        ("prompt_tokens", "prompt tokens"),
+        ("completion_tokens", "completion tokens"),
+        ("completion_tokens_per_s", "completion tok/s"),
+        ("chunks_per_s", "chunks/s"),
+        ("speedup_wall", "× sequential (wall)"),
+        ("target_speedup", "target ×"),
         ("load_1m", "load 1m"),
     ]
-    parts = [f"# Summarization throughput, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
-             f"Bundled SmolLM2-135M-Instruct; transformers {engines['transformers'].get('dtype')}, "
-             f"vLLM {engines['vllm'].get('dtype')}. Ratios are measured in this one run.\n"]
+    parts = [
+        f"# Summarization throughput, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
+        f"Bundled SmolLM2-135M-Instruct; transformers {engines['transformers'].get('dtype')}, "
+        f"vLLM {engines['vllm'].get('dtype')}. Ratios are measured in this one run.\n",
+    ]
     if not results["complete"]:
         parts.append("**Partial results: the run has not finished (or was cut short).**\n")
-    for key, title in (("a", f"(a) real-length chunks, max_tokens {s['max_tokens_a']}, natural lengths"),
-                       ("b", f"(b) short prompts, {s['max_tokens_b']} new tokens forced ({s['forced_length']})")):
-        parts.append(f"## {title}\n\n" + markdown_table([r for r in results["rows"] if r["workload"] == key], columns) + "\n")
+    for key, title in (
+        ("a", f"(a) real-length chunks, max_tokens {s['max_tokens_a']}, natural lengths"),
+        ("b", f"(b) short prompts, {s['max_tokens_b']} new tokens forced ({s['forced_length']})"),
+    ):
+        parts.append(
+            f"## {title}\n\n" + markdown_table([r for r in results["rows"] if r["workload"] == key], columns) + "\n"
+        )
     p, lim = results.get("prefill"), results.get("cpu_matmul_gflops")
     if p:
         parts.append(
@@ -223,14 +265,26 @@ def render_markdown(results: dict) -> str:
             f"({p['gflops_non_embedding_plus_attention']} GFLOP/s counting non-embedding weights plus attention).\n"
             f"Matmul rates measured in this run (GFLOP/s): {lim}.\n"
             f"Prefill reaches {p['fraction_of_bf16_matmul_2NT']:.0%} (2·N·T) / {p['fraction_of_bf16_matmul_strict']:.0%} "
-            f"(strict) of the best bf16 matmul rate.\n")
+            f"(strict) of the best bf16 matmul rate.\n"
+        )
     if results.get("orchestration"):
-        parts.append("## Orchestration alone (FakeProvider, latency 0)\n\n" + "\n".join(
-            f"- {r['chunks']:,} chunks, batch {r['batch_size']}, {r['max_workers']} workers: {r['chunks_per_s']:,} chunks/s "
-            f"({r['wall_s']} s; provider {r['provider_seconds']} s)" for r in results["orchestration"]) + "\n")
-    parts.append("## Targets\n\n" + "\n".join(
-        f"- {k}: {v['measured']} (target ≥ {v['target_min']}) {'met' if v['met'] else 'NOT met'}"
-        for k, v in results["targets"].items()) + "\n")
+        parts.append(
+            "## Orchestration alone (FakeProvider, latency 0)\n\n"
+            + "\n".join(
+                f"- {r['chunks']:,} chunks, batch {r['batch_size']}, {r['max_workers']} workers: {r['chunks_per_s']:,} chunks/s "
+                f"({r['wall_s']} s; provider {r['provider_seconds']} s)"
+                for r in results["orchestration"]
+            )
+            + "\n"
+        )
+    parts.append(
+        "## Targets\n\n"
+        + "\n".join(
+            f"- {k}: {v['measured']} (target ≥ {v['target_min']}) {'met' if v['met'] else 'NOT met'}"
+            for k, v in results["targets"].items()
+        )
+        + "\n"
+    )
     return "\n".join(parts)
 
 
@@ -240,9 +294,13 @@ def save(results: dict, stem: str) -> str:
     if results.get("orchestration"):
         best = max(o["chunks_per_s"] for o in results["orchestration"])
         results["targets"]["orchestration chunks/s"] = {
-            "target_min": TARGET_ORCHESTRATION_CHUNKS_PER_S, "measured": best, "met": best >= TARGET_ORCHESTRATION_CHUNKS_PER_S,
+            "target_min": TARGET_ORCHESTRATION_CHUNKS_PER_S,
+            "measured": best,
+            "met": best >= TARGET_ORCHESTRATION_CHUNKS_PER_S,
         }
-    results["prefill"] = prefill_figures(results["rows"], results["engines"]["transformers"], results.get("cpu_matmul_gflops"))
+    results["prefill"] = prefill_figures(
+        results["rows"], results["engines"]["transformers"], results.get("cpu_matmul_gflops")
+    )
     markdown = render_markdown(results)
     write_result("bench-summarize", stem, results, markdown)
     return markdown
@@ -263,11 +321,21 @@ def main(argv: list[str] | None = None) -> dict:
     matmul_n = 1024 if args.quick else 2048
 
     stem = "summarize-quick" if args.quick else "summarize"
-    results = {"benchmark": "summarize", "complete": False, "machine": machine(),
-               "settings": {"chunks": n, "max_tokens_a": max_a, "max_tokens_b": max_b, "quick": args.quick,
-                            "forced_length": "GenerationOptions(ignore_eos=True): vLLM SamplingParams.ignore_eos, "
-                                             "transformers min_new_tokens"},
-               "engines": {"transformers": {}, "vllm": {}}, "rows": []}
+    results = {
+        "benchmark": "summarize",
+        "complete": False,
+        "machine": machine(),
+        "settings": {
+            "chunks": n,
+            "max_tokens_a": max_a,
+            "max_tokens_b": max_b,
+            "quick": args.quick,
+            "forced_length": "GenerationOptions(ignore_eos=True): vLLM SamplingParams.ignore_eos, "
+            "transformers min_new_tokens",
+        },
+        "engines": {"transformers": {}, "vllm": {}},
+        "rows": [],
+    }
     print(f"measuring matmul rates ({matmul_n}x{matmul_n})", file=sys.stderr, flush=True)
     limits_before = cpu_limits(matmul_n)
     results["cpu_matmul_gflops"] = limits_before
@@ -289,7 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for engine in ("transformers", "vllm"):
         print(f"{engine}: loading", file=sys.stderr, flush=True)
-        run_engine(engine, workloads, n, results["rows"], results["engines"][engine], checkpoint=lambda: save(results, stem))
+        run_engine(
+            engine, workloads, n, results["rows"], results["engines"][engine], checkpoint=lambda: save(results, stem)
+        )
 
     limits_after = cpu_limits(matmul_n)
     # The machine is shared: take the better of two measurements as the CPU's rate.

@@ -67,26 +67,44 @@ def main(argv: list[str] | None = None) -> dict:
     from apiana_lab.providers import GenerationOptions
     from apiana_lab.summarize import SummarizerTransform
 
-    slots, n, max_tokens, repeats = (2, 6, 8, 1) if args.quick else (args.slots, args.chunks, args.max_tokens, args.repeats)
+    slots, n, max_tokens, repeats = (
+        (2, 6, 8, 1) if args.quick else (args.slots, args.chunks, args.max_tokens, args.repeats)
+    )
     windows = [None] + sorted({max(1, int(m * slots)) for m in MULTIPLES})
     _, short = workload_chunks(n)
     stem = "window-quick" if args.quick else "window"
     with loaded("vllm", max_model_len=2048, max_num_seqs=slots) as provider:
-        results = {"benchmark": "vllm_window", "complete": False, "machine": machine(),
-                   "settings": {"slots": slots, "chunks": n, "max_tokens": max_tokens, "repeats": repeats,
-                                "dtype": str(provider.llm.llm_engine.model_config.dtype)},
-                   "rows": []}
+        results = {
+            "benchmark": "vllm_window",
+            "complete": False,
+            "machine": machine(),
+            "settings": {
+                "slots": slots,
+                "chunks": n,
+                "max_tokens": max_tokens,
+                "repeats": repeats,
+                "dtype": str(provider.llm.llm_engine.model_config.dtype),
+            },
+            "rows": [],
+        }
         short_prompts = SummarizerTransform(provider, system_prompt=SHORT_SYSTEM, user_template=SHORT_TEMPLATE)
         prompts = [short_prompts.prompt(c) for c in short]
         options = GenerationOptions(max_tokens=max_tokens)
 
         def echo(row: dict) -> None:
-            print(f"  pass {row['pass']} {row['config']:<24} {row['wall_s']:6.1f} s  "
-                  f"{row['completion_tokens_per_s']:6.1f} tok/s", file=sys.stderr, flush=True)
+            print(
+                f"  pass {row['pass']} {row['config']:<24} {row['wall_s']:6.1f} s  "
+                f"{row['completion_tokens_per_s']:6.1f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
             write_result("bench-vllm-window", stem, results, render_markdown(results))
 
-        points = [(f"window {w}", lambda w=w: run(provider, prompts, options, w), {"pass": r + 1})
-                  for r in range(repeats) for w in windows]
+        points = [
+            (f"window {w}", lambda w=w: run(provider, prompts, options, w), {"pass": r + 1})
+            for r in range(repeats)
+            for w in windows
+        ]
         sweep(points, rows=results["rows"], on_row=echo)
     results["summary"] = summarize(results["rows"], slots)
     results["complete"] = True
@@ -103,26 +121,59 @@ def summarize(rows: list[dict], slots: int) -> list[dict]:
         if row["config"] not in best or row["completion_tokens_per_s"] > best[row["config"]]["completion_tokens_per_s"]:
             best[row["config"]] = row
     ceiling = max(r["completion_tokens_per_s"] for r in rows if r["window"] is None)
-    return [{"config": c, "window_in_slots": "" if r["window"] is None else r["window"] / slots,
-             "best_tokens_per_s": r["completion_tokens_per_s"], "x_ceiling": r["completion_tokens_per_s"] / ceiling,
-             "first_result_s": r["first_result_s"]} for c, r in best.items()]
+    return [
+        {
+            "config": c,
+            "window_in_slots": "" if r["window"] is None else r["window"] / slots,
+            "best_tokens_per_s": r["completion_tokens_per_s"],
+            "x_ceiling": r["completion_tokens_per_s"] / ceiling,
+            "first_result_s": r["first_result_s"],
+        }
+        for c, r in best.items()
+    ]
 
 
 def render_markdown(results: dict) -> str:
     """The window sweep as a short markdown report."""
     s = results["settings"]
-    parts = [f"# vLLM stream window, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
-             f"Engine with max_num_seqs={s['slots']} ({s['dtype']}), {s['chunks']} short prompts, up to {s['max_tokens']} "
-             "new tokens at natural lengths, prefix caching off. Ratios are measured in this one run.\n"]
+    parts = [
+        f"# vLLM stream window, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
+        f"Engine with max_num_seqs={s['slots']} ({s['dtype']}), {s['chunks']} short prompts, up to {s['max_tokens']} "
+        "new tokens at natural lengths, prefix caching off. Ratios are measured in this one run.\n",
+    ]
     if not results["complete"]:
         parts.append("**Partial results: the run has not finished (or was cut short).**\n")
     if results.get("summary"):
-        parts.append("## Best pass per configuration\n\n" + markdown_table(results["summary"], [
-            ("config", "configuration"), ("window_in_slots", "window / slots"), ("best_tokens_per_s", "output tok/s"),
-            ("x_ceiling", "× ceiling"), ("first_result_s", "first result s")]) + "\n")
-    parts.append("## Every pass\n\n" + markdown_table(results["rows"], [
-        ("pass", "pass"), ("config", "configuration"), ("wall_s", "wall s"), ("completion_tokens", "new tokens"),
-        ("completion_tokens_per_s", "output tok/s"), ("first_result_s", "first result s"), ("load_1m", "load 1m")]) + "\n")
+        parts.append(
+            "## Best pass per configuration\n\n"
+            + markdown_table(
+                results["summary"],
+                [
+                    ("config", "configuration"),
+                    ("window_in_slots", "window / slots"),
+                    ("best_tokens_per_s", "output tok/s"),
+                    ("x_ceiling", "× ceiling"),
+                    ("first_result_s", "first result s"),
+                ],
+            )
+            + "\n"
+        )
+    parts.append(
+        "## Every pass\n\n"
+        + markdown_table(
+            results["rows"],
+            [
+                ("pass", "pass"),
+                ("config", "configuration"),
+                ("wall_s", "wall s"),
+                ("completion_tokens", "new tokens"),
+                ("completion_tokens_per_s", "output tok/s"),
+                ("first_result_s", "first result s"),
+                ("load_1m", "load 1m"),
+            ],
+        )
+        + "\n"
+    )
     return "\n".join(parts)
 
 

@@ -23,9 +23,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from apiana_lab.errors import ApianaError, ConfigError
 from apiana_lab.summarize import quantile
-
-from ..errors import ApianaError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,9 @@ class Thresholds:
                 raise ConfigError(f"threshold {name} must be between 0 and 1, not {value!r}")
         lo, hi = self.length_ratio_range
         if not 0 < lo <= 1 <= hi:
-            raise ConfigError(f"length_ratio_range must be (low <= 1 <= high) with low > 0, not {self.length_ratio_range!r}")
+            raise ConfigError(
+                f"length_ratio_range must be (low <= 1 <= high) with low > 0, not {self.length_ratio_range!r}"
+            )
         if self.max_extra_failures < 0 or self.min_speedup < 0:
             raise ConfigError("max_extra_failures and min_speedup must be >= 0")
         if not 0.0 <= self.max_flagged_increase <= 1.0 or self.max_measure_ratio < 1.0:
@@ -87,7 +88,11 @@ class Verdict:
         return [c for c in self.checks if c.decisive and not c.passed]
 
     def to_dict(self) -> dict:
-        return {"verdict": "GO" if self.go else "NO-GO", "checks": [asdict(c) for c in self.checks], "summary": self.summary}
+        return {
+            "verdict": "GO" if self.go else "NO-GO",
+            "checks": [asdict(c) for c in self.checks],
+            "summary": self.summary,
+        }
 
     def raise_if_no_go(self) -> None:
         """Raise ABCheckFailed naming the failed checks, so papermill marks the notebook failed."""
@@ -96,11 +101,15 @@ class Verdict:
 
     def __str__(self) -> str:
         decisive = [c for c in self.checks if c.decisive]
-        lines = [f"{'GO' if self.go else 'NO-GO'}: {sum(c.passed for c in decisive)}/{len(decisive)} checks hold"
-                 + (f" ({self.summary.get('mode')})" if self.summary.get("mode") else "")]
+        lines = [
+            f"{'GO' if self.go else 'NO-GO'}: {sum(c.passed for c in decisive)}/{len(decisive)} checks hold"
+            + (f" ({self.summary.get('mode')})" if self.summary.get("mode") else "")
+        ]
         for c in self.checks:
             mark = ("ok  " if c.passed else "FAIL") if c.decisive else "info"
-            lines.append(f"  {mark} {c.name}: {_fmt(c.value)} ({'needs' if c.decisive else 'would need'} {c.threshold})")
+            lines.append(
+                f"  {mark} {c.name}: {_fmt(c.value)} ({'needs' if c.decisive else 'would need'} {c.threshold})"
+            )
         return "\n".join(lines)
 
 
@@ -127,16 +136,23 @@ def compare(old: list[dict], new: list[dict], chunk_ids: list[str] | None = None
     rows = []
     for cid in expected:
         a, b = by_old.get(cid), by_new.get(cid)
-        row = {"chunk_id": cid, "in_old": a is not None, "in_new": b is not None,
-               "failed_old": bool(a and a.get("error")), "failed_new": bool(b and b.get("error"))}
+        row = {
+            "chunk_id": cid,
+            "in_old": a is not None,
+            "in_new": b is not None,
+            "failed_old": bool(a and a.get("error")),
+            "failed_new": bool(b and b.get("error")),
+        }
         if a and b and not row["failed_old"] and not row["failed_new"]:
             sa, sb = a["summary"], b["summary"]
             row.update(
                 exact=sa == sb,
                 similarity=fuzz.ratio(sa, sb) / 100,
                 length_ratio=(b["completion_tokens"] / a["completion_tokens"]) if a["completion_tokens"] else None,
-                finish_old=a.get("finish_reason"), finish_new=b.get("finish_reason"),
-                old_summary=sa, new_summary=sb,
+                finish_old=a.get("finish_reason"),
+                finish_new=b.get("finish_reason"),
+                old_summary=sa,
+                new_summary=sb,
             )
             if a.get("quality") and b.get("quality"):
                 row.update(quality_old=a["quality"], quality_new=b["quality"])
@@ -179,46 +195,81 @@ def quality_difference(rows: list[dict]) -> dict:
     Measures: the geometric mean of new/old per chunk with its two-sided 90% interval, so a
     change counts only when the whole interval lies beyond the tolerance.
     """
-    from ..quality import FLAGS
+    from apiana_lab.quality import FLAGS
 
     pairs = [(r["quality_old"], r["quality_new"]) for r in rows if "quality_old" in r]
     out: dict = {"chunks": len(pairs), "flags": {}, "measures": {}}
     if not pairs:
         return out
     for name in ("any", *FLAGS):
+
         def has(q: dict) -> bool:
             return bool(q["flags"]) if name == "any" else name in q["flags"]
 
         diffs = [has(new) - has(old) for old, new in pairs]
         mean, half = _mean_half_width(diffs)
-        out["flags"][name] = {"old": _share(has(old) for old, _ in pairs), "new": _share(has(new) for _, new in pairs),
-                              "difference": mean, "lower_bound": mean - half}
+        out["flags"][name] = {
+            "old": _share(has(old) for old, _ in pairs),
+            "new": _share(has(new) for _, new in pairs),
+            "difference": mean,
+            "lower_bound": mean - half,
+        }
     out["intensities"] = {}
     for name in QUALITY_INTENSITIES:
         mean, half = _mean_half_width([new[name] - old[name] for old, new in pairs])
-        out["intensities"][name] = {"old_mean": statistics.fmean(old[name] for old, _ in pairs),
-                                    "new_mean": statistics.fmean(new[name] for _, new in pairs),
-                                    "difference": mean, "lower_bound": mean - half}
+        out["intensities"][name] = {
+            "old_mean": statistics.fmean(old[name] for old, _ in pairs),
+            "new_mean": statistics.fmean(new[name] for _, new in pairs),
+            "difference": mean,
+            "lower_bound": mean - half,
+        }
     for name in QUALITY_MEASURES:
         # A floor keeps a zero (no copied fragment at all) from turning into an infinite ratio.
         logs = [math.log(max(new[name], 1e-3) / max(old[name], 1e-3)) for old, new in pairs]
         mean, half = _mean_half_width(logs)
-        out["measures"][name] = {"old_median": statistics.median(old[name] for old, _ in pairs),
-                                 "new_median": statistics.median(new[name] for _, new in pairs),
-                                 "ratio": math.exp(mean), "ratio_low": math.exp(mean - half),
-                                 "ratio_high": math.exp(mean + half)}
+        out["measures"][name] = {
+            "old_median": statistics.median(old[name] for old, _ in pairs),
+            "new_median": statistics.median(new[name] for _, new in pairs),
+            "ratio": math.exp(mean),
+            "ratio_low": math.exp(mean - half),
+            "ratio_high": math.exp(mean + half),
+        }
     return out
 
 
 def quality_rows(summary: dict) -> list[dict]:
     """The quality comparison as table rows: per flag the shares and the bound, per measure the medians and ratio."""
     q = summary.get("quality") or {}
-    rows = [{"measure": "flagged share" if name == "any" else f"flag: {name}", "old": f["old"], "new": f["new"],
-             "new - old": f["difference"], "95% lower bound": f["lower_bound"]} for name, f in q.get("flags", {}).items()]
-    rows += [{"measure": f"{name} (mean per summary)", "old": f["old_mean"], "new": f["new_mean"],
-              "new - old": f["difference"], "95% lower bound": f["lower_bound"]} for name, f in q.get("intensities", {}).items()]
-    rows += [{"measure": f"{name} (median)", "old": m["old_median"], "new": m["new_median"], "new / old": m["ratio"],
-              "90% interval": f"{m['ratio_low']:.2f} - {m['ratio_high']:.2f}"} for name, m in q.get("measures", {}).items()]
+    rows = [
+        {
+            "measure": "flagged share" if name == "any" else f"flag: {name}",
+            "old": f["old"],
+            "new": f["new"],
+            "new - old": f["difference"],
+            "95% lower bound": f["lower_bound"],
+        }
+        for name, f in q.get("flags", {}).items()
+    ]
+    rows += [
+        {
+            "measure": f"{name} (mean per summary)",
+            "old": f["old_mean"],
+            "new": f["new_mean"],
+            "new - old": f["difference"],
+            "95% lower bound": f["lower_bound"],
+        }
+        for name, f in q.get("intensities", {}).items()
+    ]
+    rows += [
+        {
+            "measure": f"{name} (median)",
+            "old": m["old_median"],
+            "new": m["new_median"],
+            "new / old": m["ratio"],
+            "90% interval": f"{m['ratio_low']:.2f} - {m['ratio_high']:.2f}",
+        }
+        for name, m in q.get("measures", {}).items()
+    ]
     return rows
 
 
@@ -232,12 +283,44 @@ def _mean_half_width(values: list[float]) -> tuple[float, float]:
 
 
 # Student's t, one-sided 95%, for 1..30 degrees of freedom; beyond 30 the last value (the normal's is 1.645).
-_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
-        1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697, 1.645)
+_T95 = (
+    6.314,
+    2.920,
+    2.353,
+    2.132,
+    2.015,
+    1.943,
+    1.895,
+    1.860,
+    1.833,
+    1.812,
+    1.796,
+    1.782,
+    1.771,
+    1.761,
+    1.753,
+    1.746,
+    1.740,
+    1.734,
+    1.729,
+    1.725,
+    1.721,
+    1.717,
+    1.714,
+    1.711,
+    1.708,
+    1.706,
+    1.703,
+    1.701,
+    1.699,
+    1.697,
+    1.645,
+)
 
 
-def verdict(summary: dict, thresholds: Thresholds | None = None, speedup: float | None = None,
-            migration: bool = False) -> Verdict:
+def verdict(
+    summary: dict, thresholds: Thresholds | None = None, speedup: float | None = None, migration: bool = False
+) -> Verdict:
     """GO only if every decisive check holds; a missing, duplicated or extra chunk is always NO-GO.
 
     `migration`: the sides differ in engine, dtype, model, prompt or options. Quality then
@@ -246,19 +329,52 @@ def verdict(summary: dict, thresholds: Thresholds | None = None, speedup: float 
     t = thresholds or Thresholds()
     lo, hi = t.length_ratio_range
     s = summary
-    coverage = s["missing_old"] + s["missing_new"] + s["duplicated_old"] + s["duplicated_new"] + s["extra_old"] + s["extra_new"]
+    coverage = (
+        s["missing_old"]
+        + s["missing_new"]
+        + s["duplicated_old"]
+        + s["duplicated_new"]
+        + s["extra_old"]
+        + s["extra_new"]
+    )
     checks = [
         Check("chunks missing, duplicated or extra (either side)", coverage, "== 0", coverage == 0),
-        Check("extra failures (new - old)", s["failed_new"] - s["failed_old"], f"<= {t.max_extra_failures}",
-              s["failed_new"] - s["failed_old"] <= t.max_extra_failures),
-        Check("exact-match rate", s["exact_match_rate"], f">= {t.min_exact_match}", _at_least(s["exact_match_rate"], t.min_exact_match)),
-        Check("similarity p10", s["similarity_p10"], f">= {t.min_similarity_p10}", _at_least(s["similarity_p10"], t.min_similarity_p10)),
-        Check("similarity median", s["similarity_median"], f">= {t.min_similarity_median}",
-              _at_least(s["similarity_median"], t.min_similarity_median)),
-        Check("length ratio median (new/old)", s["length_ratio_median"], f"in [{lo}, {hi}]",
-              s["length_ratio_median"] is not None and lo <= s["length_ratio_median"] <= hi),
-        Check("finish-reason agreement", s["finish_agreement"], f">= {t.min_finish_agreement}",
-              _at_least(s["finish_agreement"], t.min_finish_agreement)),
+        Check(
+            "extra failures (new - old)",
+            s["failed_new"] - s["failed_old"],
+            f"<= {t.max_extra_failures}",
+            s["failed_new"] - s["failed_old"] <= t.max_extra_failures,
+        ),
+        Check(
+            "exact-match rate",
+            s["exact_match_rate"],
+            f">= {t.min_exact_match}",
+            _at_least(s["exact_match_rate"], t.min_exact_match),
+        ),
+        Check(
+            "similarity p10",
+            s["similarity_p10"],
+            f">= {t.min_similarity_p10}",
+            _at_least(s["similarity_p10"], t.min_similarity_p10),
+        ),
+        Check(
+            "similarity median",
+            s["similarity_median"],
+            f">= {t.min_similarity_median}",
+            _at_least(s["similarity_median"], t.min_similarity_median),
+        ),
+        Check(
+            "length ratio median (new/old)",
+            s["length_ratio_median"],
+            f"in [{lo}, {hi}]",
+            s["length_ratio_median"] is not None and lo <= s["length_ratio_median"] <= hi,
+        ),
+        Check(
+            "finish-reason agreement",
+            s["finish_agreement"],
+            f">= {t.min_finish_agreement}",
+            _at_least(s["finish_agreement"], t.min_finish_agreement),
+        ),
     ]
     if migration:
         for c in checks[2:]:
@@ -266,19 +382,28 @@ def verdict(summary: dict, thresholds: Thresholds | None = None, speedup: float 
     quality = s.get("quality") or {}
     for name, f in quality.get("flags", {}).items():
         what = "flagged share (any flag)" if name == "any" else f"flag {name}: share"
-        checks.append(Check(f"{what}, new - old (95% lower bound)", f["lower_bound"], f"<= {t.max_flagged_increase}",
-                            f["lower_bound"] <= t.max_flagged_increase))
+        checks.append(
+            Check(
+                f"{what}, new - old (95% lower bound)",
+                f["lower_bound"],
+                f"<= {t.max_flagged_increase}",
+                f["lower_bound"] <= t.max_flagged_increase,
+            )
+        )
     for name, f in quality.get("intensities", {}).items():
         limit = getattr(t, QUALITY_INTENSITIES[name])
         what = "echo: role labels per summary" if name == "role_markers" else "repetition: repeated n-gram share"
-        checks.append(Check(f"{what}, new - old (95% lower bound)", f["lower_bound"], f"<= {limit}",
-                            f["lower_bound"] <= limit))
+        checks.append(
+            Check(f"{what}, new - old (95% lower bound)", f["lower_bound"], f"<= {limit}", f["lower_bound"] <= limit)
+        )
     for name, m in quality.get("measures", {}).items():
         lo, hi = 1 / t.max_measure_ratio, t.max_measure_ratio
         # Failing needs the whole 90% interval of the new/old ratio beyond the tolerance.
         moved = m["ratio_low"] > hi or m["ratio_high"] < lo
         value = m["ratio_low"] if m["ratio_low"] > hi else m["ratio_high"] if m["ratio_high"] < lo else m["ratio"]
-        checks.append(Check(f"{name}, new / old (90% interval)", value, f"interval reaches [{lo:.2f}, {hi:.2f}]", not moved))
+        checks.append(
+            Check(f"{name}, new / old (90% interval)", value, f"interval reaches [{lo:.2f}, {hi:.2f}]", not moved)
+        )
     if migration and not quality.get("chunks"):
         checks.append(Check("chunks with a quality profile on both sides", 0, ">= 1", False))
     if speedup is not None:
@@ -287,23 +412,39 @@ def verdict(summary: dict, thresholds: Thresholds | None = None, speedup: float 
     return Verdict(go, checks, {**summary, "speedup": speedup, "mode": "migration" if migration else "same setup"})
 
 
-def run_ab(chunks, provider, *, batch_size: int | None = None, max_workers: int | None = None, max_length: int = 300,
-           new_max_length: int | None = None, new_system_prompt: str | None = None, new_user_template: str | None = None,
-           thresholds: Thresholds | None = None) -> dict:
+def run_ab(
+    chunks,
+    provider,
+    *,
+    batch_size: int | None = None,
+    max_workers: int | None = None,
+    max_length: int = 300,
+    new_max_length: int | None = None,
+    new_system_prompt: str | None = None,
+    new_user_template: str | None = None,
+    thresholds: Thresholds | None = None,
+) -> dict:
     """Old (SummarizerTransform) and new (ParallelSummarizerTransform) on the same chunks, greedy; rows and verdict.
 
     `new_*` change the new side on purpose (a wrong max_length or prompt), to see the check fail.
     """
-    from ..summarize import ParallelSummarizerTransform, SummarizerTransform
+    from apiana_lab.summarize import ParallelSummarizerTransform, SummarizerTransform
+
     from .measure import measure
 
     old_t = SummarizerTransform(provider, max_length=max_length, temperature=0.0)
-    new_t = ParallelSummarizerTransform(provider, max_workers=max_workers, batch_size=batch_size,
-                                        max_length=new_max_length or max_length, temperature=0.0,
-                                        system_prompt=new_system_prompt, user_template=new_user_template)
+    new_t = ParallelSummarizerTransform(
+        provider,
+        max_workers=max_workers,
+        batch_size=batch_size,
+        max_length=new_max_length or max_length,
+        temperature=0.0,
+        system_prompt=new_system_prompt,
+        user_template=new_user_template,
+    )
     old_fig, old_records = measure(old_t, chunks, config="old: sequential")
     new_fig, new_records = measure(new_t, chunks, config="new: parallel")
-    changed = (new_max_length not in (None, 0, max_length) or bool(new_system_prompt) or bool(new_user_template))
+    changed = new_max_length not in (None, 0, max_length) or bool(new_system_prompt) or bool(new_user_template)
     return _judge(chunks, old_fig, old_records, new_fig, new_records, thresholds, migration=changed)
 
 
@@ -331,29 +472,53 @@ def migrate(chunks, old_provider, new_provider, **kwargs) -> dict:
     return _judge(chunks, *old, *new, kwargs.get("thresholds"), migration=True)
 
 
-def _run_side(provider, chunks, *, sequential: bool, batch_size: int | None = None, max_workers: int | None = None,
-              max_length: int = 300, thresholds: Thresholds | None = None):
-    from ..summarize import ParallelSummarizerTransform, SummarizerTransform
+def _run_side(
+    provider,
+    chunks,
+    *,
+    sequential: bool,
+    batch_size: int | None = None,
+    max_workers: int | None = None,
+    max_length: int = 300,
+    thresholds: Thresholds | None = None,
+):
+    from apiana_lab.summarize import ParallelSummarizerTransform, SummarizerTransform
+
     from .measure import measure
 
-    transform = (SummarizerTransform(provider, max_length=max_length, temperature=0.0) if sequential else
-                 ParallelSummarizerTransform(provider, max_workers=max_workers, batch_size=batch_size,
-                                             max_length=max_length, temperature=0.0))
+    transform = (
+        SummarizerTransform(provider, max_length=max_length, temperature=0.0)
+        if sequential
+        else ParallelSummarizerTransform(
+            provider, max_workers=max_workers, batch_size=batch_size, max_length=max_length, temperature=0.0
+        )
+    )
     name = f"{'old: sequential' if sequential else 'new: parallel'} on {provider.name}"
     figures, records = measure(transform, chunks, config=name)
     return dict(figures, backend=provider.name), records
 
 
 def _judge(chunks, old_fig, old_records, new_fig, new_records, thresholds, migration: bool) -> dict:
-    rows, summary = compare(profiled_rows(old_records, chunks), profiled_rows(new_records, chunks), [c.id for c in chunks])
+    rows, summary = compare(
+        profiled_rows(old_records, chunks), profiled_rows(new_records, chunks), [c.id for c in chunks]
+    )
     speedup = old_fig["wall_s"] / new_fig["wall_s"] if new_fig["wall_s"] else None
     result = verdict(summary, thresholds, speedup, migration=migration)
     return {"rows": rows, "verdict": result, "old": old_fig, "new": new_fig}
 
 
-def run_ab_on_backend(chunks, backend: str, *, model: str | None = None, dtype: str | None = None,
-                      engine_options: dict | None = None, new_backend: str | None = None, new_dtype: str | None = None,
-                      new_engine_options: dict | None = None, **kwargs) -> dict:
+def run_ab_on_backend(
+    chunks,
+    backend: str,
+    *,
+    model: str | None = None,
+    dtype: str | None = None,
+    engine_options: dict | None = None,
+    new_backend: str | None = None,
+    new_dtype: str | None = None,
+    new_engine_options: dict | None = None,
+    **kwargs,
+) -> dict:
     """`run_ab` on a backend loaded here and freed afterwards; `kwargs` go to run_ab.
 
     With `new_backend`, `new_dtype` or `new_engine_options`, the new side runs on that engine
@@ -364,12 +529,17 @@ def run_ab_on_backend(chunks, backend: str, *, model: str | None = None, dtype: 
     if new_backend or new_dtype or new_engine_options:
         kwargs = {k: v for k, v in kwargs.items() if not (k.startswith("new_") and not v)}  # unset: unchanged
         old = {"backend": backend, "dtype": dtype, "engine_options": engine_options or {}}
-        new = {"backend": new_backend or backend, "dtype": new_dtype or dtype,
-               "engine_options": new_engine_options if new_engine_options is not None else engine_options or {}}
+        new = {
+            "backend": new_backend or backend,
+            "dtype": new_dtype or dtype,
+            "engine_options": new_engine_options if new_engine_options is not None else engine_options or {},
+        }
         unknown = set(kwargs) - {"batch_size", "max_workers", "max_length", "thresholds"}
         if unknown:
-            raise ConfigError(f"{', '.join(sorted(unknown))} cannot be combined with another engine on the new side; "
-                              f"change one thing at a time.")
+            raise ConfigError(
+                f"{', '.join(sorted(unknown))} cannot be combined with another engine on the new side; "
+                f"change one thing at a time."
+            )
         return run_migration(chunks, old, new, model=model, **kwargs)
     options = dict(engine_options or {})
     with loaded(backend, model, dtype=options.pop("dtype", dtype), **options) as provider:
@@ -381,17 +551,19 @@ def sides(result: dict) -> list[dict]:
     out = []
     for side in ("old", "new"):
         figures = result[side]
-        out.append({
-            "side": side,
-            "mode": figures.get("mode"),
-            # run_ab measures the transform; compare_outputs reads run.json, which names them differently.
-            "chunks": figures.get("chunks", figures.get("chunks_total")),
-            "failed": figures.get("failed"),
-            "seconds": figures.get("wall_s", figures.get("summarize_seconds")),
-            "completion_tokens_per_s": figures.get("completion_tokens_per_s"),
-            "batch_size": figures.get("batch_size"),
-            "max_length": figures.get("max_tokens", figures.get("max_length")),
-        })
+        out.append(
+            {
+                "side": side,
+                "mode": figures.get("mode"),
+                # run_ab measures the transform; compare_outputs reads run.json, which names them differently.
+                "chunks": figures.get("chunks", figures.get("chunks_total")),
+                "failed": figures.get("failed"),
+                "seconds": figures.get("wall_s", figures.get("summarize_seconds")),
+                "completion_tokens_per_s": figures.get("completion_tokens_per_s"),
+                "batch_size": figures.get("batch_size"),
+                "max_length": figures.get("max_tokens", figures.get("max_length")),
+            }
+        )
     return out
 
 
@@ -405,14 +577,18 @@ def compare_outputs(old_dir: str | Path, new_dir: str | Path, thresholds: Thresh
     for folder in (Path(old_dir), Path(new_dir)):
         jsonl, run_json = folder / "summaries.jsonl", folder / "run.json"
         if not jsonl.is_file() or not run_json.is_file():
-            raise ConfigError(f"{folder} is not a finished run's output folder (needs summaries.jsonl and run.json); "
-                              f"run chatgpt-export-v2 -o {folder} first.")
+            raise ConfigError(
+                f"{folder} is not a finished run's output folder (needs summaries.jsonl and run.json); "
+                f"run chatgpt-export-v2 -o {folder} first."
+            )
         rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
         if any(not r.get("quality") for r in rows) and (folder / "apiana.sqlite").is_file():
             rows = _profiled(rows, folder / "apiana.sqlite")  # a run from before quality profiles
         run = json.loads(run_json.read_text(encoding="utf-8"))
-        rows += [{"chunk_id": cid, "error": why, "summary": "", "completion_tokens": 0}
-                 for cid, why in (run.get("failed_chunks") or {}).items()]
+        rows += [
+            {"chunk_id": cid, "error": why, "summary": "", "completion_tokens": 0}
+            for cid, why in (run.get("failed_chunks") or {}).items()
+        ]
         sides.append((rows, run))
     (old, old_run), (new, new_run) = sides
     expected = list(dict.fromkeys([r["chunk_id"] for r in old] + [r["chunk_id"] for r in new]))
@@ -426,30 +602,48 @@ def compare_outputs(old_dir: str | Path, new_dir: str | Path, thresholds: Thresh
 def _setup(run: dict, rows: list[dict]) -> tuple:
     """What decides a run's text besides the orchestration: engine, model, dtype, options, prompt."""
     engine = run.get("engine_options") or {}
-    return (run.get("backend"), run.get("model"), engine.get("dtype"), run.get("max_length"), run.get("temperature"),
-            run.get("seed"), run.get("repetition_penalty", 1.0),
-            tuple(sorted({(r.get("prompt_hash"), r.get("options_hash")) for r in rows if r.get("prompt_hash")})))
+    return (
+        run.get("backend"),
+        run.get("model"),
+        engine.get("dtype"),
+        run.get("max_length"),
+        run.get("temperature"),
+        run.get("seed"),
+        run.get("repetition_penalty", 1.0),
+        tuple(sorted({(r.get("prompt_hash"), r.get("options_hash")) for r in rows if r.get("prompt_hash")})),
+    )
 
 
 def _profiled(rows: list[dict], db: Path) -> list[dict]:
-    from ..quality import profile
-    from ..store import SQLiteStore
+    from apiana_lab.quality import profile
+    from apiana_lab.store import SQLiteStore
 
     with SQLiteStore(db) as store:
         texts = {c.id: c.text for c in store.load_chunks([r["chunk_id"] for r in rows])}
-    return [{**r, "quality": r.get("quality") or profile(r["summary"], texts[r["chunk_id"]], r.get("finish_reason")).to_dict()}
-            for r in rows]
+    return [
+        {
+            **r,
+            "quality": r.get("quality")
+            or profile(r["summary"], texts[r["chunk_id"]], r.get("finish_reason")).to_dict(),
+        }
+        for r in rows
+    ]
 
 
 def profiled_rows(records, chunks) -> list[dict]:
     """`compare`'s input from a transform's records: each finished summary with its quality profile."""
-    from ..quality import profile
+    from apiana_lab.quality import profile
 
     texts = {c.id: c.text for c in chunks}
     rows = []
     for record in records:
-        row = {"chunk_id": record.chunk_id, "summary": record.summary, "error": record.error,
-               "completion_tokens": record.completion_tokens, "finish_reason": record.finish_reason}
+        row = {
+            "chunk_id": record.chunk_id,
+            "summary": record.summary,
+            "error": record.error,
+            "completion_tokens": record.completion_tokens,
+            "finish_reason": record.finish_reason,
+        }
         if record.error is None:
             row["quality"] = profile(record.summary, texts[record.chunk_id], record.finish_reason).to_dict()
         rows.append(row)

@@ -10,15 +10,31 @@ from apiana_lab.experiments.measure import measure, sweep
 from apiana_lab.providers.registry import provider_class
 from apiana_lab.summarize import ParallelSummarizerTransform
 
-__all__ = ["backend_options", "compare_backends", "comparison_table", "describe_sweep", "sweep_batch_sizes",
-           "sweep_table", "sweep_turn"]
+__all__ = [
+    "backend_options",
+    "compare_backends",
+    "comparison_table",
+    "describe_sweep",
+    "sweep_batch_sizes",
+    "sweep_table",
+    "sweep_turn",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def compare_backends(chunks, backends: list[str], *, model: str | None = None, max_length: int = 128,
-                     batch_size: int | None = None, dtype: str | None = None, engine_options: dict | None = None,
-                     monitor: bool = True, interval: float = 0.5) -> dict:
+def compare_backends(
+    chunks,
+    backends: list[str],
+    *,
+    model: str | None = None,
+    max_length: int = 128,
+    batch_size: int | None = None,
+    dtype: str | None = None,
+    engine_options: dict | None = None,
+    monitor: bool = True,
+    interval: float = 0.5,
+) -> dict:
     """Load each backend in turn, run the same chunks through it, free it; one row per backend.
 
     Returns {"rows": [...], "monitors": {backend: MemoryMonitor}} (monitors only with `monitor`).
@@ -35,8 +51,9 @@ def compare_backends(chunks, backends: list[str], *, model: str | None = None, m
                 from apiana_lab.monitor import MemoryMonitor
 
                 mon = MemoryMonitor(interval=interval)
-            with loaded(backend, model, dtype=extra.pop("dtype", dtype), stats=monitor, monitor=mon, facts=row,
-                        **extra) as provider:
+            with loaded(
+                backend, model, dtype=extra.pop("dtype", dtype), stats=monitor, monitor=mon, facts=row, **extra
+            ) as provider:
                 transform = ParallelSummarizerTransform(provider, batch_size=batch_size, max_length=max_length)
                 figures, _ = measure(transform, chunks, config=backend, monitor=mon)
                 row.update(figures)
@@ -54,9 +71,19 @@ def compare_backends(chunks, backends: list[str], *, model: str | None = None, m
     return {"rows": rows, "monitors": monitors}
 
 
-def sweep_batch_sizes(chunks, backend: str, batch_sizes: list[int], *, model: str | None = None, max_length: int = 128,
-                      dtype: str | None = None, engine_options: dict | None = None, headroom: float = 0.2,
-                      memory_limit_mb: float | None = None, interval: float = 0.5) -> dict:
+def sweep_batch_sizes(
+    chunks,
+    backend: str,
+    batch_sizes: list[int],
+    *,
+    model: str | None = None,
+    max_length: int = 128,
+    dtype: str | None = None,
+    engine_options: dict | None = None,
+    headroom: float = 0.2,
+    memory_limit_mb: float | None = None,
+    interval: float = 0.5,
+) -> dict:
     """Throughput and peak memory at each batch size on one loaded backend, and the batch size to use.
 
     An out-of-memory point is a data point (marked), not a crash. The recommendation is the best
@@ -73,25 +100,45 @@ def sweep_batch_sizes(chunks, backend: str, batch_sizes: list[int], *, model: st
         extra.setdefault("max_batch_tokens", 10**9)
     with MemoryMonitor(interval=interval) as mon:
         with loaded(backend, model, dtype=extra.pop("dtype", dtype), stats=True, monitor=mon, **extra) as provider:
-            points = [(f"batch {b}", ParallelSummarizerTransform(provider, batch_size=b, max_workers=1,
-                                                                 max_length=max_length), {"batch_size": b})
-                      for b in sorted(int(x) for x in batch_sizes)]
+            points = [
+                (
+                    f"batch {b}",
+                    ParallelSummarizerTransform(provider, batch_size=b, max_workers=1, max_length=max_length),
+                    {"batch_size": b},
+                )
+                for b in sorted(int(x) for x in batch_sizes)
+            ]
             # A failed point is a point: out of memory at one batch size says where the limit is.
             rows = sweep(points, chunks, monitor=mon, tolerate=(ApianaError, RuntimeError, MemoryError))
         limit = memory_limit_mb or _memory_limit_mb(mon)
     for row in rows:
-        row["oom"] = ("memory" in row["error"].lower() if "error" in row else
-                      row["batch_size_changes"] > 0 or "oom" in row["failures_by_reason"])
+        row["oom"] = (
+            "memory" in row["error"].lower()
+            if "error" in row
+            else row["batch_size_changes"] > 0 or "oom" in row["failures_by_reason"]
+        )
     budget = limit * (1 - headroom) if limit else None
     # On a GPU the card's memory is what runs out; on a CPU this process tree's resident memory.
     gpu_keys = sorted({k for r in rows for k in r if k.startswith("peak_gpu") and k.endswith("_used_mb")})
     memory_key = gpu_keys[0] if gpu_keys else "peak_rss_mb"
-    fits = [r for r in rows if "error" not in r and not r.get("oom") and r["failed"] == 0
-            and (budget is None or r.get(memory_key, 0) <= budget)]
+    fits = [
+        r
+        for r in rows
+        if "error" not in r
+        and not r.get("oom")
+        and r["failed"] == 0
+        and (budget is None or r.get(memory_key, 0) <= budget)
+    ]
     best = max(fits, key=lambda r: r["completion_tokens_per_s"], default=None)
-    return {"rows": rows, "monitor": mon, "memory_key": memory_key, "memory_limit_mb": limit, "headroom": headroom,
-            "recommended_batch_size": best["batch_size"] if best else None,
-            "recommended_tokens_per_s": best["completion_tokens_per_s"] if best else None}
+    return {
+        "rows": rows,
+        "monitor": mon,
+        "memory_key": memory_key,
+        "memory_limit_mb": limit,
+        "headroom": headroom,
+        "recommended_batch_size": best["batch_size"] if best else None,
+        "recommended_tokens_per_s": best["completion_tokens_per_s"] if best else None,
+    }
 
 
 def _memory_limit_mb(mon) -> float | None:
@@ -112,8 +159,22 @@ def comparison_table(rows: list[dict]):
     """One row per backend with the figures the comparison notebook shows, as a pandas DataFrame."""
     import pandas as pd
 
-    columns = ["backend", "model", "dtype", "load_s", "wall_s", "prompt_tokens_per_s", "completion_tokens_per_s",
-               "chunks_per_s", "flagged_share", "latency_p50_s", "latency_p90_s", "chunks", "failed", "error"]
+    columns = [
+        "backend",
+        "model",
+        "dtype",
+        "load_s",
+        "wall_s",
+        "prompt_tokens_per_s",
+        "completion_tokens_per_s",
+        "chunks_per_s",
+        "flagged_share",
+        "latency_p50_s",
+        "latency_p90_s",
+        "chunks",
+        "failed",
+        "error",
+    ]
     peaks = sorted({k for r in rows for k in r if k.startswith("peak_")})
     table = pd.DataFrame(rows).reindex(columns=columns[:-1] + peaks + columns[-1:])
     table["model"] = table["model"].map(lambda m: str(m).rstrip("/").rsplit("/", 1)[-1] if isinstance(m, str) else m)
@@ -125,8 +186,21 @@ def sweep_table(sweep: dict):
     import pandas as pd
 
     kv = ["peak_kv_cache_pct"] if any("peak_kv_cache_pct" in r for r in sweep["rows"]) else []
-    columns = ["batch_size", "completion_tokens_per_s", "flagged_share", "prompt_tokens_per_s", "chunks_per_s", "wall_s",
-               "latency_p50_s", sweep["memory_key"], *kv, "oom", "failed", "batch_size_changes", "error"]
+    columns = [
+        "batch_size",
+        "completion_tokens_per_s",
+        "flagged_share",
+        "prompt_tokens_per_s",
+        "chunks_per_s",
+        "wall_s",
+        "latency_p50_s",
+        sweep["memory_key"],
+        *kv,
+        "oom",
+        "failed",
+        "batch_size_changes",
+        "error",
+    ]
     table = pd.DataFrame(sweep["rows"]).reindex(columns=list(dict.fromkeys(columns)))
     table["recommended"] = table["batch_size"] == sweep["recommended_batch_size"]
     return table
@@ -134,7 +208,10 @@ def sweep_table(sweep: dict):
 
 def sweep_turn(rows: list[dict]) -> dict:
     """Where throughput peaks across batch sizes, and how much the largest batch size loses against that peak."""
-    ok = sorted((r for r in rows if "error" not in r and not r.get("oom") and not r.get("failed")), key=lambda r: r["batch_size"])
+    ok = sorted(
+        (r for r in rows if "error" not in r and not r.get("oom") and not r.get("failed")),
+        key=lambda r: r["batch_size"],
+    )
     if not ok:
         return {"peak_batch_size": None, "turns": False, "largest_vs_peak": None}
     peak = max(ok, key=lambda r: r["completion_tokens_per_s"])
@@ -145,7 +222,9 @@ def sweep_turn(rows: list[dict]) -> dict:
         # The curve turns when a batch size beyond the peak was measured and came out slower.
         "turns": largest["batch_size"] > peak["batch_size"],
         "largest_batch_size": largest["batch_size"],
-        "largest_vs_peak": largest["completion_tokens_per_s"] / peak["completion_tokens_per_s"] if peak["completion_tokens_per_s"] else None,
+        "largest_vs_peak": largest["completion_tokens_per_s"] / peak["completion_tokens_per_s"]
+        if peak["completion_tokens_per_s"]
+        else None,
     }
 
 
@@ -153,24 +232,44 @@ def describe_sweep(sweep: dict) -> str:
     """The sweep's outcome in words: the recommended batch size, where the curve turns, which points failed."""
     turn = sweep_turn(sweep["rows"])
     limit = sweep["memory_limit_mb"]
-    budget = f"{(1 - sweep['headroom']) * limit / 1e3:,.1f} GB ({1 - sweep['headroom']:.0%} of {limit / 1e3:,.1f} GB)" if limit else "no known limit"
+    budget = (
+        f"{(1 - sweep['headroom']) * limit / 1e3:,.1f} GB ({1 - sweep['headroom']:.0%} of {limit / 1e3:,.1f} GB)"
+        if limit
+        else "no known limit"
+    )
     if sweep["recommended_batch_size"] is None:
         first = f"No batch size ran cleanly within {budget}: nothing to recommend."
     else:
-        first = (f"Recommended batch size: {sweep['recommended_batch_size']} "
-                 f"({sweep['recommended_tokens_per_s']:.1f} output tokens/s, the best that stayed within {budget}).")
+        first = (
+            f"Recommended batch size: {sweep['recommended_batch_size']} "
+            f"({sweep['recommended_tokens_per_s']:.1f} output tokens/s, the best that stayed within {budget})."
+        )
     if turn["peak_batch_size"] is None:
         return first
     if turn["turns"]:
-        second = (f"Throughput peaks at batch size {turn['peak_batch_size']} and falls beyond it: batch size "
-                  f"{turn['largest_batch_size']} reaches {turn['largest_vs_peak']:.0%} of the peak.")
+        second = (
+            f"Throughput peaks at batch size {turn['peak_batch_size']} and falls beyond it: batch size "
+            f"{turn['largest_batch_size']} reaches {turn['largest_vs_peak']:.0%} of the peak."
+        )
     else:
-        second = (f"Throughput still rises at the largest batch size that ran cleanly ({turn['peak_batch_size']}): "
-                  "no turn within this range.")
+        second = (
+            f"Throughput still rises at the largest batch size that ran cleanly ({turn['peak_batch_size']}): "
+            "no turn within this range."
+        )
     bad = [r["batch_size"] for r in sweep["rows"] if "error" in r or r.get("oom") or r.get("failed")]
     third = f" Out of memory or failed at batch size {', '.join(map(str, bad))} (marked)." if bad else ""
-    shares = [(r["batch_size"], r["flagged_share"]) for r in sorted(sweep["rows"], key=lambda r: r["batch_size"])
-              if r.get("flagged_share") is not None]
-    fourth = (" Summaries flagged by the quality profile, per batch size: "
-              + ", ".join(f"{b}: {share:.0%}" for b, share in shares) + ".") if shares else ""
+    shares = [
+        (r["batch_size"], r["flagged_share"])
+        for r in sorted(sweep["rows"], key=lambda r: r["batch_size"])
+        if r.get("flagged_share") is not None
+    ]
+    fourth = (
+        (
+            " Summaries flagged by the quality profile, per batch size: "
+            + ", ".join(f"{b}: {share:.0%}" for b, share in shares)
+            + "."
+        )
+        if shares
+        else ""
+    )
     return f"{first} {second}{third}{fourth}"

@@ -32,8 +32,17 @@ def backend_options(backend: str, dtype: str | None = None, extra: dict | None =
 
 
 @contextmanager
-def loaded(backend: str, model: str | None = None, *, dtype: str | None = None, stats: bool = False, monitor=None,
-           facts: dict | None = None, warm_up: bool = True, **options):
+def loaded(
+    backend: str,
+    model: str | None = None,
+    *,
+    dtype: str | None = None,
+    stats: bool = False,
+    monitor=None,
+    facts: dict | None = None,
+    warm_up: bool = True,
+    **options,
+):
     """The backend's provider, loaded with `backend_options`, warmed up once and its caches reset; closed on exit.
 
     Args:

@@ -20,11 +20,12 @@ SHORT_SYSTEM = "You summarize conversations."
 SHORT_TEMPLATE = 'Summarize "{title}" ({conversation_date}):\n{formatted_messages}'
 
 
-def workload_chunks(n: int, seed: int = 1, long_tokens: tuple[int, int] = (1000, 1400),
-                    short_tokens: tuple[int, int] = (30, 64)) -> tuple[list[Chunk], list[Chunk]]:
+def workload_chunks(
+    n: int, seed: int = 1, long_tokens: tuple[int, int] = (1000, 1400), short_tokens: tuple[int, int] = (30, 64)
+) -> tuple[list[Chunk], list[Chunk]]:
     """(a) n real-length chunks and (b) n short chunks, one of each per conversation of a synthetic export."""
-    from ..export.reader import read_export
-    from ..export.synth import write_synthetic_export
+    from apiana_lab.export.reader import read_export
+    from apiana_lab.export.synth import write_synthetic_export
 
     tokenizer = load_tokenizer()
     long_chunker = Chunker(ChunkingOptions(chunk_size=long_tokens[1]), tokenizer)
@@ -36,11 +37,17 @@ def workload_chunks(n: int, seed: int = 1, long_tokens: tuple[int, int] = (1000,
         for conversation in read_export(path):
             # One chunk of each kind per conversation, so the prompts differ in topic as well as text.
             if len(real) < n:
-                real += [c for c in long_chunker.chunk(conversation)
-                         if long_tokens[0] <= c.token_count <= long_tokens[1] and not c.continued][:1]
+                real += [
+                    c
+                    for c in long_chunker.chunk(conversation)
+                    if long_tokens[0] <= c.token_count <= long_tokens[1] and not c.continued
+                ][:1]
             if len(short) < n:
-                short += [c for c in short_chunker.chunk(conversation)
-                          if short_tokens[0] <= c.token_count <= short_tokens[1] and not c.continued][:1]
+                short += [
+                    c
+                    for c in short_chunker.chunk(conversation)
+                    if short_tokens[0] <= c.token_count <= short_tokens[1] and not c.continued
+                ][:1]
             if len(real) >= n and len(short) >= n:
                 break
     if len(real) < n or len(short) < n:
@@ -55,7 +62,8 @@ def sample_chunks(paths, n: int, chunk_size: int = 3500, tokenizer=None, profile
     still covers the extremes. Reads the export twice: once to count (or use `profile`), once
     to keep just the chosen chunks.
     """
-    from ..export.reader import read_export
+    from apiana_lab.export.reader import read_export
+
     from .profile import profile_export
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
@@ -169,13 +177,28 @@ def measure(transform, chunks: list[Chunk], *, config: str = "", workload: str =
     if monitor is not None:
         monitor.mark(f"{config or 'run'} end")
         row.update({f"peak_{k}": v for k, v in monitor.peaks().items()})
-    logger.info("[%s] %s: %.1f s, %d new tokens, %.1f tok/s, %d failed", workload, config, wall,
-                row["completion_tokens"], row["completion_tokens_per_s"], row["failed"])
+    logger.info(
+        "[%s] %s: %.1f s, %d new tokens, %.1f tok/s, %d failed",
+        workload,
+        config,
+        wall,
+        row["completion_tokens"],
+        row["completion_tokens_per_s"],
+        row["failed"],
+    )
     return row, records
 
 
-def sweep(configurations, chunks: list[Chunk] | None = None, *, workload: str = "", monitor=None,
-          rows: list | None = None, on_row=None, tolerate: tuple[type[BaseException], ...] = ()) -> list[dict]:
+def sweep(
+    configurations,
+    chunks: list[Chunk] | None = None,
+    *,
+    workload: str = "",
+    monitor=None,
+    rows: list | None = None,
+    on_row=None,
+    tolerate: tuple[type[BaseException], ...] = (),
+) -> list[dict]:
     """Measure each configuration in turn, on the same chunks: one row each, in order.
 
     Args:

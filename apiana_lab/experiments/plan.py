@@ -17,8 +17,9 @@ import math
 import statistics
 import time
 
-from ..providers.registry import check_options, get_provider
-from ..summarize import ParallelSummarizerTransform
+from apiana_lab.providers.registry import check_options, get_provider
+from apiana_lab.summarize import ParallelSummarizerTransform
+
 from .measure import measure, sample_chunks
 from .profile import profile_export
 
@@ -56,12 +57,14 @@ def plan_export(
         provider = get_provider(backend, model=model, **engine_options)
         load_seconds = time.perf_counter() - start
     try:
-        from ..providers.base import GenerationOptions
+        from apiana_lab.providers.base import GenerationOptions
 
         provider.complete("Say hello.", GenerationOptions(max_tokens=4))  # lazy start-up is not throughput
 
         def transform(length: int) -> ParallelSummarizerTransform:
-            return ParallelSummarizerTransform(provider, max_workers=max_workers, batch_size=batch_size, max_length=length)
+            return ParallelSummarizerTransform(
+                provider, max_workers=max_workers, batch_size=batch_size, max_length=length
+            )
 
         real = transform(max_length)
         full, records = measure(real, chunks, config="sample", monitor=monitor)
@@ -71,10 +74,26 @@ def plan_export(
     finally:
         if owned:
             provider.close()
-    return project(profile, chunks, full, prefill, records, window=window, overhead=overhead,
-                   load_seconds=load_seconds, backend=backend, model=getattr(provider, "model", model),
-                   settings={"sample": len(chunks), "chunk_size": chunk_size, "max_length": max_length,
-                             "batch_size": batch_size, "max_workers": max_workers, "engine_options": engine_options})
+    return project(
+        profile,
+        chunks,
+        full,
+        prefill,
+        records,
+        window=window,
+        overhead=overhead,
+        load_seconds=load_seconds,
+        backend=backend,
+        model=getattr(provider, "model", model),
+        settings={
+            "sample": len(chunks),
+            "chunk_size": chunk_size,
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "max_workers": max_workers,
+            "engine_options": engine_options,
+        },
+    )
 
 
 def _in_flight(t: ParallelSummarizerTransform, prompt_tokens: int) -> int:
@@ -86,8 +105,20 @@ def _in_flight(t: ParallelSummarizerTransform, prompt_tokens: int) -> int:
     return t.max_workers
 
 
-def project(profile, chunks, full: dict, prefill: dict, records, *, window: int, overhead: int = 0,
-            load_seconds: float = 0.0, backend: str = "", model: str | None = None, settings: dict | None = None) -> dict:
+def project(
+    profile,
+    chunks,
+    full: dict,
+    prefill: dict,
+    records,
+    *,
+    window: int,
+    overhead: int = 0,
+    load_seconds: float = 0.0,
+    backend: str = "",
+    model: str | None = None,
+    settings: dict | None = None,
+) -> dict:
     """The projection from a sample's two measured runs (see the module docstring)."""
     n_all, n_sample = len(profile.chunk_tokens), len(chunks)
     prompt_all = sum(profile.chunk_tokens) + overhead * n_all
@@ -114,25 +145,47 @@ def project(profile, chunks, full: dict, prefill: dict, records, *, window: int,
     return {
         "backend": backend,
         "model": model,
-        "export": {"inputs": profile.inputs, "megabytes": round(mb, 2), "conversations": profile.totals["conversations"],
-                   "chunks": n_all, "chunk_tokens": sum(profile.chunk_tokens), "prompt_tokens": prompt_all,
-                   "read_and_chunk_seconds": round(profile.seconds, 2)},
-        "sample": {"chunks": n_sample, "chunk_tokens": [c.token_count for c in chunks],
-                   "wall_s": round(full["wall_s"], 2), "prompt_tokens": full["prompt_tokens"],
-                   "completion_tokens": full["completion_tokens"], "mean_completion_tokens": round(mean, 1),
-                   "prefill_tokens_per_s": round(prefill_rate, 1), "decode_tokens_per_s": round(decode_rate, 1),
-                   "failed": full["failed"], "peaks": {k: v for k, v in full.items() if k.startswith("peak_")}},
+        "export": {
+            "inputs": profile.inputs,
+            "megabytes": round(mb, 2),
+            "conversations": profile.totals["conversations"],
+            "chunks": n_all,
+            "chunk_tokens": sum(profile.chunk_tokens),
+            "prompt_tokens": prompt_all,
+            "read_and_chunk_seconds": round(profile.seconds, 2),
+        },
+        "sample": {
+            "chunks": n_sample,
+            "chunk_tokens": [c.token_count for c in chunks],
+            "wall_s": round(full["wall_s"], 2),
+            "prompt_tokens": full["prompt_tokens"],
+            "completion_tokens": full["completion_tokens"],
+            "mean_completion_tokens": round(mean, 1),
+            "prefill_tokens_per_s": round(prefill_rate, 1),
+            "decode_tokens_per_s": round(decode_rate, 1),
+            "failed": full["failed"],
+            "peaks": {k: v for k, v in full.items() if k.startswith("peak_")},
+        },
         "projection": {
-            "seconds": round(seconds, 1), "low_seconds": round(low, 1), "high_seconds": round(high, 1),
-            "load_seconds": round(load_seconds, 1), "read_and_chunk_seconds": round(ingest_s, 1),
-            "prefill_seconds": round(prefill_s, 1), "decode_seconds": round(decode_s, 1),
+            "seconds": round(seconds, 1),
+            "low_seconds": round(low, 1),
+            "high_seconds": round(high, 1),
+            "load_seconds": round(load_seconds, 1),
+            "read_and_chunk_seconds": round(ingest_s, 1),
+            "prefill_seconds": round(prefill_s, 1),
+            "decode_seconds": round(decode_s, 1),
             "decode_concurrency_gain": round(concurrency_gain, 2),
-            "completion_tokens": round(completion_all), "window": window,
+            "completion_tokens": round(completion_all),
+            "window": window,
             # Memory does not grow with the export (the run holds ids, not texts): the sample's peak is the run's.
             "peak_memory": {k: v for k, v in full.items() if k.startswith("peak_")},
         },
-        "target": {"megabytes": TARGET_MB, "seconds": TARGET_SECONDS, "projected_seconds": round(at_target, 1),
-                   "met": at_target <= TARGET_SECONDS},
+        "target": {
+            "megabytes": TARGET_MB,
+            "seconds": TARGET_SECONDS,
+            "projected_seconds": round(at_target, 1),
+            "met": at_target <= TARGET_SECONDS,
+        },
         "settings": settings or {},
     }
 
@@ -145,7 +198,9 @@ def project_rate(profile, output_tokens_per_s: float, summary_tokens: int) -> di
     for a range and a split into prefill and decode, measure a sample (`plan_export`).
     """
     if not output_tokens_per_s > 0 or summary_tokens < 1:
-        raise ValueError(f"need a positive rate and summary length, not {output_tokens_per_s!r} tok/s and {summary_tokens!r} tokens")
+        raise ValueError(
+            f"need a positive rate and summary length, not {output_tokens_per_s!r} tok/s and {summary_tokens!r} tokens"
+        )
     n_all = len(profile.chunk_tokens)
     ingest_s = profile.seconds * 1.1
     generate_s = n_all * summary_tokens / output_tokens_per_s
@@ -154,16 +209,30 @@ def project_rate(profile, output_tokens_per_s: float, summary_tokens: int) -> di
     return {
         "backend": None,
         "model": None,
-        "export": {"inputs": profile.inputs, "megabytes": round(mb, 2), "conversations": profile.totals["conversations"],
-                   "chunks": n_all, "chunk_tokens": sum(profile.chunk_tokens), "prompt_tokens": sum(profile.chunk_tokens),
-                   "read_and_chunk_seconds": round(profile.seconds, 2)},
+        "export": {
+            "inputs": profile.inputs,
+            "megabytes": round(mb, 2),
+            "conversations": profile.totals["conversations"],
+            "chunks": n_all,
+            "chunk_tokens": sum(profile.chunk_tokens),
+            "prompt_tokens": sum(profile.chunk_tokens),
+            "read_and_chunk_seconds": round(profile.seconds, 2),
+        },
         "sample": None,
         "rate": {"output_tokens_per_s": output_tokens_per_s, "summary_tokens": summary_tokens},
-        "projection": {"seconds": round(ingest_s + generate_s, 1), "read_and_chunk_seconds": round(ingest_s, 1),
-                       "generate_seconds": round(generate_s, 1), "completion_tokens": n_all * summary_tokens,
-                       "peak_memory": {}},
-        "target": {"megabytes": TARGET_MB, "seconds": TARGET_SECONDS, "projected_seconds": round(at_target, 1),
-                   "met": at_target <= TARGET_SECONDS},
+        "projection": {
+            "seconds": round(ingest_s + generate_s, 1),
+            "read_and_chunk_seconds": round(ingest_s, 1),
+            "generate_seconds": round(generate_s, 1),
+            "completion_tokens": n_all * summary_tokens,
+            "peak_memory": {},
+        },
+        "target": {
+            "megabytes": TARGET_MB,
+            "seconds": TARGET_SECONDS,
+            "projected_seconds": round(at_target, 1),
+            "met": at_target <= TARGET_SECONDS,
+        },
         "settings": {"chunk_size": profile.chunk_size},
     }
 
@@ -192,11 +261,16 @@ def format_plan(plan: dict) -> str:
         ]
     peaks = p["peak_memory"]
     if peaks:
-        lines.append("memory:      " + ", ".join(f"{k.removeprefix('peak_')} {v:,.0f}" for k, v in peaks.items())
-                     + " (flat in export size: the sample's peak is the run's)")
+        lines.append(
+            "memory:      "
+            + ", ".join(f"{k.removeprefix('peak_')} {v:,.0f}" for k, v in peaks.items())
+            + " (flat in export size: the sample's peak is the run's)"
+        )
     verdict = "met" if t["met"] else "NOT met"
-    lines.append(f"target:      a {t['megabytes']} MB export like this one: {_duration(t['projected_seconds'])} "
-                 f"(target under {_duration(t['seconds'])}: {verdict} on this hardware)")
+    lines.append(
+        f"target:      a {t['megabytes']} MB export like this one: {_duration(t['projected_seconds'])} "
+        f"(target under {_duration(t['seconds'])}: {verdict} on this hardware)"
+    )
     return "\n".join(lines)
 
 

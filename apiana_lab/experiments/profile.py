@@ -7,13 +7,22 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..chunking import ConversationChunkerComponent
-from ..export.reader import read_export
-from ..export.types import ReadReport
+from apiana_lab.chunking import ConversationChunkerComponent
+from apiana_lab.export.reader import read_export
+from apiana_lab.export.types import ReadReport
 
 # Per-conversation fields `apiana-lab inspect --json` prints (a stable contract).
-INSPECT_FIELDS = ("id", "title", "dialogue_messages", "user_messages", "assistant_messages", "other_entries",
-                  "chunks", "tokens", "fallback_branch")
+INSPECT_FIELDS = (
+    "id",
+    "title",
+    "dialogue_messages",
+    "user_messages",
+    "assistant_messages",
+    "other_entries",
+    "chunks",
+    "tokens",
+    "fallback_branch",
+)
 
 
 @dataclass
@@ -49,9 +58,13 @@ class ExportProfile:
         import pandas as pd
 
         df["month"] = df["month"].fillna("unknown")
-        out = df.groupby("month", sort=True).agg(conversations=("id", "size"), messages=("dialogue_messages", "sum"),
-                                                  user_messages=("user_messages", "sum"), tokens=("tokens", "sum"),
-                                                  chunks=("chunks", "sum"))
+        out = df.groupby("month", sort=True).agg(
+            conversations=("id", "size"),
+            messages=("dialogue_messages", "sum"),
+            user_messages=("user_messages", "sum"),
+            tokens=("tokens", "sum"),
+            chunks=("chunks", "sum"),
+        )
         dated = [m for m in out.index if m != "unknown"]
         if dated:
             # Months with nothing in them are rows of zeros, so a gap in the history shows as a gap.
@@ -125,18 +138,20 @@ def profile_export(paths, chunk_size: int = 3500, tokenizer=None) -> ExportProfi
         if conv.create_time is not None:
             first = conv.create_time if first is None or conv.create_time < first else first
             last = conv.create_time if last is None or conv.create_time > last else last
-        profile.conversations.append({
-            "id": conv.id,
-            "title": conv.title,
-            "dialogue_messages": len(dialogue),
-            "user_messages": user,
-            "assistant_messages": len(dialogue) - user,
-            "other_entries": len(other),
-            "chunks": len(chunks),
-            "tokens": sum(c.token_count for c in chunks),
-            "fallback_branch": conv.fallback_branch,
-            "created": conv.create_time.isoformat() if conv.create_time else None,
-        })
+        profile.conversations.append(
+            {
+                "id": conv.id,
+                "title": conv.title,
+                "dialogue_messages": len(dialogue),
+                "user_messages": user,
+                "assistant_messages": len(dialogue) - user,
+                "other_entries": len(other),
+                "chunks": len(chunks),
+                "tokens": sum(c.token_count for c in chunks),
+                "fallback_branch": conv.fallback_branch,
+                "created": conv.create_time.isoformat() if conv.create_time else None,
+            }
+        )
     profile.seconds = time.perf_counter() - start
     profile.format = report.format
     profile.skipped = report.skipped

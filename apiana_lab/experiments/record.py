@@ -85,8 +85,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
         for key, _ in columns:
             value = row.get(key, "")
             if isinstance(value, float):
-                value = (f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}" if abs(value) < 10
-                         else f"{value:.1f}")
+                value = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
             elif isinstance(value, int):
                 value = f"{value:,}"
             cells.append(str(value if value is not None else ""))

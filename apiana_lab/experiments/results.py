@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from apiana_lab.errors import ConfigError
@@ -36,8 +36,10 @@ def notebooks_dir() -> Path:
     # In the checkout apiana_lab/data/notebooks is a symlink to notebooks/, which a wheel resolves into copies.
     folder = repo / "notebooks" if repo else PACKAGE / "data" / "notebooks"
     if not folder.is_dir():
-        raise ConfigError(f"No notebooks at {folder}: this install of apiana-lab lacks them. Reinstall it from a wheel "
-                          "built from the repository, or run `apiana-lab notebook` in a clone of the repository.")
+        raise ConfigError(
+            f"No notebooks at {folder}: this install of apiana-lab lacks them. Reinstall it from a wheel "
+            "built from the repository, or run `apiana-lab notebook` in a clone of the repository."
+        )
     return folder
 
 
@@ -76,7 +78,7 @@ def installed_defaults(source: Path) -> dict:
 
 def run_id(params: dict, when: datetime | None = None) -> str:
     """UTC timestamp plus a short hash of the parameters, e.g. 20261129T161500Z-3fa2c1d0."""
-    when = when or datetime.now(timezone.utc)
+    when = when or datetime.now(UTC)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{when:%Y%m%dT%H%M%SZ}-{digest}"
 
@@ -91,7 +93,7 @@ class ResultsRun:
     run_id: str
 
     @classmethod
-    def create(cls, notebook: str, params: dict, root: str | Path | None = None, run: str | None = None) -> "ResultsRun":
+    def create(cls, notebook: str, params: dict, root: str | Path | None = None, run: str | None = None) -> ResultsRun:
         """Make results/<notebook>/<run-id>/ (run: an id chosen by the runner, else a new one)."""
         ident = run or run_id(params)
         folder = Path(root or default_root()) / notebook / ident
@@ -118,7 +120,7 @@ class ResultsRun:
         doc = {
             "notebook": self.notebook,
             "run_id": self.run_id,
-            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "parameters": self.params,
             "key": key or {},
             "verdict": verdict,
@@ -176,8 +178,14 @@ def kernel_manager_class():
     return UnixSocketKernelManager
 
 
-def execute(notebook: str, parameters: dict | None = None, root: str | Path | None = None, *, kernel: str = "python3",
-            timeout: int | None = None) -> Path:
+def execute(
+    notebook: str,
+    parameters: dict | None = None,
+    root: str | Path | None = None,
+    *,
+    kernel: str = "python3",
+    timeout: int | None = None,
+) -> Path:
     """Run notebooks/<notebook>.ipynb with papermill into results/<notebook>/<run-id>/<notebook>.ipynb.
 
     From a checkout the kernel works in notebooks/; from an installed package it runs the packaged
@@ -205,9 +213,16 @@ def execute(notebook: str, parameters: dict | None = None, root: str | Path | No
     parameters.update(run_id=ident, results_root=str(root))
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=kernel,
-                                   cwd=str(cwd), execution_timeout=timeout, progress_bar=False,
-                                   kernel_manager_class=kernel_manager_class())
+        papermill.execute_notebook(
+            str(source),
+            str(output),
+            parameters=parameters,
+            kernel_name=kernel,
+            cwd=str(cwd),
+            execution_timeout=timeout,
+            progress_bar=False,
+            kernel_manager_class=kernel_manager_class(),
+        )
     finally:
         logger.info("%s: %.1f s -> %s", name, time.perf_counter() - start, output)
         if output.is_file():
@@ -307,15 +322,17 @@ def list_runs(root: str | Path | None = None) -> list[dict]:
         folder = metrics.parent
         notebook = folder / f"{folder.parent.name}.ipynb"
         verdict = doc.get("verdict") or {}
-        runs.append({
-            "notebook": folder.parent.name,
-            "run_id": folder.name,
-            "when": doc.get("when"),
-            "key": doc.get("key") or {},
-            "verdict": verdict.get("verdict") if isinstance(verdict, dict) else verdict,
-            "folder": str(folder.relative_to(root)),
-            "executed_notebook": str(notebook.relative_to(root)) if notebook.is_file() else None,
-        })
+        runs.append(
+            {
+                "notebook": folder.parent.name,
+                "run_id": folder.name,
+                "when": doc.get("when"),
+                "key": doc.get("key") or {},
+                "verdict": verdict.get("verdict") if isinstance(verdict, dict) else verdict,
+                "folder": str(folder.relative_to(root)),
+                "executed_notebook": str(notebook.relative_to(root)) if notebook.is_file() else None,
+            }
+        )
     runs.sort(key=lambda r: r["when"] or "", reverse=True)
     return runs
 
@@ -339,10 +356,15 @@ def write_index(root: str | Path | None = None) -> Path:
         links = [f"[metrics]({r['folder']}/metrics.json)"]
         if r["executed_notebook"]:
             links.insert(0, f"[notebook]({r['executed_notebook']})")
-        lines.append(f"| {r['notebook']} | {r['run_id']} | {(r['when'] or '')[:19]} | {key} | {r['verdict'] or ''} | {' · '.join(links)} |")
+        lines.append(
+            f"| {r['notebook']} | {r['run_id']} | {(r['when'] or '')[:19]} | {key} | {r['verdict'] or ''} | {' · '.join(links)} |"
+        )
     other = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in NOTEBOOKS)
     if other:
-        lines += ["", "Benchmarks (scripts, see the README's Performance section): " + ", ".join(f"[{n}]({n}/)" for n in other)]
+        lines += [
+            "",
+            "Benchmarks (scripts, see the README's Performance section): " + ", ".join(f"[{n}]({n}/)" for n in other),
+        ]
     path = root / "README.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

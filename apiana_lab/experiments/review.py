@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..quality import FLAGS, summarize_profiles
+from apiana_lab.errors import ConfigError
+from apiana_lab.quality import FLAGS, summarize_profiles
 
 
 def review(output_dir: str | Path, flag: str | None = None, worst: int = 5, excerpt: int = 300) -> dict:
@@ -21,8 +21,9 @@ def review(output_dir: str | Path, flag: str | None = None, worst: int = 5, exce
     def worst_first(kept: list[dict]) -> list[dict]:
         chosen = [r for r in kept if flag is None or flag in r["quality"]["flags"]]
         # Most flags first; among equals, the loopiest and most copied, which a reader notices first.
-        chosen.sort(key=lambda r: (-len(r["quality"]["flags"]), -r["quality"]["repeated_ngrams"],
-                                   -r["quality"]["coverage"]))
+        chosen.sort(
+            key=lambda r: (-len(r["quality"]["flags"]), -r["quality"]["repeated_ngrams"], -r["quality"]["coverage"])
+        )
         return chosen[:worst]
 
     folder = Path(output_dir)
@@ -31,15 +32,18 @@ def review(output_dir: str | Path, flag: str | None = None, worst: int = 5, exce
         "output": str(folder),
         "quality": summarize_profiles(r["quality"] for r in kept),
         "flag": flag,
-        "examples": [{
-            "chunk_id": r["chunk_id"],
-            "title": r["title"],
-            "flags": r["quality"]["flags"],
-            "finish_reason": r["finish_reason"],
-            "versions": r["versions"],
-            "summary": _cut(r["summary"], excerpt),
-            "chunk": _cut(texts[r["chunk_id"]], excerpt),
-        } for r in chosen],
+        "examples": [
+            {
+                "chunk_id": r["chunk_id"],
+                "title": r["title"],
+                "flags": r["quality"]["flags"],
+                "finish_reason": r["finish_reason"],
+                "versions": r["versions"],
+                "summary": _cut(r["summary"], excerpt),
+                "chunk": _cut(texts[r["chunk_id"]], excerpt),
+            }
+            for r in chosen
+        ],
     }
 
 
@@ -51,13 +55,19 @@ def format_review(result: dict) -> str:
         lines.append(f"  {name:<17} {figures['count']:>6}  {figures['share']:>5.0%}")
     if q["count"]:
         m = q["medians"]
-        lines.append(f"  medians: compression {m.get('compression', 0):.3f}, coverage {m.get('coverage', 0):.2f}, "
-                     f"density {m.get('density', 0):.1f}, repeated n-grams {m.get('repeated_ngrams', 0):.2f}")
+        lines.append(
+            f"  medians: compression {m.get('compression', 0):.3f}, coverage {m.get('coverage', 0):.2f}, "
+            f"density {m.get('density', 0):.1f}, repeated n-grams {m.get('repeated_ngrams', 0):.2f}"
+        )
     what = f"carrying {result['flag']!r}" if result["flag"] else "with the most flags"
-    lines.append(f"\nThe {len(result['examples'])} summaries {what}:" if result["examples"] else f"\nNo summary {what}.")
+    lines.append(
+        f"\nThe {len(result['examples'])} summaries {what}:" if result["examples"] else f"\nNo summary {what}."
+    )
     for e in result["examples"]:
-        lines.append(f"\n— {e['title'] or '(untitled)'} [{e['chunk_id'][:12]}] flags: {', '.join(e['flags']) or 'none'}"
-                     f" · finish: {e['finish_reason']}" + (f" · {e['versions']} versions" if e["versions"] > 1 else ""))
+        lines.append(
+            f"\n— {e['title'] or '(untitled)'} [{e['chunk_id'][:12]}] flags: {', '.join(e['flags']) or 'none'}"
+            f" · finish: {e['finish_reason']}" + (f" · {e['versions']} versions" if e["versions"] > 1 else "")
+        )
         lines.append("  summary: " + e["summary"].replace("\n", " ⏎ "))
         lines.append("  chunk:   " + e["chunk"].replace("\n", " ⏎ "))
     return "\n".join(lines)
@@ -69,12 +79,14 @@ def _read_run(folder: Path, choose) -> tuple[list[dict], list[dict], dict[str, s
     The store is opened as a run would open it: summaries from before quality profiles are
     profiled (and saved) first.
     """
-    from ..store import SQLiteStore
+    from apiana_lab.store import SQLiteStore
 
     jsonl, db = folder / "summaries.jsonl", folder / "apiana.sqlite"
     if not jsonl.is_file() or not db.is_file():
-        raise ConfigError(f"{folder} holds no finished run (needs summaries.jsonl and apiana.sqlite); "
-                          f"run chatgpt-export-v2 -o {folder} first.")
+        raise ConfigError(
+            f"{folder} holds no finished run (needs summaries.jsonl and apiana.sqlite); "
+            f"run chatgpt-export-v2 -o {folder} first."
+        )
     ids = [json.loads(line)["chunk_id"] for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     with SQLiteStore(db) as store:
         store.profile_missing()
@@ -93,10 +105,18 @@ def quality_frame(output_dir: str | Path, excerpt: int = 400):
     import pandas as pd
 
     kept, _, texts = _read_run(Path(output_dir), lambda kept: kept)
-    rows = [{"chunk_id": r["chunk_id"], "title": r["title"], "flags": ", ".join(r["quality"]["flags"]),
-             "flagged": bool(r["quality"]["flags"]),
-             **{k: v for k, v in r["quality"].items() if k != "flags"},
-             "summary": r["summary"], "chunk": _cut(texts[r["chunk_id"]], excerpt)} for r in kept]
+    rows = [
+        {
+            "chunk_id": r["chunk_id"],
+            "title": r["title"],
+            "flags": ", ".join(r["quality"]["flags"]),
+            "flagged": bool(r["quality"]["flags"]),
+            **{k: v for k, v in r["quality"].items() if k != "flags"},
+            "summary": r["summary"],
+            "chunk": _cut(texts[r["chunk_id"]], excerpt),
+        }
+        for r in kept
+    ]
     frame = pd.DataFrame(rows)
     frame.attrs["quality"] = summarize_profiles(r["quality"] for r in kept)
     return frame

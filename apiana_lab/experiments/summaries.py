@@ -6,10 +6,20 @@ import json
 import sqlite3
 from pathlib import Path
 
-from ..errors import ConfigError
+from apiana_lab.errors import ConfigError
 
-COLUMNS = ["date", "title", "chunk", "summary", "flags", "completion_tokens", "finish_reason", "prompt_tokens",
-           "conversation_id", "chunk_id"]
+COLUMNS = [
+    "date",
+    "title",
+    "chunk",
+    "summary",
+    "flags",
+    "completion_tokens",
+    "finish_reason",
+    "prompt_tokens",
+    "conversation_id",
+    "chunk_id",
+]
 
 
 def load_summaries(output_dir: str | Path):
@@ -19,17 +29,31 @@ def load_summaries(output_dir: str | Path):
     folder = Path(output_dir)
     jsonl, db = folder / "summaries.jsonl", folder / "apiana.sqlite"
     if not jsonl.is_file() or not db.is_file():
-        raise ConfigError(f"{folder} holds no finished run (needs summaries.jsonl and apiana.sqlite); run the export first.")
+        raise ConfigError(
+            f"{folder} holds no finished run (needs summaries.jsonl and apiana.sqlite); run the export first."
+        )
     rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
-    frame = pd.DataFrame(rows).reindex(columns=["chunk_id", "conversation_id", "title", "summary", "prompt_tokens",
-                                                "completion_tokens", "finish_reason", "quality"])
+    frame = pd.DataFrame(rows).reindex(
+        columns=[
+            "chunk_id",
+            "conversation_id",
+            "title",
+            "summary",
+            "prompt_tokens",
+            "completion_tokens",
+            "finish_reason",
+            "quality",
+        ]
+    )
     # The quality flags, as a reader scans them ("" for none); a run from before profiles has none recorded.
     frame["flags"] = [", ".join(q["flags"]) if isinstance(q, dict) else "" for q in frame.pop("quality")]
     # Read-only: a run may still be writing to the store from another process.
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         places = pd.read_sql_query(
             "SELECT k.id AS chunk_id, k.idx AS chunk, c.create_time AS date FROM chunks k "
-            "LEFT JOIN conversations c ON c.id = k.conversation_id", con)
+            "LEFT JOIN conversations c ON c.id = k.conversation_id",
+            con,
+        )
     frame = frame.merge(places, on="chunk_id", how="left")
     frame["date"] = pd.to_datetime(frame["date"], utc=True, errors="coerce", format="ISO8601")
     return frame[COLUMNS]
@@ -42,7 +66,9 @@ def filter_summaries(frame, conversation: str | None = None, start: str | None =
     keep = pd.Series(True, index=frame.index)
     if conversation:
         wanted = conversation.casefold()
-        keep &= (frame["conversation_id"] == conversation) | frame["title"].fillna("").str.casefold().str.contains(wanted, regex=False)
+        keep &= (frame["conversation_id"] == conversation) | frame["title"].fillna("").str.casefold().str.contains(
+            wanted, regex=False
+        )
     if start:
         keep &= frame["date"] >= pd.Timestamp(start, tz="UTC")
     if end:

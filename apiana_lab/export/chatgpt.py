@@ -5,13 +5,25 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from apiana_lab.errors import ConversationError
 from apiana_lab.export.types import (
-    BROWSING, CODE, CONTEXT, DIALOGUE, EXECUTION_OUTPUT, HIDDEN, OTHER, REASONING, SYSTEM, THOUGHTS,
-    TOOL_CALL, TOOL_OUTPUT, Conversation, Entry,
+    BROWSING,
+    CODE,
+    CONTEXT,
+    DIALOGUE,
+    EXECUTION_OUTPUT,
+    HIDDEN,
+    OTHER,
+    REASONING,
+    SYSTEM,
+    THOUGHTS,
+    TOOL_CALL,
+    TOOL_OUTPUT,
+    Conversation,
+    Entry,
 )
 
 logger = logging.getLogger(__name__)
@@ -32,14 +44,14 @@ def to_datetime(value: Any) -> datetime | None:
         return None
     try:
         if isinstance(value, (int, float)):
-            return datetime.fromtimestamp(value, tz=timezone.utc)
+            return datetime.fromtimestamp(value, tz=UTC)
         if isinstance(value, str) and value.strip():
             try:
-                return datetime.fromtimestamp(float(value), tz=timezone.utc)
+                return datetime.fromtimestamp(float(value), tz=UTC)
             except ValueError:
                 pass
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-            return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except (ValueError, OverflowError, OSError):
         logger.debug("unreadable timestamp %r", value)
     return None
@@ -204,8 +216,13 @@ def message_entry(message: dict) -> Entry:
             if not words:
                 flags.add("empty")
     return Entry(
-        role=role, text=text, kind=kind, content_type=content_type,
-        time=to_datetime(message.get("create_time")), recipient=recipient, channel=channel,
+        role=role,
+        text=text,
+        kind=kind,
+        content_type=content_type,
+        time=to_datetime(message.get("create_time")),
+        recipient=recipient,
+        channel=channel,
         flags=frozenset(flags),
     )
 
@@ -217,14 +234,19 @@ def _branch(mapping: dict, start: str, conv_id: str | None, index: int) -> list[
     node_id: Any = start
     while node_id is not None and node_id in mapping:
         if node_id in seen:
-            raise ConversationError("cycle", f"parent links loop back to node {node_id!r}",
-                                    conversation_id=conv_id, index=index)
+            raise ConversationError(
+                "cycle", f"parent links loop back to node {node_id!r}", conversation_id=conv_id, index=index
+            )
         seen.add(node_id)
         path.append(node_id)
         node_id = mapping[node_id].get("parent")
     if node_id is not None:
-        logger.debug("conversation %s: parent %r is missing from mapping; treating %r as the root",
-                     conv_id or index, node_id, path[-1])
+        logger.debug(
+            "conversation %s: parent %r is missing from mapping; treating %r as the root",
+            conv_id or index,
+            node_id,
+            path[-1],
+        )
     path.reverse()
     return path
 
@@ -256,28 +278,46 @@ def conversation_id(obj: dict) -> str | None:
 def parse_conversation(obj: Any, index: int, source_format: str = "chatgpt") -> Conversation:
     """One ChatGPT conversation object as a Conversation; raises ConversationError when malformed."""
     if not isinstance(obj, dict):
-        raise ConversationError("not_an_object", f"expected a conversation object, found {type(obj).__name__}",
-                                index=index)
+        raise ConversationError(
+            "not_an_object", f"expected a conversation object, found {type(obj).__name__}", index=index
+        )
     conv_id = conversation_id(obj)
     mapping = obj.get("mapping")
     if mapping is None:
-        raise ConversationError("no_mapping", "the conversation has no `mapping` of messages",
-                                conversation_id=conv_id, index=index)
+        raise ConversationError(
+            "no_mapping", "the conversation has no `mapping` of messages", conversation_id=conv_id, index=index
+        )
     if not isinstance(mapping, dict):
-        raise ConversationError("bad_type", f"`mapping` is a {type(mapping).__name__}, expected an object",
-                                conversation_id=conv_id, index=index)
+        raise ConversationError(
+            "bad_type",
+            f"`mapping` is a {type(mapping).__name__}, expected an object",
+            conversation_id=conv_id,
+            index=index,
+        )
     for node_id, node in mapping.items():
         if not isinstance(node, dict):
-            raise ConversationError("bad_type", f"node {node_id!r} is a {type(node).__name__}, expected an object",
-                                    conversation_id=conv_id, index=index)
+            raise ConversationError(
+                "bad_type",
+                f"node {node_id!r} is a {type(node).__name__}, expected an object",
+                conversation_id=conv_id,
+                index=index,
+            )
         parent = node.get("parent")
         if parent is not None and not isinstance(parent, str):
-            raise ConversationError("bad_type", f"node {node_id!r} has a {type(parent).__name__} parent",
-                                    conversation_id=conv_id, index=index)
+            raise ConversationError(
+                "bad_type",
+                f"node {node_id!r} has a {type(parent).__name__} parent",
+                conversation_id=conv_id,
+                index=index,
+            )
         message = node.get("message")
         if message is not None and not isinstance(message, dict):
-            raise ConversationError("bad_type", f"node {node_id!r} has a {type(message).__name__} message",
-                                    conversation_id=conv_id, index=index)
+            raise ConversationError(
+                "bad_type",
+                f"node {node_id!r} has a {type(message).__name__} message",
+                conversation_id=conv_id,
+                index=index,
+            )
 
     # An empty mapping, or a branch of hidden or system messages only, is a chat that was opened
     # and never used: it is listed with no dialogue, not skipped.
@@ -286,8 +326,7 @@ def parse_conversation(obj: Any, index: int, source_format: str = "chatgpt") -> 
     if fallback:
         current = _newest_leaf(mapping)
         if current is None:
-            raise ConversationError("cycle", "no leaf to start the branch from",
-                                    conversation_id=conv_id, index=index)
+            raise ConversationError("cycle", "no leaf to start the branch from", conversation_id=conv_id, index=index)
         logger.debug("conversation %s: current_node missing, using the newest leaf %r", conv_id or index, current)
 
     entries = [

@@ -73,16 +73,33 @@ def message_entries(message: dict) -> list[Entry]:
                 else:
                     events.append(block["text"])
         elif kind == "thinking":
-            events.append(Entry(role=role, text=_thinking_text(block), kind=THOUGHTS,
-                                content_type="thinking", time=time))
+            events.append(
+                Entry(role=role, text=_thinking_text(block), kind=THOUGHTS, content_type="thinking", time=time)
+            )
         elif kind == "tool_use":
             name = block.get("name") if isinstance(block.get("name"), str) else None
-            events.append(Entry(role=role, text=_block_text(block.get("input")), kind=TOOL_CALL,
-                                content_type="tool_use", time=time, recipient=name))
+            events.append(
+                Entry(
+                    role=role,
+                    text=_block_text(block.get("input")),
+                    kind=TOOL_CALL,
+                    content_type="tool_use",
+                    time=time,
+                    recipient=name,
+                )
+            )
         elif kind == "tool_result":
             flags = frozenset({"error"}) if block.get("is_error") else frozenset()
-            events.append(Entry(role="tool", text=_block_text(block.get("content")), kind=TOOL_OUTPUT,
-                                content_type="tool_result", time=time, flags=flags))
+            events.append(
+                Entry(
+                    role="tool",
+                    text=_block_text(block.get("content")),
+                    kind=TOOL_OUTPUT,
+                    content_type="tool_result",
+                    time=time,
+                    flags=flags,
+                )
+            )
         else:
             logger.debug("ignoring Claude content block of type %r", kind)
     runs = [e if isinstance(e, Entry) else strip_citations(e).strip() for e in events]
@@ -121,8 +138,9 @@ def _branch(messages: list[dict], leaf_uuid: Any, conv_id: str | None, index: in
     while parent and parent != ROOT_SENTINEL and parent in by_uuid:
         node = by_uuid[parent]
         if id(node) in seen:
-            raise ConversationError("cycle", f"parent links loop back to message {parent!r}",
-                                    conversation_id=conv_id, index=index)
+            raise ConversationError(
+                "cycle", f"parent links loop back to message {parent!r}", conversation_id=conv_id, index=index
+            )
         seen.add(id(node))
         path.append(node)
         parent = node.get("parent_message_uuid")
@@ -139,26 +157,37 @@ def conversation_id(obj: dict) -> str | None:
 def parse_conversation(obj: Any, index: int, source_format: str = "claude") -> Conversation:
     """One Claude.ai conversation object as a Conversation; raises ConversationError when malformed."""
     if not isinstance(obj, dict):
-        raise ConversationError("not_an_object", f"expected a conversation object, found {type(obj).__name__}",
-                                index=index)
+        raise ConversationError(
+            "not_an_object", f"expected a conversation object, found {type(obj).__name__}", index=index
+        )
     conv_id = conversation_id(obj)
     messages = obj.get("chat_messages")
     # An empty list is a chat opened and never used: listed with no dialogue. A missing key is not a
     # conversation Claude.ai writes.
     if messages is None:
-        raise ConversationError("no_chat_messages", "the conversation has no `chat_messages` list",
-                                conversation_id=conv_id, index=index)
+        raise ConversationError(
+            "no_chat_messages", "the conversation has no `chat_messages` list", conversation_id=conv_id, index=index
+        )
     if not isinstance(messages, list):
-        raise ConversationError("bad_type", f"`chat_messages` is a {type(messages).__name__}, expected a list",
-                                conversation_id=conv_id, index=index)
+        raise ConversationError(
+            "bad_type",
+            f"`chat_messages` is a {type(messages).__name__}, expected a list",
+            conversation_id=conv_id,
+            index=index,
+        )
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ConversationError("bad_type", f"message #{i} is a {type(message).__name__}, expected an object",
-                                    conversation_id=conv_id, index=index)
+            raise ConversationError(
+                "bad_type",
+                f"message #{i} is a {type(message).__name__}, expected an object",
+                conversation_id=conv_id,
+                index=index,
+            )
         parent = message.get("parent_message_uuid")
         if parent is not None and not isinstance(parent, str):
-            raise ConversationError("bad_type", f"message #{i} has a {type(parent).__name__} parent",
-                                    conversation_id=conv_id, index=index)
+            raise ConversationError(
+                "bad_type", f"message #{i} has a {type(parent).__name__} parent", conversation_id=conv_id, index=index
+            )
 
     branch, fallback = _branch(messages, obj.get("current_leaf_message_uuid"), conv_id, index)
     return Conversation(

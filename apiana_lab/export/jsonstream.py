@@ -6,7 +6,8 @@ import codecs
 import json
 import logging
 import re
-from typing import Any, BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 from apiana_lab.errors import ExportError
 
@@ -45,7 +46,8 @@ class _Buffer:
         except UnicodeDecodeError as e:
             raise ExportError(
                 f"the file is not UTF-8 text ({e.reason}); a ChatGPT or Claude export is UTF-8 JSON",
-                path=self.name, offset=start + e.start,
+                path=self.name,
+                offset=start + e.start,
             ) from None
         if not data:
             self.eof = True
@@ -54,7 +56,7 @@ class _Buffer:
             self.first = False
             new = new.removeprefix("\ufeff")
         # Slicing copies, so only drop consumed text when a block comes in, never per element.
-        self.text = self.text[self.pos:] + new
+        self.text = self.text[self.pos :] + new
         self.dropped += self.pos
         self.pos = 0
 

@@ -95,7 +95,7 @@ def read_export(
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """"chatgpt", "chatgpt-sharded" or "claude", from the layout and the first conversation."""
+    """ "chatgpt", "chatgpt-sharded" or "claude", from the layout and the first conversation."""
     layout = _locate(Path(path).expanduser())
     if layout.sharded:
         return CHATGPT_SHARDED
@@ -152,9 +152,7 @@ def _single_format(value: Any, name: str) -> str:
         return next(filter(None, map(_classify, value["conversations"])), CHATGPT)
     if isinstance(value, dict):
         keys = ", ".join(list(value)[:8]) or "none"
-        raise ExportError(
-            f"the top-level object is not a conversation (keys: {keys}); {_EXPECTED}", path=name
-        )
+        raise ExportError(f"the top-level object is not a conversation (keys: {keys}); {_EXPECTED}", path=name)
     found = "null" if value is None else type(value).__name__
     raise ExportError(f"the top level is a JSON {found}, not a list of conversations; {_EXPECTED}", path=name)
 
@@ -163,15 +161,23 @@ def _read(layouts: list[_Layout], report: ReadReport) -> Iterator[Conversation]:
     """Read every input through once, then yield the kept conversations in input order, then position."""
     with _Spool() as spool:
         drop = _plan(layouts, report, spool)
-        logger.debug("%d conversations (%.1f MB) kept in a temporary file until every input was read",
-                     spool.count, spool.file.tell() / 1e6)
+        logger.debug(
+            "%d conversations (%.1f MB) kept in a temporary file until every input was read",
+            spool.count,
+            spool.file.tell() / 1e6,
+        )
         for k, position, conversation in spool:
             if (k, position) in drop:
                 continue
             report.conversations += 1
             yield conversation
-    logger.info("read %d conversations from %s (%d skipped, %d older duplicates dropped)",
-                report.conversations, report.path, len(report.skipped), report.duplicates)
+    logger.info(
+        "read %d conversations from %s (%d skipped, %d older duplicates dropped)",
+        report.conversations,
+        report.path,
+        len(report.skipped),
+        report.duplicates,
+    )
 
 
 def _plan(layouts: list[_Layout], report: ReadReport, spool: _Spool) -> set[tuple[int, int]]:
@@ -199,8 +205,9 @@ def _plan(layouts: list[_Layout], report: ReadReport, spool: _Spool) -> set[tupl
                 drop.add(loser)
                 report.duplicates += 1
                 if len(report.duplicate_detail) < DUPLICATE_DETAIL_LIMIT:
-                    report.duplicate_detail.append({"id": conversation.id, "input": report.inputs[loser[0]],
-                                                    "index": loser[1]})
+                    report.duplicate_detail.append(
+                        {"id": conversation.id, "input": report.inputs[loser[0]], "index": loser[1]}
+                    )
             if loser != (k, position):
                 spool.add(k, position, conversation)
         report.formats.append(fmt)
@@ -215,8 +222,9 @@ def _plan(layouts: list[_Layout], report: ReadReport, spool: _Spool) -> set[tupl
     return drop
 
 
-def _merge(newest: dict[str, tuple[float, int, int]], conversation: Conversation, k: int,
-           position: int) -> tuple[int, int] | None:
+def _merge(
+    newest: dict[str, tuple[float, int, int]], conversation: Conversation, k: int, position: int
+) -> tuple[int, int] | None:
     """Record this version of its id; the (input, position) of the version that loses, or None if it is the first."""
     updated = conversation.update_time
     stamp = updated.timestamp() if updated is not None else float("-inf")
@@ -267,9 +275,11 @@ class _Spool:
             yield
         except OSError as e:
             where = tempfile.gettempdir()
-            raise ExportError(f"cannot keep the parsed conversations in a temporary file ({e.strerror or e}); "
-                              f"free space there or set TMPDIR to a folder with room for half the export",
-                              path=where) from None
+            raise ExportError(
+                f"cannot keep the parsed conversations in a temporary file ({e.strerror or e}); "
+                f"free space there or set TMPDIR to a folder with room for half the export",
+                path=where,
+            ) from None
 
 
 def _values(layout: _Layout) -> Iterator[tuple[int, str, Any]]:
@@ -308,8 +318,9 @@ def _parse(value: Any, k: int, position: int, fmt: str, source: str) -> Conversa
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
         # Wrong types deep inside one conversation must not stop the read.
         conv_id = (value.get("id") or value.get("uuid")) if isinstance(value, dict) else None
-        raise ConversationError("bad_type", f"{type(e).__name__}: {e}",
-                                conversation_id=str(conv_id) if conv_id else None, index=position) from None
+        raise ConversationError(
+            "bad_type", f"{type(e).__name__}: {e}", conversation_id=str(conv_id) if conv_id else None, index=position
+        ) from None
     if k and _IDS[fmt](value) is None:
         # Positions repeat across inputs, so an id made from one must say which input it is.
         conversation.id = f"index-{k}-{position}"
@@ -319,8 +330,15 @@ def _parse(value: Any, k: int, position: int, fmt: str, source: str) -> Conversa
 
 def _skip(report: ReadReport, error: ConversationError, source: str) -> None:
     logger.warning("%s: %s", source, error)
-    report.skipped.append({"input": source, "index": error.index, "id": error.conversation_id,
-                           "reason": error.reason, "detail": error.detail})
+    report.skipped.append(
+        {
+            "input": source,
+            "index": error.index,
+            "id": error.conversation_id,
+            "reason": error.reason,
+            "detail": error.detail,
+        }
+    )
 
 
 @contextmanager
@@ -439,8 +457,11 @@ def _manifest_files(raw: bytes, manifest: str, names: set[str], where: str) -> l
     for item in entries or []:
         if isinstance(item, dict):
             item = next((item[k] for k in _MANIFEST_NAME_KEYS if isinstance(item.get(k), str)), None)
-        if isinstance(item, str) and PurePosixPath(item).name.lower().startswith("conversations") \
-                and item.lower().endswith(".json"):
+        if (
+            isinstance(item, str)
+            and PurePosixPath(item).name.lower().startswith("conversations")
+            and item.lower().endswith(".json")
+        ):
             listed.append(item)
     base = PurePosixPath(manifest).parent
     resolved = []

@@ -24,7 +24,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
@@ -97,8 +97,7 @@ def write_synthetic_export(
         for i, name in enumerate(names):
             shard_target = (target - manifest_guess - total) // (n_shards - i)
             total += _write_list(path / name, builder, plan, shard_target)
-        manifest = {"format": "chatgpt-sharded", "version": 1, "files": names,
-                    "conversation_count": plan.conversations}
+        manifest = {"format": "chatgpt-sharded", "version": 1, "files": names, "conversation_count": plan.conversations}
         blob = json.dumps(manifest, indent=2).encode()
         (path / "export_manifest.json").write_bytes(blob)
         total += len(blob)
@@ -106,10 +105,10 @@ def write_synthetic_export(
         path.parent.mkdir(parents=True, exist_ok=True)
         total = _write_list(path, builder, plan, target)
 
-    stats = SynthStats(str(path), format, total, plan.conversations, plan.messages,
-                       time.perf_counter() - started, plan.no_dialogue)
-    logger.debug("wrote %s: %d bytes, %d conversations, %.1f MB/s",
-                 path, total, stats.conversations, stats.mb_per_s)
+    stats = SynthStats(
+        str(path), format, total, plan.conversations, plan.messages, time.perf_counter() - started, plan.no_dialogue
+    )
+    logger.debug("wrote %s: %d bytes, %d conversations, %.1f MB/s", path, total, stats.conversations, stats.mb_per_s)
     return stats
 
 
@@ -241,15 +240,23 @@ class _TextPool:
             t, t2 = rng.sample(topic["things"], 2)
             a, a2 = rng.sample(topic["actions"], 2)
             p = rng.choice(topic["problems"])
-            s = template.format(t=t, t2=t2, a=a, a2=a2, g=rng.choice(topic["goals"]),
-                                p=_second_person(p) if assistant else p, f=rng.choice(topic["fixes"]))
+            s = template.format(
+                t=t,
+                t2=t2,
+                a=a,
+                a2=a2,
+                g=rng.choice(topic["goals"]),
+                p=_second_person(p) if assistant else p,
+                f=rng.choice(topic["fixes"]),
+            )
             return s[0].upper() + s[1:]
 
         per_paragraph = (2, 3) if self.demo else (2, 5)
         sentences = [fill(rng.choice(w["sentences"]), True) for _ in range(140)]
         # Distinct templates within a paragraph, so no paragraph repeats a sentence shape.
-        paragraphs = [" ".join(fill(x, True) for x in rng.sample(w["sentences"], rng.randint(*per_paragraph)))
-                      for _ in range(60)]
+        paragraphs = [
+            " ".join(fill(x, True) for x in rng.sample(w["sentences"], rng.randint(*per_paragraph))) for _ in range(60)
+        ]
         lists = []
         for _ in range(12):
             steps = rng.sample(topic["actions"] + topic["fixes"], 3 if self.demo else rng.randint(3, 6))
@@ -261,18 +268,36 @@ class _TextPool:
             first=[rng.choice(w["openers"]) + fill(rng.choice(w["first_questions"])) for _ in range(30)],
             questions=[fill(rng.choice(w["questions"])) + rng.choice(w["question_endings"]) for _ in range(60)],
             context=[fill(rng.choice(w["context"])) for _ in range(30)],
-            sentences=sentences, paragraphs=paragraphs, lists=lists, codes=codes,
+            sentences=sentences,
+            paragraphs=paragraphs,
+            lists=lists,
+            codes=codes,
             outros=[fill(o) for o in w["outros"] for _ in range(2)],
-            goals=topic["goals"], things=topic["things"], code=topic.get("code", ()), foreign=False,
+            goals=topic["goals"],
+            things=topic["things"],
+            code=topic.get("code", ()),
+            foreign=False,
         )
 
     def _render_foreign(self, rng, lang) -> dict:
         s = lang["sentences"]
         paragraphs = [" ".join(rng.sample(s, rng.randint(2, 4))) for _ in range(30)]
-        return dict(titles=lang["titles"], first=lang["questions"][:4], questions=lang["questions"],
-                    context=lang["questions"],
-                    sentences=list(s), paragraphs=paragraphs, lists=[], codes=[], outros=[s[-1]],
-                    goals=lang["questions"], things=lang["titles"], code=(), foreign=True, language=lang["language"])
+        return dict(
+            titles=lang["titles"],
+            first=lang["questions"][:4],
+            questions=lang["questions"],
+            context=lang["questions"],
+            sentences=list(s),
+            paragraphs=paragraphs,
+            lists=[],
+            codes=[],
+            outros=[s[-1]],
+            goals=lang["questions"],
+            things=lang["titles"],
+            code=(),
+            foreign=True,
+            language=lang["language"],
+        )
 
     def topic(self, rng: random.Random) -> dict:
         if rng.random() < 0.15:
@@ -283,8 +308,11 @@ class _TextPool:
         q = rng.choice(topic["first"] if first else topic["questions"])
         if not self.demo and rng.random() < 0.08 * verbosity:
             # Users paste material: code, notes, a draft.
-            pasted = rng.choice(topic["code"]) if topic["code"] and rng.random() < 0.5 else \
-                "\n\n".join(rng.choices(topic["paragraphs"], k=rng.randint(1, 4)))
+            pasted = (
+                rng.choice(topic["code"])
+                if topic["code"] and rng.random() < 0.5
+                else "\n\n".join(rng.choices(topic["paragraphs"], k=rng.randint(1, 4)))
+            )
             q = f"{q}\n\nHere's what I have so far:\n\n{pasted}"
         return q
 
@@ -395,8 +423,21 @@ class _ChatGPTBuilder:
             self.n_messages += 1
         return nid
 
-    def _message(self, role: str, content: dict, *, t, metadata: dict, name=None, recipient="all",
-                 channel=None, end_turn=None, weight=1.0, status="finished_successfully", mid=None) -> dict:
+    def _message(
+        self,
+        role: str,
+        content: dict,
+        *,
+        t,
+        metadata: dict,
+        name=None,
+        recipient="all",
+        channel=None,
+        end_turn=None,
+        weight=1.0,
+        status="finished_successfully",
+        mid=None,
+    ) -> dict:
         author = self.authors.get((role, name))
         if author is None:
             author = self.authors[role, name] = {"role": role, "name": name, "metadata": {}}
@@ -415,15 +456,30 @@ class _ChatGPTBuilder:
         """Per-conversation metadata skeletons; copying one is much cheaper than building it."""
         # Sub-objects are shared between messages: each conversation is serialized at once and never mutated.
         user = {"request_id": None, "message_source": None, "timestamp_": "absolute", "message_type": None}
-        assistant = {"finish_details": {"type": "stop", "stop_tokens": [200002]}, "is_complete": True,
-                     "citations": [], "content_references": [], "message_type": None, "model_slug": self.model,
-                     "default_model_slug": self.model, "parent_id": None, "request_id": None, "timestamp_": "absolute"}
+        assistant = {
+            "finish_details": {"type": "stop", "stop_tokens": [200002]},
+            "is_complete": True,
+            "citations": [],
+            "content_references": [],
+            "message_type": None,
+            "model_slug": self.model,
+            "default_model_slug": self.model,
+            "parent_id": None,
+            "request_id": None,
+            "timestamp_": "absolute",
+        }
         if self.era > 0:
-            assistant.update({"message_locale": "en-US", "image_results": [], "search_result_groups": [],
-                              "safe_urls": []})
+            assistant.update(
+                {"message_locale": "en-US", "image_results": [], "search_result_groups": [], "safe_urls": []}
+            )
         if self.era == 2:
-            user.update({"selected_github_repos": [], "serialization_metadata": {"custom_symbol_offsets": []},
-                         "dictation": False})
+            user.update(
+                {
+                    "selected_github_repos": [],
+                    "serialization_metadata": {"custom_symbol_offsets": []},
+                    "dictation": False,
+                }
+            )
             assistant["model_switcher_deny"] = []
         self.user_md, self.assistant_md = user, assistant
 
@@ -446,10 +502,16 @@ class _ChatGPTBuilder:
         self.request_id = self._request_id()
         if image:
             w, h = self.rng.choice(((1024, 768), (1536, 2048), (828, 1792), (1920, 1080)))
-            pointer = {"content_type": "image_asset_pointer", "asset_pointer": "file-service://file-" + "".join(
-                self.rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz0123456789", k=22)),
-                "size_bytes": self.rng.randint(80_000, 2_400_000), "width": w, "height": h, "fovea": None,
-                "metadata": {"dalle": None, "gizmo": None, "sanitized": True} if self.era == 2 else None}
+            pointer = {
+                "content_type": "image_asset_pointer",
+                "asset_pointer": "file-service://file-"
+                + "".join(self.rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz0123456789", k=22)),
+                "size_bytes": self.rng.randint(80_000, 2_400_000),
+                "width": w,
+                "height": h,
+                "fovea": None,
+                "metadata": {"dalle": None, "gizmo": None, "sanitized": True} if self.era == 2 else None,
+            }
             content = {"content_type": "multimodal_text", "parts": [pointer, text]}
         else:
             content = {"content_type": "text", "parts": [text]}
@@ -461,9 +523,14 @@ class _ChatGPTBuilder:
         return self._add(parent, m, est=len(text) + (350 if image else 0))
 
     def assistant(self, parent: str, text: str, *, citations=None, main=False) -> str:
-        m = self._message("assistant", {"content_type": "text", "parts": [text]}, t=self._tick(),
-                          metadata=self._assistant_meta(parent, citations=citations),
-                          channel="final" if self.era == 2 else None, end_turn=True)
+        m = self._message(
+            "assistant",
+            {"content_type": "text", "parts": [text]},
+            t=self._tick(),
+            metadata=self._assistant_meta(parent, citations=citations),
+            channel="final" if self.era == 2 else None,
+            end_turn=True,
+        )
         if self.rng.random() < 0.3:
             m["update_time"] = round(m["create_time"] + self.rng.uniform(1, 30), 6)
         if main:
@@ -471,22 +538,39 @@ class _ChatGPTBuilder:
         return self._add(parent, m, est=len(text) + 250 + 400 * len(citations or ()))
 
     def tool_call(self, parent: str, recipient: str, content: dict, est: int) -> str:
-        m = self._message("assistant", content, t=self._tick(1, 8), recipient=recipient,
-                          metadata=self._assistant_meta(parent), end_turn=False,
-                          channel="commentary" if self.era == 2 else None)
+        m = self._message(
+            "assistant",
+            content,
+            t=self._tick(1, 8),
+            recipient=recipient,
+            metadata=self._assistant_meta(parent),
+            end_turn=False,
+            channel="commentary" if self.era == 2 else None,
+        )
         return self._add(parent, m, est=est + 250)
 
     def tool_output(self, parent: str, name: str, content: dict, est: int, extra_meta: dict | None = None) -> str:
-        md = {"is_complete": True, "model_slug": self.model, "parent_id": parent, "request_id": self.request_id,
-              "timestamp_": "absolute"}
+        md = {
+            "is_complete": True,
+            "model_slug": self.model,
+            "parent_id": parent,
+            "request_id": self.request_id,
+            "timestamp_": "absolute",
+        }
         if extra_meta:
             md.update(extra_meta)
         m = self._message("tool", content, t=self._tick(1, 20), name=name, metadata=md)
         return self._add(parent, m, est=est + 100)
 
     def hidden_system(self, parent: str | None, *, mid=None) -> str:
-        m = self._message("system", {"content_type": "text", "parts": [""]}, t=None, weight=0.0,
-                          metadata={"is_visually_hidden_from_conversation": True}, mid=mid)
+        m = self._message(
+            "system",
+            {"content_type": "text", "parts": [""]},
+            t=None,
+            weight=0.0,
+            metadata={"is_visually_hidden_from_conversation": True},
+            mid=mid,
+        )
         return self._add(parent, m)
 
     def custom_instructions(self, parent: str) -> str:
@@ -494,16 +578,33 @@ class _ChatGPTBuilder:
         data = {"about_user_message": about_user, "about_model_message": about_model}
         if self.era == 0 or self.rng.random() < 0.3:
             # The older form: a hidden system message carrying the instructions only in metadata.
-            m = self._message("system", {"content_type": "text", "parts": [""]}, t=None, weight=1.0,
-                              metadata={"is_visually_hidden_from_conversation": True, "is_user_system_message": True,
-                                        "user_context_message_data": data})
+            m = self._message(
+                "system",
+                {"content_type": "text", "parts": [""]},
+                t=None,
+                weight=1.0,
+                metadata={
+                    "is_visually_hidden_from_conversation": True,
+                    "is_user_system_message": True,
+                    "user_context_message_data": data,
+                },
+            )
         else:
-            content = {"content_type": "user_editable_context",
-                       "user_profile": self.words["profile_preamble"] + f"```{about_user}```",
-                       "user_instructions": self.words["instructions_preamble"] + f"```{about_model}```"}
-            m = self._message("user", content, t=None,
-                              metadata={"is_visually_hidden_from_conversation": True, "user_context_message_data": data,
-                                        "is_user_system_message": True})
+            content = {
+                "content_type": "user_editable_context",
+                "user_profile": self.words["profile_preamble"] + f"```{about_user}```",
+                "user_instructions": self.words["instructions_preamble"] + f"```{about_model}```",
+            }
+            m = self._message(
+                "user",
+                content,
+                t=None,
+                metadata={
+                    "is_visually_hidden_from_conversation": True,
+                    "user_context_message_data": data,
+                    "is_user_system_message": True,
+                },
+            )
         return self._add(parent, m, est=len(about_user) + len(about_model) + 500)
 
     # -- turns: each starts at tip (the end of the main branch) and returns the new tip --
@@ -525,8 +626,12 @@ class _ChatGPTBuilder:
         rng = self.rng
         q = rng.choice(self.words["image_questions"]) + " " + self.pool.context(rng, self.topic)
         u = self.user(tip, q, image=True)
-        return self.assistant(u, "From the image, it looks like this is related to what we discussed. "
-                              + self.pool.reply(rng, self.topic, self.verbosity), main=True)
+        return self.assistant(
+            u,
+            "From the image, it looks like this is related to what we discussed. "
+            + self.pool.reply(rng, self.topic, self.verbosity),
+            main=True,
+        )
 
     def turn_python(self, tip: str) -> str:
         rng = self.rng
@@ -535,21 +640,46 @@ class _ChatGPTBuilder:
         runs = self.words["python_runs"]
         run = runs[rng.randrange(len(runs))]
         code, output = run["code"], run["output"]
-        c = self.tool_call(u, "python", {"content_type": "code", "language": "unknown",
-                                         "response_format_name": None, "text": code}, len(code))
+        c = self.tool_call(
+            u,
+            "python",
+            {"content_type": "code", "language": "unknown", "response_format_name": None, "text": code},
+            len(code),
+        )
         t = self.t
         if rng.random() < 0.15:
             error = "Encountered exception: <class 'TimeoutError'>. Code execution state was reset."
-            out = self.tool_output(c, "python", {"content_type": "system_error", "name": "tool_error", "text": error},
-                                   len(error))
+            out = self.tool_output(
+                c, "python", {"content_type": "system_error", "name": "tool_error", "text": error}, len(error)
+            )
         else:
-            result = {"status": "success", "run_id": self._uuid(), "start_time": t, "update_time": t + 1.2,
-                      "code": code, "end_time": t + 1.2, "final_expression_output": output,
-                      "in_kernel_exception": None, "system_exception": None, "messages": [],
-                      "jupyter_messages": [{"msg_type": "status", "parent_header": {"msg_id": self._uuid()},
-                                            "content": {"execution_state": "idle"}}], "timeout_triggered": None}
-            out = self.tool_output(c, "python", {"content_type": "execution_output", "text": output},
-                                   len(output) * 2 + len(code) + 450, {"aggregate_result": result})
+            result = {
+                "status": "success",
+                "run_id": self._uuid(),
+                "start_time": t,
+                "update_time": t + 1.2,
+                "code": code,
+                "end_time": t + 1.2,
+                "final_expression_output": output,
+                "in_kernel_exception": None,
+                "system_exception": None,
+                "messages": [],
+                "jupyter_messages": [
+                    {
+                        "msg_type": "status",
+                        "parent_header": {"msg_id": self._uuid()},
+                        "content": {"execution_state": "idle"},
+                    }
+                ],
+                "timeout_triggered": None,
+            }
+            out = self.tool_output(
+                c,
+                "python",
+                {"content_type": "execution_output", "text": output},
+                len(output) * 2 + len(code) + 450,
+                {"aggregate_result": result},
+            )
         return self.assistant(out, self.pool.reply(self.rng, self.topic, self.verbosity), main=True)
 
     def _search_query(self) -> str:
@@ -559,25 +689,59 @@ class _ChatGPTBuilder:
         rng = self.rng
         u = self.user(tip, "Can you look up the latest advice on this? " + self.pool.context(rng, self.topic))
         query = self._search_query()
-        c = self.tool_call(u, "browser", {"content_type": "code", "language": "unknown",
-                                          "response_format_name": None, "text": f'search("{query}")'}, len(query) + 10)
+        c = self.tool_call(
+            u,
+            "browser",
+            {"content_type": "code", "language": "unknown", "response_format_name": None, "text": f'search("{query}")'},
+            len(query) + 10,
+        )
         sites = rng.sample(self.words["sites"], 3)
-        result = "\n".join(f"# 【{i}†{query} - {name}†{domain}】\n{self.pool.short(rng, self.topic)}"
-                           for i, (name, domain) in enumerate(sites))
-        d = self.tool_output(c, "browser", {"content_type": "tether_browsing_display", "result": result,
-                                            "summary": None, "assets": None, "tether_id": None},
-                             len(result), {"_cite_metadata": {"citation_format": {"name": "tether_og"},
-                                                              "metadata_list": [{"type": "webpage", "title": n,
-                                                                                 "url": f"https://{d}/", "text": ""}
-                                                                                for n, d in sites]}})
-        c2 = self.tool_call(d, "browser", {"content_type": "code", "language": "unknown",
-                                           "response_format_name": None, "text": "mclick([0, 2])"}, 14)
+        result = "\n".join(
+            f"# 【{i}†{query} - {name}†{domain}】\n{self.pool.short(rng, self.topic)}"
+            for i, (name, domain) in enumerate(sites)
+        )
+        d = self.tool_output(
+            c,
+            "browser",
+            {
+                "content_type": "tether_browsing_display",
+                "result": result,
+                "summary": None,
+                "assets": None,
+                "tether_id": None,
+            },
+            len(result),
+            {
+                "_cite_metadata": {
+                    "citation_format": {"name": "tether_og"},
+                    "metadata_list": [
+                        {"type": "webpage", "title": n, "url": f"https://{d}/", "text": ""} for n, d in sites
+                    ],
+                }
+            },
+        )
+        c2 = self.tool_call(
+            d,
+            "browser",
+            {"content_type": "code", "language": "unknown", "response_format_name": None, "text": "mclick([0, 2])"},
+            14,
+        )
         name, domain = sites[0]
         quote = self.pool.reply(rng, self.topic, 1.0)
         url = f"https://{domain}/articles/{rng.randint(1000, 99999)}"
-        q = self.tool_output(c2, "browser", {"content_type": "tether_quote", "url": url, "domain": domain,
-                                             "text": quote, "title": f"{query} - {name}", "tether_id": None},
-                             len(quote) + 100)
+        q = self.tool_output(
+            c2,
+            "browser",
+            {
+                "content_type": "tether_quote",
+                "url": url,
+                "domain": domain,
+                "text": quote,
+                "title": f"{query} - {name}",
+                "tether_id": None,
+            },
+            len(quote) + 100,
+        )
         return self.assistant(q, self.pool.reply(rng, self.topic, self.verbosity, cite=_browser_cite), main=True)
 
     def turn_webrun(self, tip: str) -> str:
@@ -585,34 +749,82 @@ class _ChatGPTBuilder:
         u = self.user(tip, "Search the web for this please. " + self.pool.context(rng, self.topic))
         query = self._search_query()
         q = json.dumps({"search_query": [{"q": query, "recency": None}], "response_length": "short"})
-        c = self.tool_call(u, "web.run", {"content_type": "code", "language": "unknown",
-                                          "response_format_name": None, "text": q}, len(q))
+        c = self.tool_call(
+            u,
+            "web.run",
+            {"content_type": "code", "language": "unknown", "response_format_name": None, "text": q},
+            len(q),
+        )
         sites = rng.sample(self.words["sites"], 4)
-        result = "\n".join(f"【turn0search{i}†{name}†{domain}】 {self.pool.short(rng, self.topic)}"
-                           for i, (name, domain) in enumerate(sites))
-        d = self.tool_output(c, "web.run", {"content_type": "tether_browsing_display", "result": result,
-                                            "summary": None, "assets": None, "tether_id": None}, len(result))
-        refs = [{"matched_text": f"\ue200cite\ue202turn0search{i}\ue201", "start_idx": 0, "end_idx": 0,
-                 "alt": f"([{name}](https://{domain}/))", "type": "grouped_webpages",
-                 "items": [{"title": f"{query} | {name}", "url": f"https://{domain}/{rng.randint(1000, 99999)}",
-                            "pub_date": None, "snippet": None, "attribution": name}]}
-                for i, (name, domain) in enumerate(sites[:2])]
-        return self.assistant(d, self.pool.reply(rng, self.topic, self.verbosity, cite=_web_cite),
-                              citations=refs, main=True)
+        result = "\n".join(
+            f"【turn0search{i}†{name}†{domain}】 {self.pool.short(rng, self.topic)}"
+            for i, (name, domain) in enumerate(sites)
+        )
+        d = self.tool_output(
+            c,
+            "web.run",
+            {
+                "content_type": "tether_browsing_display",
+                "result": result,
+                "summary": None,
+                "assets": None,
+                "tether_id": None,
+            },
+            len(result),
+        )
+        refs = [
+            {
+                "matched_text": f"\ue200cite\ue202turn0search{i}\ue201",
+                "start_idx": 0,
+                "end_idx": 0,
+                "alt": f"([{name}](https://{domain}/))",
+                "type": "grouped_webpages",
+                "items": [
+                    {
+                        "title": f"{query} | {name}",
+                        "url": f"https://{domain}/{rng.randint(1000, 99999)}",
+                        "pub_date": None,
+                        "snippet": None,
+                        "attribution": name,
+                    }
+                ],
+            }
+            for i, (name, domain) in enumerate(sites[:2])
+        ]
+        return self.assistant(
+            d, self.pool.reply(rng, self.topic, self.verbosity, cite=_web_cite), citations=refs, main=True
+        )
 
     def turn_thinking(self, tip: str) -> str:
         rng, topic = self.rng, self.topic
         u = self.user(tip, self.pool.question(rng, topic, False, self.verbosity))
-        thoughts = [{"summary": f"Considering {rng.choice(topic['things'])}",
-                     "content": " ".join(rng.sample(topic["sentences"], 3)), "chunks": [], "finished": True}
-                    for _ in range(rng.randint(1, 3))]
-        m = self._message("assistant", {"content_type": "thoughts", "thoughts": thoughts,
-                                        "source_analysis_msg_id": self._uuid()}, t=self._tick(2, 10),
-                          metadata=self._assistant_meta(u), end_turn=False, channel="commentary")
+        thoughts = [
+            {
+                "summary": f"Considering {rng.choice(topic['things'])}",
+                "content": " ".join(rng.sample(topic["sentences"], 3)),
+                "chunks": [],
+                "finished": True,
+            }
+            for _ in range(rng.randint(1, 3))
+        ]
+        m = self._message(
+            "assistant",
+            {"content_type": "thoughts", "thoughts": thoughts, "source_analysis_msg_id": self._uuid()},
+            t=self._tick(2, 10),
+            metadata=self._assistant_meta(u),
+            end_turn=False,
+            channel="commentary",
+        )
         th = self._add(u, m, est=sum(len(x["content"]) + 60 for x in thoughts) + 250)
         secs = rng.randint(3, 95)
-        m = self._message("assistant", {"content_type": "reasoning_recap", "content": f"Thought for {secs}s"},
-                          t=self._tick(1, 3), metadata=self._assistant_meta(th), end_turn=False, channel="commentary")
+        m = self._message(
+            "assistant",
+            {"content_type": "reasoning_recap", "content": f"Thought for {secs}s"},
+            t=self._tick(1, 3),
+            metadata=self._assistant_meta(th),
+            end_turn=False,
+            channel="commentary",
+        )
         rr = self._add(th, m, est=250)
         return self.assistant(rr, self.pool.reply(rng, topic, self.verbosity), main=True)
 
@@ -622,31 +834,49 @@ class _ChatGPTBuilder:
         doc = self.pool.reply(rng, self.topic, self.verbosity)
         if rng.random() < 0.5:
             recipient = "canmore.create_textdoc"
-            body = json.dumps({"name": self.title.lower().replace(" ", "_"), "type": "document", "content": doc},
-                              ensure_ascii=False)
-            reply = f"Successfully created text document '{self.title}' which will be referenced in all future " \
-                    f"messages with the unique identifier textdoc_id: '{self._uuid().replace('-', '')[:24]}'"
+            body = json.dumps(
+                {"name": self.title.lower().replace(" ", "_"), "type": "document", "content": doc}, ensure_ascii=False
+            )
+            reply = (
+                f"Successfully created text document '{self.title}' which will be referenced in all future "
+                f"messages with the unique identifier textdoc_id: '{self._uuid().replace('-', '')[:24]}'"
+            )
         else:
             recipient = "canmore.update_textdoc"
-            body = json.dumps({"updates": [{"pattern": ".*", "multiple": False, "replacement": doc}]},
-                              ensure_ascii=False)
+            body = json.dumps(
+                {"updates": [{"pattern": ".*", "multiple": False, "replacement": doc}]}, ensure_ascii=False
+            )
             reply = f"Successfully updated text document with textdoc_id '{self._uuid().replace('-', '')[:24]}'"
-        c = self.tool_call(u, recipient, {"content_type": "code", "language": "json",
-                                          "response_format_name": None, "text": body}, len(body))
-        o = self.tool_output(c, recipient, {"content_type": "text", "parts": [reply]}, len(reply),
-                             {"canvas": {"textdoc_id": "x", "textdoc_type": "document", "version": rng.randint(1, 9)}})
+        c = self.tool_call(
+            u,
+            recipient,
+            {"content_type": "code", "language": "json", "response_format_name": None, "text": body},
+            len(body),
+        )
+        o = self.tool_output(
+            c,
+            recipient,
+            {"content_type": "text", "parts": [reply]},
+            len(reply),
+            {"canvas": {"textdoc_id": "x", "textdoc_type": "document", "version": rng.randint(1, 9)}},
+        )
         return self.assistant(o, "I've put it in the document. " + self.pool.short(rng, self.topic), main=True)
 
     def turn_bio(self, tip: str) -> str:
         rng = self.rng
         goal = rng.choice(self.topic["goals"])
-        u = self.user(tip, f"Remember that I want to {goal}." if rng.random() < 0.7
-                      else self.pool.question(rng, self.topic, False, self.verbosity))
+        u = self.user(
+            tip,
+            f"Remember that I want to {goal}."
+            if rng.random() < 0.7
+            else self.pool.question(rng, self.topic, False, self.verbosity),
+        )
         memo = f"User wants to {goal}."
         c = self.tool_call(u, "bio", {"content_type": "text", "parts": [memo]}, len(memo))
         o = self.tool_output(c, "bio", {"content_type": "text", "parts": ["Model set context updated."]}, 30)
-        return self.assistant(o, "Got it, I'll keep that in mind. " + self.pool.reply(rng, self.topic, self.verbosity),
-                              main=True)
+        return self.assistant(
+            o, "Got it, I'll keep that in mind. " + self.pool.reply(rng, self.topic, self.verbosity), main=True
+        )
 
     def _long(self) -> bool:
         if self.force_long > 0 and self.rng.random() < 0.3:
@@ -735,8 +965,10 @@ class _ChatGPTBuilder:
             else:
                 # A later edit of the first question: a sibling of it.
                 anchor, first = self.mapping[self.mapping[answers[0]]["parent"]]["parent"], True
-            self.assistant(self.user(anchor, self.pool.question(rng, self.topic, first, 1.0)),
-                           self.pool.reply(rng, self.topic, 1.0))
+            self.assistant(
+                self.user(anchor, self.pool.question(rng, self.topic, first, 1.0)),
+                self.pool.reply(rng, self.topic, 1.0),
+            )
         elif self._rare(index, 7, 0.01):
             current = self._uuid()  # missing from mapping: readers must fall back to a leaf
 
@@ -745,21 +977,45 @@ class _ChatGPTBuilder:
             # The root is not always the first key.
             items = list(mapping.items())
             k = rng.randrange(1, len(items))
-            mapping = dict(items[1:k + 1] + items[:1] + items[k + 1:])
+            mapping = dict(items[1 : k + 1] + items[:1] + items[k + 1 :])
 
         create_time = None if self._rare(index, 13, 0.003) else round(t0, 6)
         update_time = None if rng.random() < 0.01 else round(self.t + rng.uniform(0, 3600), 6)
-        conv = {"title": self.title, "create_time": create_time, "update_time": update_time, "mapping": mapping,
-                "moderation_results": [], "current_node": current, "plugin_ids": None}
+        conv = {
+            "title": self.title,
+            "create_time": create_time,
+            "update_time": update_time,
+            "mapping": mapping,
+            "moderation_results": [],
+            "current_node": current,
+            "plugin_ids": None,
+        }
         cid = self._uuid()
         if self.era > 0:
             conv["conversation_id"] = cid
-        conv.update({"conversation_template_id": None, "gizmo_id": None, "is_archived": False,
-                     "safe_urls": [], "default_model_slug": self.model})
+        conv.update(
+            {
+                "conversation_template_id": None,
+                "gizmo_id": None,
+                "is_archived": False,
+                "safe_urls": [],
+                "default_model_slug": self.model,
+            }
+        )
         if self.era == 2:
-            conv.update({"gizmo_type": None, "is_starred": None, "conversation_origin": None, "voice": None,
-                         "async_status": None, "disabled_tool_ids": [], "is_do_not_remember": False,
-                         "memory_scope": "global_enabled", "sugar_item_id": None})
+            conv.update(
+                {
+                    "gizmo_type": None,
+                    "is_starred": None,
+                    "conversation_origin": None,
+                    "voice": None,
+                    "async_status": None,
+                    "disabled_tool_ids": [],
+                    "is_do_not_remember": False,
+                    "memory_scope": "global_enabled",
+                    "sugar_item_id": None,
+                }
+            )
         conv["id"] = cid
         return conv, self.n_messages, dialogue
 
@@ -782,7 +1038,7 @@ class _ChatGPTBuilder:
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class _ClaudeBuilder:
@@ -831,14 +1087,30 @@ class _ClaudeBuilder:
         attachments = []
         if sender == "human" and not self.demo and rng.random() < 0.03:
             doc = "\n\n".join(rng.choices(self.topic["paragraphs"], k=rng.randint(1, 4)))
-            attachments.append({"file_name": "notes.txt", "file_size": len(doc.encode()), "file_type": "txt",
-                                "extracted_content": doc})
-        self.messages.append({"uuid": uid, "text": text, "content": blocks, "sender": sender,
-                              "index": len(self.messages), "created_at": created, "updated_at": _iso(self.t),
-                              "truncated": False, "attachments": attachments, "files": [],
-                              "parent_message_uuid": parent})
-        self.est += 330 + 230 * len(blocks) + len(text) + sum(len(b.get("text", "")) + len(b.get("thinking", ""))
-                                                               for b in blocks)
+            attachments.append(
+                {"file_name": "notes.txt", "file_size": len(doc.encode()), "file_type": "txt", "extracted_content": doc}
+            )
+        self.messages.append(
+            {
+                "uuid": uid,
+                "text": text,
+                "content": blocks,
+                "sender": sender,
+                "index": len(self.messages),
+                "created_at": created,
+                "updated_at": _iso(self.t),
+                "truncated": False,
+                "attachments": attachments,
+                "files": [],
+                "parent_message_uuid": parent,
+            }
+        )
+        self.est += (
+            330
+            + 230 * len(blocks)
+            + len(text)
+            + sum(len(b.get("text", "")) + len(b.get("thinking", "")) for b in blocks)
+        )
         return uid
 
     def human(self, parent: str, first: bool) -> str:
@@ -855,17 +1127,38 @@ class _ClaudeBuilder:
         created = self._start()
         blocks = []
         if rng.random() < 0.25:
-            blocks.append(self._block("thinking", thinking=" ".join(rng.sample(topic["sentences"], 3)),
-                                      summaries=[{"summary": f"Thinking about {rng.choice(topic['things'])}"}],
-                                      cut_off=False))
+            blocks.append(
+                self._block(
+                    "thinking",
+                    thinking=" ".join(rng.sample(topic["sentences"], 3)),
+                    summaries=[{"summary": f"Thinking about {rng.choice(topic['things'])}"}],
+                    cut_off=False,
+                )
+            )
         if rng.random() < 0.12:
             query = rng.choice(topic["goals"])
-            blocks.append(self._block("tool_use", name="web_search", input={"query": query},
-                                      message="Searching the web", integration_name=None, context=None,
-                                      display_content=None))
-            blocks.append(self._block("tool_result", name="web_search", is_error=False, message=None,
-                                      content=[{"type": "text", "text": self.pool.short(rng, topic),
-                                                "uuid": self._uuid()} for _ in range(3)]))
+            blocks.append(
+                self._block(
+                    "tool_use",
+                    name="web_search",
+                    input={"query": query},
+                    message="Searching the web",
+                    integration_name=None,
+                    context=None,
+                    display_content=None,
+                )
+            )
+            blocks.append(
+                self._block(
+                    "tool_result",
+                    name="web_search",
+                    is_error=False,
+                    message=None,
+                    content=[
+                        {"type": "text", "text": self.pool.short(rng, topic), "uuid": self._uuid()} for _ in range(3)
+                    ],
+                )
+            )
         blocks.append(self._block("text", text=self.pool.reply(rng, topic, self.verbosity), citations=[]))
         return self._message("assistant", parent, blocks, created)
 
@@ -887,7 +1180,13 @@ class _ClaudeBuilder:
             if rng.random() < p_branch:
                 self.assistant(h)  # a regenerated answer
             tip = self.assistant(h)
-        conv = {"uuid": self._uuid(), "name": name, "summary": "", "created_at": _iso(t0),
-                "updated_at": _iso(self.t + rng.uniform(0, 3600)), "account": {"uuid": self.account},
-                "chat_messages": self.messages}
+        conv = {
+            "uuid": self._uuid(),
+            "name": name,
+            "summary": "",
+            "created_at": _iso(t0),
+            "updated_at": _iso(self.t + rng.uniform(0, 3600)),
+            "account": {"uuid": self.account},
+            "chat_messages": self.messages,
+        }
         return conv, len(self.messages), dialogue

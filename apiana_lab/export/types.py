@@ -21,8 +21,18 @@ SYSTEM = "system"  # visible system messages, system_error
 OTHER = "other"
 
 ENTRY_KINDS = (
-    DIALOGUE, TOOL_CALL, TOOL_OUTPUT, CODE, EXECUTION_OUTPUT, BROWSING,
-    THOUGHTS, REASONING, CONTEXT, HIDDEN, SYSTEM, OTHER,
+    DIALOGUE,
+    TOOL_CALL,
+    TOOL_OUTPUT,
+    CODE,
+    EXECUTION_OUTPUT,
+    BROWSING,
+    THOUGHTS,
+    REASONING,
+    CONTEXT,
+    HIDDEN,
+    SYSTEM,
+    OTHER,
 )
 
 

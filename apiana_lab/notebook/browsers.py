@@ -16,8 +16,9 @@ def summary_browser(frame):
     from apiana_lab.experiments.summaries import filter_summaries
 
     titles = frame.drop_duplicates("conversation_id")
-    choices = [("all conversations", "")] + [(f"{t or '(untitled)'} [{c[:8]}]", c)
-                                             for t, c in zip(titles["title"], titles["conversation_id"])]
+    choices = [("all conversations", "")] + [
+        (f"{t or '(untitled)'} [{c[:8]}]", c) for t, c in zip(titles["title"], titles["conversation_id"])
+    ]
     pick = w.Dropdown(options=choices, description="conversation", style={"description_width": "initial"})
     start = w.DatePicker(description="from")
     end = w.DatePicker(description="to")
@@ -27,8 +28,9 @@ def summary_browser(frame):
     table = w.HTML()
 
     def refresh(_=None) -> None:
-        shown = filter_summaries(frame, pick.value or None, start.value and start.value.isoformat(),
-                                 end.value and end.value.isoformat())
+        shown = filter_summaries(
+            frame, pick.value or None, start.value and start.value.isoformat(), end.value and end.value.isoformat()
+        )
         count.value = f"{len(shown)} of {len(frame)} summaries"
         table.value = shown.to_html(index=False, max_rows=200) if len(shown) < len(frame) else ""
 
@@ -52,8 +54,9 @@ def flagged_browser(frame):
 
     from apiana_lab.quality import FLAGS
 
-    pick = w.Dropdown(options=[("any flag", "")] + [(f, f) for f in FLAGS], description="flag",
-                      style={"description_width": "initial"})
+    pick = w.Dropdown(
+        options=[("any flag", "")] + [(f, f) for f in FLAGS], description="flag", style={"description_width": "initial"}
+    )
     count = w.Label()
     table = w.HTML()
 
@@ -64,12 +67,17 @@ def flagged_browser(frame):
         else:
             shown = frame[frame["flagged"]]
         count.value = f"{len(shown)} of {len(frame)} summaries flagged" + (f" {flag}" if flag else "")
-        rows = "".join(f"<tr><td>{html.escape(r.title or '')}<br><b>{html.escape(r.flags)}</b></td>"
-                       f"<td style='text-align:left'>{html.escape(r.summary)}</td>"
-                       f"<td style='text-align:left'>{html.escape(r.chunk)}</td></tr>"
-                       for r in shown.head(100).itertuples())
-        table.value = ("<table><tr><th>conversation, flags</th><th>summary</th><th>chunk (excerpt)</th></tr>"
-                       f"{rows}</table>") if rows else ""
+        rows = "".join(
+            f"<tr><td>{html.escape(r.title or '')}<br><b>{html.escape(r.flags)}</b></td>"
+            f"<td style='text-align:left'>{html.escape(r.summary)}</td>"
+            f"<td style='text-align:left'>{html.escape(r.chunk)}</td></tr>"
+            for r in shown.head(100).itertuples()
+        )
+        table.value = (
+            (f"<table><tr><th>conversation, flags</th><th>summary</th><th>chunk (excerpt)</th></tr>{rows}</table>")
+            if rows
+            else ""
+        )
 
     pick.observe(refresh, "value")
     refresh()

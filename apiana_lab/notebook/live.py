@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from apiana_lab.monitor import NOTEBOOKS_EXTRA, MemoryMonitor
 from apiana_lab.notebook.environment import in_kernel
@@ -98,13 +98,22 @@ def run_live(
         cancel.set()
         try:
             monitor.mark("interrupted: stopping")
-            _say(progress,
-                 "interrupted: waiting for the job to store what it finished (interrupt again to stop waiting)")
+            _say(
+                progress, "interrupted: waiting for the job to store what it finished (interrupt again to stop waiting)"
+            )
             _wait(stopped, figure, progress, redraw_every)
         except KeyboardInterrupt:
             _say(progress, "stopped waiting: the job may still be running and writing its results")
-    _finish(outcome, interrupted, monitor=monitor, stop_monitor=started_here, progress=progress, figure=figure,
-            title=title, results_dir=results_dir)
+    _finish(
+        outcome,
+        interrupted,
+        monitor=monitor,
+        stop_monitor=started_here,
+        progress=progress,
+        figure=figure,
+        title=title,
+        results_dir=results_dir,
+    )
     if interrupted is not None:
         raise interrupted
     if "error" in outcome:
@@ -188,8 +197,9 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def run_export_live(config, *, interval: float = 0.5, results_dir=None, redraw_every: float = 1.0,
-                    title: str = "") -> dict:
+def run_export_live(
+    config, *, interval: float = 0.5, results_dir=None, redraw_every: float = 1.0, title: str = ""
+) -> dict:
     """`run_export` with the progress widget and the live memory figure; returns run.json's figures.
 
     The engine loads first, in this cell's own thread, with the monitor already sampling, so
@@ -225,8 +235,9 @@ def run_export_live(config, *, interval: float = 0.5, results_dir=None, redraw_e
         return run_export(config, provider=provider, progress=progress, cancel=cancel)
 
     try:
-        result = run_live(job, monitor=monitor, progress=progress, results_dir=results_dir, redraw_every=redraw_every,
-                          title=title)
+        result = run_live(
+            job, monitor=monitor, progress=progress, results_dir=results_dir, redraw_every=redraw_every, title=title
+        )
         # run_export was handed a loaded engine, so its own load_seconds is ~0; the load happened here.
         return {**result, "load_seconds": round(load_seconds, 3)}
     finally:

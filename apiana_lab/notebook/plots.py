@@ -47,8 +47,11 @@ def plot_monitor(monitor: MemoryMonitor, title: str = ""):
     if "system_available_mb" in samples and samples["system_available_mb"].notna().any():
         # Drawn as a line it would flatten everything else; its low point is the headroom that matters.
         title_mem += f" (system memory available, lowest: {samples['system_available_mb'].min() / 1e3:.1f} GB)"
-    absent = [f"{_SOURCE_TITLES.get(n, n)}: {why.split(' (')[0]}" for n, why in sources.items()
-              if n != "engine" and not why.startswith("ok")]
+    absent = [
+        f"{_SOURCE_TITLES.get(n, n)}: {why.split(' (')[0]}"
+        for n, why in sources.items()
+        if n != "engine" and not why.startswith("ok")
+    ]
     if absent:
         title_mem += "\nabsent: " + "; ".join(absent)
     ax_mem.set_title(title_mem, loc="left", fontsize="small")
@@ -72,21 +75,40 @@ def plot_monitor(monitor: MemoryMonitor, title: str = ""):
         ax_kv.legend(loc="upper left", fontsize="x-small")
     else:
         ax_kv.set_ylim(0, 100)
-        ax_kv.text(0.5, 0.5, f"no engine metrics: {sources.get('engine', 'monitor not started')}",
-                   transform=ax_kv.transAxes, ha="center", va="center", fontsize="small", color="dimgray")
+        ax_kv.text(
+            0.5,
+            0.5,
+            f"no engine metrics: {sources.get('engine', 'monitor not started')}",
+            transform=ax_kv.transAxes,
+            ha="center",
+            va="center",
+            fontsize="small",
+            color="dimgray",
+        )
 
     # Throughput: at each snapshot, the rate over the trailing window that ends there (progress_frame
     # says why a window and not one step), drawn back over the step before it.
     ax_tok.set_ylabel("output tokens/s")
     ax_tok.set_xlabel("time since the monitor started (s)")
-    ax_tok.set_title(f"Throughput (over trailing windows of at least {RATE_WINDOW_S:g} s and one in-flight batch)",
-                     loc="left", fontsize="small")
+    ax_tok.set_title(
+        f"Throughput (over trailing windows of at least {RATE_WINDOW_S:g} s and one in-flight batch)",
+        loc="left",
+        fontsize="small",
+    )
     if not rates.empty and rates["output_tokens_per_s"].notna().any():
         ax_tok.step(rates["t_s"], rates["output_tokens_per_s"], where="pre", color="tab:blue", label="output tokens/s")
         ax_tok.set_ylim(0, float(rates["output_tokens_per_s"].max()) * 1.15 or 1.0)
     else:
-        ax_tok.text(0.5, 0.5, "no progress snapshots with new tokens yet", transform=ax_tok.transAxes,
-                    ha="center", va="center", fontsize="small", color="dimgray")
+        ax_tok.text(
+            0.5,
+            0.5,
+            "no progress snapshots with new tokens yet",
+            transform=ax_tok.transAxes,
+            ha="center",
+            va="center",
+            fontsize="small",
+            color="dimgray",
+        )
 
     # Events: a marker on every panel, the label once at the top. Events within 2% of the time
     # span of each other share one label ("end · finished"), which would otherwise overprint.
@@ -103,8 +125,17 @@ def plot_monitor(monitor: MemoryMonitor, title: str = ""):
     for t, names in labels[:20]:  # beyond that the labels only overlap; the full list is in memory.json
         text = " · ".join(dict.fromkeys(names))
         text = text if len(text) <= 40 else text[:39] + "…"
-        ax_mem.text(t, 0.98, " " + text, transform=label_at, rotation=90, va="top", ha="right",
-                    fontsize="x-small", color="dimgray")
+        ax_mem.text(
+            t,
+            0.98,
+            " " + text,
+            transform=label_at,
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize="x-small",
+            color="dimgray",
+        )
     return fig
 
 
@@ -142,8 +173,10 @@ def plot_per_month(months):
     fig, axes = _figure(2, 1, (10, 5.5))
     (ax_conv,), (ax_msg,) = axes
     fig.suptitle("Conversations and messages per month (by the conversation's creation date)")
-    for ax, column, label, color in ((ax_conv, "conversations", "conversations", "tab:blue"),
-                                     (ax_msg, "messages", "dialogue messages", "tab:orange")):
+    for ax, column, label, color in (
+        (ax_conv, "conversations", "conversations", "tab:blue"),
+        (ax_msg, "messages", "dialogue messages", "tab:orange"),
+    ):
         ax.set_ylabel(label)
         ax.set_xlabel("month (YYYY-MM, UTC)")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -153,8 +186,9 @@ def plot_per_month(months):
         x = range(len(months))
         ax.bar(x, months[column], color=color)
         step = max(1, len(months) // 40)  # past ~40 labels they overlap; label every step-th month
-        ax.set_xticks(list(x)[::step], months["month"][::step], rotation=90 if len(months) > 12 else 0,
-                      fontsize="small")
+        ax.set_xticks(
+            list(x)[::step], months["month"][::step], rotation=90 if len(months) > 12 else 0, fontsize="small"
+        )
     return fig
 
 
@@ -199,12 +233,24 @@ def plot_comparison(table):
     x = np.arange(len(names))
     failed = table["error"].notna() if "error" in table else [False] * len(names)
     panels = [
-        (axes[0][0], [("completion_tokens_per_s", "output")], "output tokens/s",
-         "Generation speed (above each bar: share of summaries flagged)"),
+        (
+            axes[0][0],
+            [("completion_tokens_per_s", "output")],
+            "output tokens/s",
+            "Generation speed (above each bar: share of summaries flagged)",
+        ),
         (axes[0][1], [("prompt_tokens_per_s", "prompt")], "prompt tokens/s", "Prompt processing speed"),
         (axes[1][0], [("load_s", "load"), ("wall_s", "run")], "seconds", "Load time and run time"),
-        (axes[1][1], [(c, c.removeprefix("peak_").removesuffix("_mb")) for c in table.columns
-                      if c.startswith("peak_") and c.endswith("_mb")], "peak memory (MB)", "Peak memory per source"),
+        (
+            axes[1][1],
+            [
+                (c, c.removeprefix("peak_").removesuffix("_mb"))
+                for c in table.columns
+                if c.startswith("peak_") and c.endswith("_mb")
+            ],
+            "peak memory (MB)",
+            "Peak memory per source",
+        ),
     ]
     for ax, series, unit, title in panels:
         ax.set_title(title, loc="left", fontsize="small")
@@ -224,8 +270,16 @@ def plot_comparison(table):
             # A faster backend that writes worse memories must show beside its speed.
             for i, share in enumerate(table["flagged_share"]):
                 if share == share and share is not None:  # not NaN: the backend ran
-                    ax.annotate(f"{share:.0%} flagged", (x[i], 0), xytext=(0, 2), textcoords="offset points",
-                                ha="center", va="bottom", fontsize="x-small", color="tab:red")
+                    ax.annotate(
+                        f"{share:.0%} flagged",
+                        (x[i], 0),
+                        xytext=(0, 2),
+                        textcoords="offset points",
+                        ha="center",
+                        va="bottom",
+                        fontsize="x-small",
+                        color="tab:red",
+                    )
         for i, bad in enumerate(failed):
             if bad:
                 ax.text(x[i], 0, "failed", ha="center", va="bottom", color="tab:red", fontsize="small")
@@ -241,19 +295,33 @@ def plot_sweep(sweep: dict):
     fig.suptitle("Batch-size sweep: same chunks, one loaded engine")
     ok = [r for r in rows if "error" not in r]
     bad = [r for r in rows if "error" in r or r.get("oom") or r.get("failed")]
-    for ax, column, unit, scale in ((ax_tok, "completion_tokens_per_s", "output tokens/s", 1.0),
-                                    (ax_mem, key, "peak memory (GB)", 1e3)):
+    for ax, column, unit, scale in (
+        (ax_tok, "completion_tokens_per_s", "output tokens/s", 1.0),
+        (ax_mem, key, "peak memory (GB)", 1e3),
+    ):
         ax.set_ylabel(unit)
         ax.set_xscale("log", base=2)
         points = [(r["batch_size"], r.get(column, 0.0) / scale) for r in ok]
         if points:
             ax.plot(*zip(*points), "o-", color="tab:blue", label=unit.split(" (")[0])
         if bad:
-            ax.plot([r["batch_size"] for r in bad], [(r.get(column) or 0.0) / scale for r in bad], "x", color="tab:red",
-                    markersize=12, mew=2.5, label="out of memory or failed")
+            ax.plot(
+                [r["batch_size"] for r in bad],
+                [(r.get(column) or 0.0) / scale for r in bad],
+                "x",
+                color="tab:red",
+                markersize=12,
+                mew=2.5,
+                label="out of memory or failed",
+            )
         if sweep["recommended_batch_size"] is not None:
-            ax.axvline(sweep["recommended_batch_size"], color="tab:green", ls="--", lw=1,
-                       label=f"recommended: {sweep['recommended_batch_size']}")
+            ax.axvline(
+                sweep["recommended_batch_size"],
+                color="tab:green",
+                ls="--",
+                lw=1,
+                label=f"recommended: {sweep['recommended_batch_size']}",
+            )
         ax.set_xticks([r["batch_size"] for r in rows], [str(r["batch_size"]) for r in rows])
         ax.minorticks_off()
         ax.set_ylim(bottom=0)
@@ -261,8 +329,14 @@ def plot_sweep(sweep: dict):
     ax_tok.set_title("Throughput (beside each point: share of summaries flagged)", loc="left", fontsize="small")
     for r in ok:
         if r.get("flagged_share") is not None:
-            ax_tok.annotate(f"{r['flagged_share']:.0%}", (r["batch_size"], r.get("completion_tokens_per_s", 0.0)),
-                            xytext=(4, 4), textcoords="offset points", fontsize="x-small", color="tab:red")
+            ax_tok.annotate(
+                f"{r['flagged_share']:.0%}",
+                (r["batch_size"], r.get("completion_tokens_per_s", 0.0)),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize="x-small",
+                color="tab:red",
+            )
     limit = sweep["memory_limit_mb"]
     source = key.removeprefix("peak_").removesuffix("_mb")
     if source == "rss":
@@ -305,10 +379,20 @@ def plot_similarity(rows: list[dict], thresholds=None):
     if ratios:
         ax_len.hist(ratios, bins=20, color="tab:purple")
     if thresholds is not None:
-        ax_sim.axvline(thresholds.min_similarity_median, color="tab:orange", ls="--", lw=1,
-                       label=f"median must reach {thresholds.min_similarity_median}")
-        ax_sim.axvline(thresholds.min_similarity_p10, color="tab:red", ls=":", lw=1,
-                       label=f"p10 must reach {thresholds.min_similarity_p10}")
+        ax_sim.axvline(
+            thresholds.min_similarity_median,
+            color="tab:orange",
+            ls="--",
+            lw=1,
+            label=f"median must reach {thresholds.min_similarity_median}",
+        )
+        ax_sim.axvline(
+            thresholds.min_similarity_p10,
+            color="tab:red",
+            ls=":",
+            lw=1,
+            label=f"p10 must reach {thresholds.min_similarity_p10}",
+        )
         ax_sim.legend(fontsize="x-small", loc="upper left")
         lo, hi = thresholds.length_ratio_range
         ax_len.axvspan(lo, hi, color="tab:green", alpha=0.15, label=f"median allowed in [{lo}, {hi}]")
@@ -328,8 +412,10 @@ def plot_quality(frame):
     fig, axes = _figure(1, 3, (13, 4))
     ax_comp, ax_cd, ax_rep = axes[0]
     q = frame.attrs.get("quality", {})
-    fig.suptitle(f"Quality of {len(frame)} summaries: {q.get('flagged', 0)} flagged "
-                 f"({q.get('flagged_share', 0.0):.0%}), flagged ones in red")
+    fig.suptitle(
+        f"Quality of {len(frame)} summaries: {q.get('flagged', 0)} flagged "
+        f"({q.get('flagged_share', 0.0):.0%}), flagged ones in red"
+    )
     ax_comp.set_xlabel("compression (summary / chunk tokens)")
     ax_comp.set_ylabel("summaries")
     ax_cd.set_xlabel("coverage (share copied from the chunk)")
@@ -345,8 +431,13 @@ def plot_quality(frame):
     for ax, column, upper in ((ax_comp, "compression", None), (ax_rep, "repeated_ngrams", 1.0)):
         values = frame[column].to_numpy(float)
         bins = np.linspace(0, upper if upper is not None else max(values.max(), 1e-3) * 1.05, 21)
-        ax.hist([values[m] for m, _, _ in groups], bins=bins, stacked=True, color=[c for _, c, _ in groups],
-                label=[label for _, _, label in groups])
+        ax.hist(
+            [values[m] for m, _, _ in groups],
+            bins=bins,
+            stacked=True,
+            color=[c for _, c, _ in groups],
+            label=[label for _, _, label in groups],
+        )
         ax.legend(fontsize="x-small")
     for mask, color, label in groups:
         ax_cd.scatter(frame["coverage"][mask], frame["density"][mask], color=color, s=18, label=label)

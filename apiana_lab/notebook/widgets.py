@@ -65,8 +65,9 @@ class WidgetProgress:
             raise MissingDependencyError("ipywidgets", "notebooks") from e
         self.desc = desc
         self.min_interval = min_interval
-        self.bar = ipywidgets.IntProgress(value=0, min=0, max=1, description=desc, bar_style="info",
-                                          style={"description_width": "initial"})
+        self.bar = ipywidgets.IntProgress(
+            value=0, min=0, max=1, description=desc, bar_style="info", style={"description_width": "initial"}
+        )
         self.label = ipywidgets.Label(value="waiting for the first snapshot")
         self.box = ipywidgets.HBox([self.bar, self.label], layout=ipywidgets.Layout(flex_flow="row wrap"))
         self.summary: str | None = None  # the final line, once the run has ended
@@ -121,8 +122,17 @@ class WidgetProgress:
             if self._final is not None and (not error or (self._final.error and not override)):
                 return
             self._final, self._summary_shown = None, False
-            last = self.last or Progress(done=0, total=0, failed=0, reused=0, prompt_tokens=0, completion_tokens=0,
-                                         elapsed=0.0, batch_size=0, retries=0)
+            last = self.last or Progress(
+                done=0,
+                total=0,
+                failed=0,
+                reused=0,
+                prompt_tokens=0,
+                completion_tokens=0,
+                elapsed=0.0,
+                batch_size=0,
+                retries=0,
+            )
             self._apply(dataclasses.replace(last, finished=True, error=error, event=""), time.monotonic())
 
     def flush(self) -> None:

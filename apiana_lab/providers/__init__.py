@@ -4,5 +4,15 @@ from .base import Completion, EngineOption, GenerationOptions, LLMProvider, Prom
 from .fake import FakeProvider
 from .registry import BACKENDS, backend_names, get_provider, provider_class
 
-__all__ = ["BACKENDS", "Completion", "EngineOption", "FakeProvider", "GenerationOptions", "LLMProvider", "Prompt",
-           "backend_names", "get_provider", "provider_class"]
+__all__ = [
+    "BACKENDS",
+    "Completion",
+    "EngineOption",
+    "FakeProvider",
+    "GenerationOptions",
+    "LLMProvider",
+    "Prompt",
+    "backend_names",
+    "get_provider",
+    "provider_class",
+]

@@ -7,10 +7,11 @@ import hashlib
 import inspect
 import json
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Iterable, Iterator, Sequence, Union
+from typing import Any, ClassVar, Union
 
-from ..errors import ConfigError, ProviderError
+from apiana_lab.errors import ConfigError, ProviderError
 
 # A prompt is plain text (sent as one user message) or a chat: [{"role", "content"}, ...].
 Prompt = Union[str, Sequence[dict]]
@@ -43,7 +44,7 @@ class GenerationOptions:
             object.__setattr__(self, "stop", tuple(self.stop))
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "GenerationOptions":
+    def from_kwargs(cls, **kwargs) -> GenerationOptions:
         """Build from keyword arguments, naming the closest valid option for a typo."""
         known = [f.name for f in fields(cls)]
         for name in kwargs:
@@ -53,7 +54,7 @@ class GenerationOptions:
                 raise ConfigError(f"Unknown generation option {name!r}.{hint} Valid options: {', '.join(known)}.")
         return cls(**kwargs)
 
-    def replace(self, **changes) -> "GenerationOptions":
+    def replace(self, **changes) -> GenerationOptions:
         return GenerationOptions.from_kwargs(**{**asdict(self), **changes})
 
     def digest(self) -> str:
@@ -140,8 +141,9 @@ class LLMProvider:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "supports_batch" not in cls.__dict__:
-            cls.supports_batch = (cls.batch_invoke is not LLMProvider.batch_invoke
-                                  or cls.complete_batch is not LLMProvider.complete_batch)
+            cls.supports_batch = (
+                cls.batch_invoke is not LLMProvider.batch_invoke or cls.complete_batch is not LLMProvider.complete_batch
+            )
         if cls.invoke is LLMProvider.invoke and cls.complete is LLMProvider.complete:
             cls.__abstract_reason__ = f"{cls.__name__} implements neither invoke nor complete"
 
@@ -158,9 +160,13 @@ class LLMProvider:
 
     def _estimated(self, prompt: Prompt, text: str) -> Completion:
         counted = self.count_tokens(prompt)
-        return Completion(text=text, prompt_tokens=counted if counted is not None else _estimate_tokens(as_text(prompt)),
-                          completion_tokens=_estimate_tokens(text), finish_reason="unknown",
-                          meta={"tokens_estimated": True})
+        return Completion(
+            text=text,
+            prompt_tokens=counted if counted is not None else _estimate_tokens(as_text(prompt)),
+            completion_tokens=_estimate_tokens(text),
+            finish_reason="unknown",
+            meta={"tokens_estimated": True},
+        )
 
     @classmethod
     def engine_option_names(cls) -> set[str]:
@@ -191,7 +197,7 @@ class LLMProvider:
         options: GenerationOptions | None = None,
         *,
         window: int | None = None,
-    ) -> Iterator[tuple[str, "Completion | ProviderError"]]:
+    ) -> Iterator[tuple[str, Completion | ProviderError]]:
         """Yield `(key, completion)` as each request finishes, keeping up to `window` requests in flight.
 
         Only for providers with `supports_stream`. The provider pulls the next `(key, prompt)`

@@ -5,9 +5,16 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from ..errors import FatalProviderError, PermanentProviderError, ProviderError, ProviderOutOfMemoryError, TransientProviderError
+from apiana_lab.errors import (
+    FatalProviderError,
+    PermanentProviderError,
+    ProviderError,
+    ProviderOutOfMemoryError,
+    TransientProviderError,
+)
+
 from .base import Completion, GenerationOptions, LLMProvider, Prompt, as_messages
 
 FAILURES = {
@@ -105,8 +112,16 @@ class FakeProvider(LLMProvider):
                     text = as_messages(prompt)[-1]["content"]
                     if self.keep_history:
                         with self._lock:
-                            self.history.append({"prompts": [text], "start": time.perf_counter(), "end": None,
-                                                 "thread": threading.get_ident(), "error": None, "key": key})
+                            self.history.append(
+                                {
+                                    "prompts": [text],
+                                    "start": time.perf_counter(),
+                                    "end": None,
+                                    "thread": threading.get_ident(),
+                                    "error": None,
+                                    "key": key,
+                                }
+                            )
                     flying[key] = [self.steps(text), prompt, text]
             self.max_in_flight = max(self.max_in_flight, len(flying))
             if not flying:

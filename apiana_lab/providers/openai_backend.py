@@ -20,7 +20,14 @@ try:
 except ImportError as e:  # the registry turns this into the install command
     raise ImportError("httpx is needed for the openai backend", name="httpx") from e
 
-from ..errors import ConfigError, FatalProviderError, PermanentProviderError, ProviderError, TransientProviderError
+from apiana_lab.errors import (
+    ConfigError,
+    FatalProviderError,
+    PermanentProviderError,
+    ProviderError,
+    TransientProviderError,
+)
+
 from .base import Completion, EngineOption, GenerationOptions, LLMProvider, Prompt, as_messages
 
 logger = logging.getLogger(__name__)
@@ -28,7 +35,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 # What servers say when a prompt (plus max_tokens) does not fit: vLLM and OpenAI ("maximum context
 # length"), llama.cpp ("context size"), SGLang ("context length"), TGI ("tokens + max_new_tokens must be <= N").
-_TOO_LONG = re.compile(r"context.length|context.size|context.window|maximum context|max_model_len|too long|tokens.{0,40}must be <= \d+", re.I)
+_TOO_LONG = re.compile(
+    r"context.length|context.size|context.window|maximum context|max_model_len|too long|tokens.{0,40}must be <= \d+",
+    re.I,
+)
 # The server's own figures, from its Prometheus /metrics (vLLM names), under VLLMProvider.engine_metrics' keys.
 _METRICS = {
     "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
@@ -89,7 +99,9 @@ class OpenAIProvider(LLMProvider):
         self.root_url = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
         self.api_key_env = api_key_env
         if api_key_env != DEFAULT_API_KEY_ENV and not os.environ.get(api_key_env):
-            raise ConfigError(f"--api-key-env names {api_key_env}, but that environment variable is not set. Export it, or leave --api-key-env out.")
+            raise ConfigError(
+                f"--api-key-env names {api_key_env}, but that environment variable is not set. Export it, or leave --api-key-env out."
+            )
         self.timeout = float(timeout)
         self._client = httpx.Client(
             auth=_KeyFromEnv(api_key_env),
@@ -111,7 +123,9 @@ class OpenAIProvider(LLMProvider):
             card = cards[ids.index(model)]
         else:
             self._client.close()
-            raise ConfigError(f"The server at {self.base_url} has no model {model!r}. It serves: {', '.join(map(str, ids))}. Pass one of these with --model.")
+            raise ConfigError(
+                f"The server at {self.base_url} has no model {model!r}. It serves: {', '.join(map(str, ids))}. Pass one of these with --model."
+            )
         super().__init__(card["id"], options)
         self.server = card.get("owned_by") or "unknown"  # "vllm" for vLLM
         # vLLM reports its context length; other servers mostly do not, and then their 400 tells.
@@ -157,11 +171,17 @@ class OpenAIProvider(LLMProvider):
             body["ignore_eos"] = True
             if self.server != "vllm" and not self._warned_ignore_eos:
                 self._warned_ignore_eos = True
-                logger.warning("ignore_eos is a vLLM extension; the server at %s (%s) may ignore or refuse it", self.base_url, self.server)
+                logger.warning(
+                    "ignore_eos is a vLLM extension; the server at %s (%s) may ignore or refuse it",
+                    self.base_url,
+                    self.server,
+                )
         data = self._request("POST", f"{self.base_url}/chat/completions", json=body)
         choices = data.get("choices") if isinstance(data, dict) else None
         if not choices:
-            raise PermanentProviderError(f"{self.base_url}/chat/completions answered without choices: {str(data)[:300]}")
+            raise PermanentProviderError(
+                f"{self.base_url}/chat/completions answered without choices: {str(data)[:300]}"
+            )
         choice = choices[0]
         usage = data.get("usage") or {}
         raw_finish = choice.get("finish_reason")
@@ -178,7 +198,11 @@ class OpenAIProvider(LLMProvider):
         if self._can_tokenize is False:
             return None
         try:
-            data = self._request("POST", f"{self.root_url}/tokenize", json={"model": self.model, "messages": as_messages(prompt), "add_generation_prompt": True})
+            data = self._request(
+                "POST",
+                f"{self.root_url}/tokenize",
+                json={"model": self.model, "messages": as_messages(prompt), "add_generation_prompt": True},
+            )
         except ProviderError as e:
             # A length is only an estimate's input (sorting, the too-long pre-check): never fail a run over it.
             if self._can_tokenize is None:  # the first call decides: no /tokenize, no counting
@@ -219,15 +243,21 @@ class OpenAIProvider(LLMProvider):
         try:
             response = self._client.request(method, url, **kwargs)
         except httpx.TimeoutException as e:
-            raise TransientProviderError(f"{url}: no answer within {self.timeout:g} s ({type(e).__name__}); the server may be overloaded, or raise the timeout") from e
+            raise TransientProviderError(
+                f"{url}: no answer within {self.timeout:g} s ({type(e).__name__}); the server may be overloaded, or raise the timeout"
+            ) from e
         except httpx.TransportError as e:  # refused, reset, closed mid-answer: the server went away or restarted
-            raise TransientProviderError(f"{url}: connection failed ({type(e).__name__}: {self._redact(str(e))}); is the server still running?") from e
+            raise TransientProviderError(
+                f"{url}: connection failed ({type(e).__name__}: {self._redact(str(e))}); is the server still running?"
+            ) from e
         if response.status_code >= 400:
             raise self._http_error(url, response)
         try:
             return response.json()
         except ValueError as e:  # a proxy's HTML page or a truncated body
-            raise TransientProviderError(f"{url}: answered {response.status_code} with a body that is not JSON: {response.text[:200]!r}") from e
+            raise TransientProviderError(
+                f"{url}: answered {response.status_code} with a body that is not JSON: {response.text[:200]!r}"
+            ) from e
 
     def _http_error(self, url: str, response: httpx.Response) -> ProviderError:
         status, detail = response.status_code, self._redact(_error_detail(response)).rstrip(". ")
@@ -235,7 +265,11 @@ class OpenAIProvider(LLMProvider):
         if status in (401, 403):
             return FatalProviderError(
                 f"{what}. The server refused the API key: set it in ${self.api_key_env}"
-                + ("" if self.api_key_env != DEFAULT_API_KEY_ENV else " (or name the variable holding it with --api-key-env)")
+                + (
+                    ""
+                    if self.api_key_env != DEFAULT_API_KEY_ENV
+                    else " (or name the variable holding it with --api-key-env)"
+                )
                 + "."
             )
         if status == 404:  # the model or the route is gone: no request can succeed
@@ -259,12 +293,16 @@ class OpenAIProvider(LLMProvider):
         except TransientProviderError as e:
             if isinstance(e.__cause__, (httpx.ConnectError, httpx.ConnectTimeout)):
                 raise ConfigError(no_server_message(self.base_url, e.__cause__)) from e
-            raise ConfigError(f"The server at {self.base_url} is not ready: {e}. Wait until it answers {self.root_url}/health, then run again.") from e
+            raise ConfigError(
+                f"The server at {self.base_url} is not ready: {e}. Wait until it answers {self.root_url}/health, then run again."
+            ) from e
         except PermanentProviderError as e:
             raise ConfigError(f"{self.base_url} does not look like an OpenAI-compatible API: {e}") from e
         cards = data.get("data") if isinstance(data, dict) else None
         if not isinstance(cards, list) or not cards or not all(isinstance(c, dict) and c.get("id") for c in cards):
-            raise ConfigError(f"{url} lists no models ({str(data)[:200]}); is {self.base_url} an OpenAI-compatible API root?")
+            raise ConfigError(
+                f"{url} lists no models ({str(data)[:200]}); is {self.base_url} an OpenAI-compatible API root?"
+            )
         return cards
 
 

@@ -43,14 +43,19 @@ class Backend:
             for part in attr.split("."):
                 cls = getattr(cls, part)
         except ImportError as e:
-            raise MissingDependencyError(e.name or module, self.extra or self.name,
-                                         distribution=self.distribution) from e
+            raise MissingDependencyError(
+                e.name or module, self.extra or self.name, distribution=self.distribution
+            ) from e
         except AttributeError as e:
-            raise ConfigError(f"The backend {self.name!r} (from {self.distribution}) points at {self.target}, "
-                              f"which does not exist: {e}. Reinstall {self.distribution}.") from e
+            raise ConfigError(
+                f"The backend {self.name!r} (from {self.distribution}) points at {self.target}, "
+                f"which does not exist: {e}. Reinstall {self.distribution}."
+            ) from e
         if not (isinstance(cls, type) and issubclass(cls, LLMProvider)):
-            raise ConfigError(f"The backend {self.name!r} (from {self.distribution}) points at {self.target}, "
-                              "which is not an apiana_lab.providers.LLMProvider subclass.")
+            raise ConfigError(
+                f"The backend {self.name!r} (from {self.distribution}) points at {self.target}, "
+                "which is not an apiana_lab.providers.LLMProvider subclass."
+            )
         return cls
 
     @property
@@ -88,8 +93,10 @@ def _registered() -> dict[str, Backend]:
     if not any(b.distribution == "apiana-lab" for b in found.values()):
         found = {**_from_checkout(), **found}
     if not found:
-        raise ConfigError(f"No backends are registered under the entry-point group {GROUP!r}: apiana-lab's own "
-                          "metadata is missing. Install the package (`pip install -e .` or `make install`).")
+        raise ConfigError(
+            f"No backends are registered under the entry-point group {GROUP!r}: apiana-lab's own "
+            "metadata is missing. Install the package (`pip install -e .` or `make install`)."
+        )
     return found
 
 
@@ -143,8 +150,10 @@ def _lookup(name: str) -> Backend:
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"Unknown backend {name!r}.{hint} Known backends: {', '.join(known)}. "
-                          f"Another package can add one through the entry-point group {GROUP!r}.")
+        raise ConfigError(
+            f"Unknown backend {name!r}.{hint} Known backends: {', '.join(known)}. "
+            f"Another package can add one through the entry-point group {GROUP!r}."
+        )
     return known[name]
 
 

@@ -18,8 +18,15 @@ def encode_chat(tokenizer, prompt: Prompt) -> list[int]:
     return list(ids)
 
 
-def check_fits(ids: list[int], max_tokens: int, context: int | None, what: str, *,
-               limit: str = "the model's context", remedy: str = "") -> None:
+def check_fits(
+    ids: list[int],
+    max_tokens: int,
+    context: int | None,
+    what: str,
+    *,
+    limit: str = "the model's context",
+    remedy: str = "",
+) -> None:
     """Raise PermanentProviderError(reason="too_long") when the prompt plus `max_tokens` exceeds `context`.
 
     `what` names the prompt ("prompt 3", "request 'k'"), `limit` names the bound the backend

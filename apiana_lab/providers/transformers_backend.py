@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 from apiana_lab.collate import Collator
 from apiana_lab.errors import ConfigError, MissingDependencyError, ProviderError, ProviderOutOfMemoryError
@@ -52,8 +52,9 @@ class TransformersProvider(LLMProvider):
         EngineOption("dtype", str, "auto, bfloat16, float16 or float32"),
         EngineOption("device", str, "auto, cpu, cuda or cuda:N"),
         EngineOption("load_in_8bit", bool, "8-bit weights (CUDA, bitsandbytes)"),
-        EngineOption("max_batch_tokens", int,
-                     "most padded tokens per micro-batch, rows x (longest prompt + max new tokens)"),
+        EngineOption(
+            "max_batch_tokens", int, "most padded tokens per micro-batch, rows x (longest prompt + max new tokens)"
+        ),
     )
     loads_weights = True
     requires = ("torch", "transformers")
@@ -99,8 +100,13 @@ class TransformersProvider(LLMProvider):
         self._locks = [threading.Lock() for _ in devices]
         self._context = int(getattr(self.models[0].config, "max_position_embeddings", 0) or 0) or None
         self.max_batch_tokens = max_batch_tokens or min(default_max_batch_tokens(m) for m in self.models)
-        logger.info("transformers: %s on %s (%s), up to %d padded tokens per batch",
-                    path, ", ".join(devices), self.dtype, self.max_batch_tokens)
+        logger.info(
+            "transformers: %s on %s (%s), up to %d padded tokens per batch",
+            path,
+            ", ".join(devices),
+            self.dtype,
+            self.max_batch_tokens,
+        )
 
     def _load(self, path: str, device: str, load_in_8bit: bool, load_format: str):
         import transformers
@@ -149,8 +155,9 @@ class TransformersProvider(LLMProvider):
     def complete(self, prompt: Prompt, options: GenerationOptions | None = None) -> Completion:
         return self.complete_batch([prompt], options)[0]
 
-    def complete_batch(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None,
-                       replica: int | None = None) -> list[Completion]:
+    def complete_batch(
+        self, prompts: Sequence[Prompt], options: GenerationOptions | None = None, replica: int | None = None
+    ) -> list[Completion]:
         """Generate for many prompts; split across replicas, or all on `replica` when given."""
         options = options or self.options
         encoded = [self._encode(p) for p in prompts]
@@ -176,8 +183,9 @@ class TransformersProvider(LLMProvider):
                     results.update(fut.result())
         return collator.restore([results[p] for p in positions])
 
-    def _generate_share(self, replica: int, share: list[int], ordered: list[list[int]],
-                        options: GenerationOptions) -> dict[int, Completion]:
+    def _generate_share(
+        self, replica: int, share: list[int], ordered: list[list[int]], options: GenerationOptions
+    ) -> dict[int, Completion]:
         """One replica's prompts (positions in `ordered`, longest first), in micro-batches within the token budget."""
         results = {}
         for group in micro_batches([len(ordered[p]) for p in share], options.max_tokens, self.max_batch_tokens):
@@ -302,13 +310,20 @@ def _grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
     if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers does: a causal prefill without a mask lets the kernel skip the masked half.
     causal = query.shape[2] > 1 and attention_mask is None and causal
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=causal,
         enable_gqa=getattr(module, "num_key_value_groups", 1) > 1,
     )
     return out.transpose(1, 2).contiguous(), None
@@ -343,8 +358,9 @@ def default_max_batch_tokens(model) -> int:
         free, _ = torch.cuda.mem_get_info(model.device)
         # A token's transient activations in a layer: hidden states, attention output, MLP.
         cfg = model.config.get_text_config()
-        activation = ((4 * cfg.hidden_size + 2 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size))
-                      * model.dtype.itemsize)
+        activation = (
+            4 * cfg.hidden_size + 2 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+        ) * model.dtype.itemsize
         return max(1, int(GPU_MEMORY_SHARE * free / (per_token + activation)))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return max(1, int(CPU_KV_PER_WEIGHT * weights / per_token))

