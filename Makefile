@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-browser notebooks lab bench bench-read bench-ceiling bench-plan bench-summarize bench-memory bench-monitor bench-server bench-ray bench-window bench-batching bench-gpu clean-venv
+.PHONY: install demo lint test test-browser notebooks lab bench bench-read bench-ceiling bench-plan bench-summarize bench-memory bench-monitor bench-server bench-ray bench-window bench-batching bench-gpu clean-venv
 
 install: $(STAMP)
 
@@ -33,10 +33,15 @@ $(STAMP):
 demo: install
 	$(VENV)/bin/chatgpt-export-v2 -i apiana_lab/data/sample_export.json -o out/demo
 
-# In a new random order each time (pytest-randomly); the seed is printed first, to replay an order.
-test: install
+# ruff first (lint and format, configured in pyproject.toml); then the suite in a new random order
+# each time (pytest-randomly); the seed is printed first, to replay an order.
+test: install lint
 	@seed=$$($(PY) -c 'import random; print(random.randrange(10**6))'); echo "test order: --randomly-seed=$$seed"; \
 	$(PY) -m pytest -q -ra --durations=15 tests --ignore=tests/browser -p randomly --randomly-seed=$$seed
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # JupyterLab in headless Chromium: Debian's chromium (installed here when missing, which needs root),
 # Playwright's Python driver in the venv. Nothing downloads a browser build.

@@ -21,7 +21,8 @@ DEFAULT_INCLUDE = frozenset({t.DIALOGUE, t.CODE, t.EXECUTION_OUTPUT, t.TOOL_CALL
 DEFAULT_NON_DIALOGUE_CHARS = 500
 MESSAGE_SEPARATOR = "\n\n"
 
-_LABELS = {
+# The label each non-dialogue entry kind gets in chunk text ("Code: ..."), instead of a speaker's role.
+SPEAKER_LABELS = {
     t.CODE: "Code",
     t.EXECUTION_OUTPUT: "Code output",
     t.TOOL_CALL: "Tool call",
@@ -141,7 +142,7 @@ def render_entry(entry: Entry, options: ChunkingOptions) -> str | None:
             text[: options.non_dialogue_chars]
             + f" [... {len(entry.text) - options.non_dialogue_chars} more characters]"
         )
-    label = _LABELS.get(entry.kind, entry.kind)
+    label = SPEAKER_LABELS.get(entry.kind, entry.kind)
     if entry.recipient and entry.recipient != "all":
         label += f" ({entry.recipient})"
     return f"{label}: {text}"

@@ -534,7 +534,8 @@ def export_v2_main(argv=None) -> int:
             result = run_export(config, progress=bar)
     except ExportError as e:
         return _fail(
-            f"{e}\nCheck the path and that it is a ChatGPT or Claude export (conversations.json, the .zip, or a shard folder)."
+            f"{e}\nCheck the path and that it is a ChatGPT or Claude export "
+            "(conversations.json, the .zip, or a shard folder)."
         )
     except FatalProviderError as e:
         bar.close()
@@ -594,6 +595,11 @@ def export_v2_main(argv=None) -> int:
                 if "ray" in result and result["ray"]["startup_seconds"] is not None
                 else ""
             )
+        )
+    if result.get("summaries_with_estimated_tokens"):
+        print(
+            f"token counts of {result['summaries_with_estimated_tokens']} summaries are estimates: the "
+            f"{result['backend']} backend does not report them (about four characters a token)"
         )
     quality = result["quality"]
     if quality["count"]:

@@ -131,7 +131,10 @@ class EngineLog:
             return self._synced.wait_for(lambda: self._seen >= n, timeout)
 
     def join(self, timeout: float | None = None) -> bool:
-        """After `stop()`: wait until every child that inherited the log has exited and its output is in; False on timeout."""
+        """After `stop()`: wait until every child that inherited the log has exited and its output is in.
+
+        Returns False on timeout.
+        """
         if self._thread is not None:
             self._thread.join(timeout)
         return self._thread is None or not self._thread.is_alive()

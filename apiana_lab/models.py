@@ -96,13 +96,15 @@ def resolve_model(name: str | None) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(
-                f"{path} is not a Hugging Face model folder (no config.json). Point --model at a folder saved with save_pretrained()."
+                f"{path} is not a Hugging Face model folder (no config.json). "
+                "Point --model at a folder saved with save_pretrained()."
             )
         return str(path)
     # A hub id is "org/name"; anything path-like that does not exist is a mistyped folder.
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(
-            f"Model folder {name} does not exist. Point --model at a local Hugging Face folder, or leave it out for the bundled SmolLM2."
+            f"Model folder {name} does not exist. "
+            "Point --model at a local Hugging Face folder, or leave it out for the bundled SmolLM2."
         )
     # Looks like a hub id: pass it through; the backend's own loader reports a missing cache.
     return name

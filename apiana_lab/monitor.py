@@ -333,7 +333,7 @@ class _RunPoints:
         self.computed.append(point.computed)
 
     def window_start(self, p: Progress, window_s: float) -> _Point:
-        """The latest point at least `window_s` seconds and one in-flight window of chunks behind `p`, else the start."""
+        """The latest point at least `window_s` s and one in-flight window of chunks behind `p`, else the start."""
         in_flight = max(1, min(p.batch_size, p.total - p.reused))
         # Both lists are sorted, so the points far enough back on each count are a prefix of each.
         far = min(

@@ -206,7 +206,7 @@ class Summarize:
 
 
 class Write:
-    """(chunk, record) pairs -> quality profile -> the store, through ChatFragmentWriter; stops early when `cancel` is set.
+    """(chunk, record) pairs -> quality profile -> the store via ChatFragmentWriter; stops early when `cancel` is set.
 
     A record whose chunk comes without its text (a Ray run hands back ids) is profiled from the
     store after the run (`SQLiteStore.profile_missing`).
@@ -310,7 +310,7 @@ def chatgpt_parallel_processing_pipeline(
     redo: Iterable[str] | None = None,
     **options,
 ) -> Pipeline:
-    """Ingest -> Checkpoint -> Summarize -> Write, ready to `run(paths)`; with `ray`, summarizing runs on that cluster."""
+    """Ingest -> Checkpoint -> Summarize -> Write, ready to `run(paths)`; with `ray`, Summarize runs on that cluster."""
     if ray is not None:
         if sequential:
             raise ConfigError("--sequential runs on this machine only; leave it out with --ray.")

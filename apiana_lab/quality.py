@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from itertools import compress, repeat
 from pathlib import Path
 
-from .chunking import _LABELS as _CHUNK_LABELS
+from .chunking import SPEAKER_LABELS
 
 FLAGS = ("empty", "loop", "echo", "truncated", "wrong_language", "not_first_person")
 
@@ -50,7 +50,7 @@ _PLAIN_TOKEN = re.compile(r"\w+(?:'\w+)*")
 # "Tool call (bio)", ...) and those of other exports and chat formats. "Other" is left out: a memory
 # may well open a line with "Other:".
 _ROLES = sorted(
-    {"User", "Assistant", "ChatGPT", "Human", "Claude", "AI", "System", *_CHUNK_LABELS.values()} - {"Other"},
+    {"User", "Assistant", "ChatGPT", "Human", "Claude", "AI", "System", *SPEAKER_LABELS.values()} - {"Other"},
     key=len,
     reverse=True,
 )
@@ -71,7 +71,7 @@ _TURN_LINE = re.compile(_TURN_OPEN + ".*$", re.MULTILINE | re.IGNORECASE)
 _CONTINUED = re.compile(r"^\(continued\) ", re.MULTILINE)
 # A chunk's tool traffic, code and hidden messages, up to the next dialogue turn: not its language.
 _NON_DIALOGUE = re.compile(
-    rf"^(?:{'|'.join(re.escape(v) for v in sorted(_CHUNK_LABELS.values(), key=len, reverse=True))}){_RECIPIENT}:"
+    rf"^(?:{'|'.join(re.escape(v) for v in sorted(SPEAKER_LABELS.values(), key=len, reverse=True))}){_RECIPIENT}:"
     r".*?(?=\n\n(?:User|Assistant):|\Z)",
     re.MULTILINE | re.DOTALL,
 )
@@ -432,7 +432,8 @@ def _get_detector():
     if _detector is None:
         with _detector_lock:
             if _detector is None:
-                # Imported here: numpy and the model's 1.5 s load are paid by the first profile, not by `import apiana_lab`.
+                # Imported here: numpy and the model's 1.5 s load are paid by the first profile,
+                # not by `import apiana_lab`.
                 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
                 detector = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
@@ -442,7 +443,7 @@ def _get_detector():
 
 
 def _prose(source: str) -> str:
-    """The chunk's dialogue without the English role labels, tool traffic, code and links that would pull its language to English."""
+    """The chunk's dialogue without the English role labels, tool traffic, code and links that pull it to English."""
     text = _NON_DIALOGUE.sub(" ", source)
     text = _CODE_BLOCK.sub(" ", text)
     text = _URL.sub(" ", text)

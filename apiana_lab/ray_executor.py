@@ -638,6 +638,7 @@ def _schema():
             ("latencies", pa.list_(real)),
             ("provider_intervals", pa.list_(pa.list_(real, 2))),
             ("failures_by_reason", pa.map_(text, number)),
+            ("estimated_tokens", number),
         ]
     )
     record = pa.struct(
@@ -651,6 +652,7 @@ def _schema():
             ("reason", text),
             ("attempts", number),
             ("worker", text),
+            ("tokens_estimated", pa.bool_()),
         ]
     )
     return pa.schema(
@@ -680,7 +682,10 @@ def _unwrapped(error: BaseException) -> BaseException:
 
 
 def start_cluster(worker_cpus: float = 1, workers: int = 2, attempts: int = 4):
-    """A head (no CPUs: it holds the driver, its store and the chunk server) and `workers` worker nodes, on this machine."""
+    """A head and `workers` worker nodes, on this machine.
+
+    The head has no CPUs: it holds the driver, its store and the chunk server.
+    """
     from ray.cluster_utils import Cluster
 
     cluster = Cluster()

@@ -100,6 +100,7 @@ class SummaryRecord:
     attempts: int = 1
     worker: str | None = None  # who made it: the Ray node id, or the host name in a local run
     quality: dict | None = None  # its quality profile (apiana_lab.quality), as a dict
+    tokens_estimated: bool = False  # the backend did not count tokens (an invoke-only plugin): estimates
 
 
 class Store(Protocol):
@@ -205,8 +206,8 @@ class SQLiteStore:
         with self.db:
             # A chunk id is a content hash: seeing it again means the same chunk, never a second copy.
             self.db.executemany(
-                "INSERT OR IGNORE INTO chunks (id, conversation_id, idx, first_message, last_message, token_count, continued, "
-                "text, starts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO chunks (id, conversation_id, idx, first_message, last_message, token_count, "
+                "continued, text, starts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -225,7 +226,8 @@ class SQLiteStore:
             part = list(ids[i : i + 500])
             cur = db.execute(
                 "SELECT k.id, k.conversation_id, c.title, c.create_time, k.idx, k.first_message, k.last_message, "
-                f"k.token_count, k.continued, k.text, k.starts FROM chunks k LEFT JOIN conversations c ON c.id = k.conversation_id "
+                "k.token_count, k.continued, k.text, k.starts "
+                "FROM chunks k LEFT JOIN conversations c ON c.id = k.conversation_id "
                 f"WHERE k.id IN ({','.join('?' * len(part))})",
                 part,
             )
@@ -262,9 +264,12 @@ class SQLiteStore:
         for i in range(0, len(chunk_ids), window):
             part = list(chunk_ids[i : i + window])
             cur = self.db.execute(
-                "SELECT s.chunk_id, k.conversation_id, c.title, s.summary, s.prompt_tokens, s.completion_tokens, s.finish_reason "
-                "FROM summaries s JOIN chunks k ON k.id = s.chunk_id LEFT JOIN conversations c ON c.id = k.conversation_id "
-                f"WHERE s.model = ? AND s.prompt_hash = ? AND s.options_hash = ? AND s.chunk_id IN ({','.join('?' * len(part))})",
+                "SELECT s.chunk_id, k.conversation_id, c.title, s.summary, s.prompt_tokens, s.completion_tokens, "
+                "s.finish_reason "
+                "FROM summaries s JOIN chunks k ON k.id = s.chunk_id "
+                "LEFT JOIN conversations c ON c.id = k.conversation_id "
+                "WHERE s.model = ? AND s.prompt_hash = ? AND s.options_hash = ? "
+                f"AND s.chunk_id IN ({','.join('?' * len(part))})",
                 (key.model, key.prompt_hash, key.options_hash, *part),
             )
             rows = {r[0]: r for r in cur}
@@ -288,8 +293,9 @@ class SQLiteStore:
         for i in range(0, len(wanted), 500):
             part = wanted[i : i + 500]
             cur = self.db.execute(
-                f"SELECT chunk_id, summary, prompt_tokens, completion_tokens, finish_reason FROM summaries "
-                f"WHERE model = ? AND prompt_hash = ? AND options_hash = ? AND chunk_id IN ({','.join('?' * len(part))})",
+                "SELECT chunk_id, summary, prompt_tokens, completion_tokens, finish_reason FROM summaries "
+                "WHERE model = ? AND prompt_hash = ? AND options_hash = ? "
+                f"AND chunk_id IN ({','.join('?' * len(part))})",
                 (key.model, key.prompt_hash, key.options_hash, *part),
             )
             for cid, summary, pt, ct, fr in cur:
@@ -383,7 +389,8 @@ class SQLiteStore:
             cur = self.db.execute(
                 "SELECT s.chunk_id, k.conversation_id, c.title, s.summary, s.prompt_tokens, s.completion_tokens, "
                 "s.finish_reason, s.backend, s.model, s.prompt_hash, s.options_hash, s.run_id, s.created_at, s.quality "
-                "FROM summaries s JOIN chunks k ON k.id = s.chunk_id LEFT JOIN conversations c ON c.id = k.conversation_id "
+                "FROM summaries s JOIN chunks k ON k.id = s.chunk_id "
+                "LEFT JOIN conversations c ON c.id = k.conversation_id "
                 f"WHERE s.chunk_id IN ({','.join('?' * len(part))})",
                 part,
             )

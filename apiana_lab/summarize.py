@@ -12,7 +12,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 from .chunking import Chunk, ChunkRef
 from .collate import Collator
@@ -32,7 +31,7 @@ from .store import SummaryKey, SummaryRecord
 logger = logging.getLogger(__name__)
 
 # A run's work list: whole chunks, or references whose text a `load` function fetches when needed.
-Item = Union[Chunk, ChunkRef]
+Item = Chunk | ChunkRef
 Loader = Callable[[Sequence[str]], list[Chunk]]
 LOAD_WINDOW = 64  # chunk texts fetched from the store at a time
 
@@ -54,6 +53,7 @@ class RunStats:
     latencies: list[float] = field(default_factory=list)  # per batch, or per request when streaming
     provider_intervals: list[tuple[float, float]] = field(default_factory=list)
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    estimated_tokens: int = 0  # summaries whose token counts are estimates (the backend gave none)
 
     def figures(self) -> dict:
         """Rates, latency percentiles and where the time went."""
@@ -68,6 +68,7 @@ class RunStats:
             "retries": self.retries,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "summaries_with_estimated_tokens": self.estimated_tokens,
             "summarize_seconds": round(self.seconds, 4),
             "first_result_seconds": None if self.first_result_seconds is None else round(self.first_result_seconds, 4),
             "chunks_per_s": round(self.computed / s, 4),
@@ -89,6 +90,7 @@ class RunStats:
             self.computed += 1
             self.prompt_tokens += record.prompt_tokens
             self.completion_tokens += record.completion_tokens
+            self.estimated_tokens += record.tokens_estimated
         else:
             self.failed += 1
             self.failures_by_reason[record.reason] = self.failures_by_reason.get(record.reason, 0) + 1
@@ -183,7 +185,14 @@ class SummarizerTransform:
                 t0 = time.perf_counter()
                 try:
                     c = self.provider.complete(self.prompt(chunk), self.options)
-                    record = SummaryRecord(chunk.id, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason)
+                    record = SummaryRecord(
+                        chunk.id,
+                        c.text,
+                        c.prompt_tokens,
+                        c.completion_tokens,
+                        c.finish_reason,
+                        tokens_estimated=bool(c.meta.get("tokens_estimated")),
+                    )
                 except FatalProviderError:
                     raise
                 except ProviderError as e:
@@ -392,7 +401,13 @@ class _State:
         """Count a finished summary (the caller holds the lock where workers run)."""
         c = completion
         record = SummaryRecord(
-            chunk.id, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, attempts=attempts
+            chunk.id,
+            c.text,
+            c.prompt_tokens,
+            c.completion_tokens,
+            c.finish_reason,
+            attempts=attempts,
+            tokens_estimated=bool(c.meta.get("tokens_estimated")),
         )
         self.t.stats.count(record)
         if self.t.stats.first_result_seconds is None:

@@ -80,7 +80,10 @@ def test_chat_template_is_applied(provider, tokenizer):
     templated = provider.count_tokens(text)
     c = provider.complete(text, GenerationOptions(max_tokens=4))
     assert c.prompt_tokens == templated
-    chatml = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
+    chatml = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert templated == len(tokenizer.encode(chatml, add_special_tokens=False).ids) > bare + 10
 
 
@@ -119,7 +122,8 @@ def test_parallel_matches_sequential_under_greedy(provider, tokenizer, request):
         print(f"\n{request.node.name}: {sum(same)}/{len(same)} identical; where batching changed the text:")
         for d in drift:
             print(
-                f"  {d['chunk']}: same for {d['common_prefix_chars']} chars\n    seq: {d['sequential']!r}\n    par: {d['parallel']!r}"
+                f"  {d['chunk']}: same for {d['common_prefix_chars']} chars\n"
+                f"    seq: {d['sequential']!r}\n    par: {d['parallel']!r}"
             )
     # Both engines run in float32 here, where batching changes nothing. In bfloat16 it can:
     # see the README ("Batched vs one-by-one results") for what was measured and why.

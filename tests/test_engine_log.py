@@ -15,10 +15,11 @@ import pytest
 CHILD = r"""
 import sys, time
 print("(EngineCore pid=1) WARNING 12-06 05:16:09 [cpu.py:224] Triton is not installed.", flush=True)
-print("[W1206 05:16:01 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy", file=sys.stderr, flush=True)
+print("[W1206 05:16:01 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy",
+      file=sys.stderr, flush=True)
 print("(EngineCore pid=1) ERROR 12-06 05:16:10 [core.py:1] EngineCore failed to start.", flush=True)
-print("Traceback (most recent call last):\n  File \"core.py\", line 9, in run_engine_core\n    raise RuntimeError('x')\n"
-      "RuntimeError: engine blew up", file=sys.stderr, flush=True)
+print("Traceback (most recent call last):\n  File \"core.py\", line 9, in run_engine_core\n"
+      "    raise RuntimeError('x')\nRuntimeError: engine blew up", file=sys.stderr, flush=True)
 print("Loading safetensors checkpoint shards: 100% Completed", file=sys.stderr, flush=True)
 if sys.argv[1:] == ["linger"]:  # an engine that outlives the block it was started in
     sys.stdin.readline()
@@ -120,7 +121,8 @@ def test_in_a_kernel_engine_output_goes_to_the_log_and_errors_to_the_cell(tmp_pa
         "engine_log = quiet_libraries()\n"
         "print('active:', engine_log.active)",
         # vLLM's warning while it is imported, then an engine process's output, as in summarize_export
-        "logging.getLogger('vllm.triton_utils.importing').warning(\"Triton is installed, but doesn't include CPU backend.\")\n"
+        "logging.getLogger('vllm.triton_utils.importing')"
+        '.warning("Triton is installed, but doesn\'t include CPU backend.")\n'
         f"subprocess.run([sys.executable, {str(tmp_path / 'child.py')!r}], check=True)\n"
         "engine_log.sync()",
         f"engine_log.move({str(tmp_path / 'run' / 'engine.log')!r})\nprint('moved')",

@@ -63,7 +63,7 @@ def test_an_exception_that_is_not_a_provider_error_stops_the_run_unretried(path,
     provider = FakeProvider(**PATHS[path], fail=raising(error, "BUG"))
     snapshots, done = [], []
     with pytest.raises(type(error)) as raised:
-        for chunk, record in transform(path, provider).run(chunks, progress=snapshots.append):
+        for _, record in transform(path, provider).run(chunks, progress=snapshots.append):
             done.append(record)
     assert raised.value is error  # the same object, with its traceback, not a wrapped or reworded one
     assert raised.value.__traceback__ is not None

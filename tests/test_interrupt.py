@@ -118,7 +118,7 @@ def test_interrupt_during_a_redraw(monkeypatch, tmp_path):
     for _ in range(REPEATS):
         job = Job()
         at = rng.randint(1, 5)
-        progress, seen = run_and_interrupt(job, monkeypatch, figure_that(lambda frame: frame == at), tmp_path)
+        progress, seen = run_and_interrupt(job, monkeypatch, figure_that(lambda frame, at=at: frame == at), tmp_path)
         assert_stopped_cleanly(job, progress, seen, tmp_path)
 
 
@@ -144,7 +144,7 @@ def test_interrupt_from_the_jobs_own_thread(monkeypatch, tmp_path):
         press_at = rng.randint(1, 20)
         inner = job.__call__
 
-        def pressing(progress, cancel, job=job, press_at=press_at):
+        def pressing(progress, cancel, job=job, press_at=press_at, inner=inner):
             def watch():
                 while len(job.log) < press_at:
                     time.sleep(0.001)
@@ -161,7 +161,7 @@ def test_interrupt_during_the_final_flush(monkeypatch, tmp_path):
     """The job ended on its own; ■ lands while the final frame is drawn: nothing is left half-done."""
     for _ in range(REPEATS):
         job = Job(steps=10)
-        progress, seen = run_and_interrupt(job, monkeypatch, figure_that(lambda frame: job.stopped), tmp_path)
+        progress, seen = run_and_interrupt(job, monkeypatch, figure_that(lambda frame, job=job: job.stopped), tmp_path)
         assert_stopped_cleanly(job, progress, seen, tmp_path, cancelled=False)
 
 

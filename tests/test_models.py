@@ -27,7 +27,10 @@ def test_converted_folder_is_a_normal_hf_model(model_dir):
 
 def test_second_call_reuses_the_cache(model_dir):
     # A fresh process finds the converted folder at once: no conversion log line.
-    code = "import logging; logging.basicConfig(); from apiana_lab.models import default_model_dir; print(default_model_dir())"
+    code = (
+        "import logging; logging.basicConfig(); "
+        "from apiana_lab.models import default_model_dir; print(default_model_dir())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == str(default_model_dir())
     assert "Converting" not in out.stderr

@@ -110,7 +110,8 @@ def test_torch_cuda_is_read_only_when_torch_is_already_imported():
 def test_importing_the_monitor_and_the_notebook_module_stays_cheap():
     code = (
         "import sys, apiana_lab.monitor, apiana_lab.notebook\n"
-        "print(sorted(m for m in ('torch', 'matplotlib', 'ipywidgets', 'IPython', 'pandas', 'pynvml', 'vllm') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'matplotlib', 'ipywidgets', 'IPython', 'pandas', 'pynvml', 'vllm')"
+        " if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.strip() == "[]"

@@ -266,7 +266,7 @@ def test_backend_comparison_runs_real_transformers_and_vllm_on_the_same_chunks(r
     )
     rows = {r["backend"]: r for r in metrics["figures"]["rows"]}
     assert set(rows) == {"transformers", "vllm"}
-    for name, row in rows.items():
+    for row in rows.values():
         assert "error" not in row, row.get("error")
         assert row["chunks"] == 4 and row["failed"] == 0 and 4 <= row["completion_tokens"] <= 32
         assert row["completion_tokens_per_s"] > 0 and row["load_s"] > 0 and row["peak_rss_mb"] > 100
@@ -329,7 +329,7 @@ def ab_go_run(root):
 
 @pytest.fixture(scope="module")
 def ab_no_go_run(root):
-    """The real `apiana-lab notebook` command, as CI would run it, on a change made on purpose: (process, run folder)."""
+    """The real `apiana-lab notebook` command, as CI runs it, on a change made on purpose: (process, run folder)."""
     before = set((root / "ab_migration_check").iterdir()) if (root / "ab_migration_check").exists() else set()
     done = subprocess.run(
         [
@@ -408,8 +408,8 @@ def test_ab_check_changed_on_purpose_is_no_go_and_the_command_exits_non_zero(ab_
     banner = nb.cells[0]
     assert banner.cell_type == "markdown" and banner.metadata["tags"] == ["papermill-error-cell-tag"]
     assert (
-        f"An Exception was encountered at '<a href=\"#papermill-error-cell\">In [{code_cells(nb)[-1].execution_count}]</a>'"
-        in banner.source
+        'An Exception was encountered at \'<a href="#papermill-error-cell">'
+        f"In [{code_cells(nb)[-1].execution_count}]</a>'" in banner.source
     )
 
 

@@ -171,6 +171,8 @@ def test_plugin_summarizes_an_export_from_the_cli(site, tmp_path):
     assert len(texts) == 6 and all(t.startswith("I recall that I talked about") for t in texts)
     run = json.loads((out / "run.json").read_text())
     assert run["backend"] == "echo" and run["mode"] == "batch"  # it overrides batch_invoke: batched
+    assert run["summaries_with_estimated_tokens"] == 6 and run["completion_tokens"] > 0  # counted, and marked
+    assert "token counts of 6 summaries are estimates" in done.stdout
 
 
 def test_unknown_backend_lists_the_plugin_among_the_known(site, tmp_path):
@@ -241,6 +243,5 @@ def test_plugin_runs_in_the_comparison_notebook(site, tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     (metrics,) = root.glob("backend_comparison/*/metrics.json")
-    rows = json.loads(metrics.read_text())
-    text = json.dumps(rows)
-    assert '"echo"' in text
+    (row,) = json.loads(metrics.read_text())["figures"]["rows"]
+    assert row["backend"] == "echo" and row["chunks"] == 3 and row["failed"] == 0 and row["completion_tokens"] > 0

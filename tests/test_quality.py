@@ -210,7 +210,8 @@ def test_a_chunk_that_mixes_languages_accepts_either():
     [
         (EN_MEMORY, "en"),
         (
-            "Je lui ai conseillé un griffoir stable, et j'ai retenu qu'il vaut mieux proposer une alternative que d'interdire.",
+            "Je lui ai conseillé un griffoir stable, et j'ai retenu qu'il vaut mieux "
+            "proposer une alternative que d'interdire.",
             "fr",
         ),
         ("Der Nutzer erzählte mir von seinen Knieschmerzen, und ich habe ihm geraten, langsamer zu laufen.", "de"),

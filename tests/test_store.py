@@ -83,14 +83,16 @@ def test_a_store_from_before_quality_profiles_opens_and_is_profiled(tmp_path):
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
     db.executescript(
-        "CREATE TABLE chunks (id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, idx INTEGER NOT NULL, first_message INTEGER,"
-        " last_message INTEGER, token_count INTEGER, continued INTEGER, text TEXT NOT NULL, starts TEXT);"
-        "CREATE TABLE summaries (chunk_id TEXT NOT NULL, model TEXT NOT NULL, prompt_hash TEXT NOT NULL, options_hash TEXT"
-        " NOT NULL, summary TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER, finish_reason TEXT, backend TEXT,"
-        " run_id INTEGER, created_at REAL, worker TEXT, PRIMARY KEY (chunk_id, model, prompt_hash, options_hash));"
+        "CREATE TABLE chunks (id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, idx INTEGER NOT NULL,"
+        " first_message INTEGER, last_message INTEGER, token_count INTEGER, continued INTEGER, text TEXT NOT NULL,"
+        " starts TEXT);"
+        "CREATE TABLE summaries (chunk_id TEXT NOT NULL, model TEXT NOT NULL, prompt_hash TEXT NOT NULL,"
+        " options_hash TEXT NOT NULL, summary TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,"
+        " finish_reason TEXT, backend TEXT, run_id INTEGER, created_at REAL, worker TEXT,"
+        " PRIMARY KEY (chunk_id, model, prompt_hash, options_hash));"
         "INSERT INTO chunks VALUES ('k0', 'c1', 0, 0, 1, 40, 0, 'User: my garden is full of weeds again', '0');"
-        "INSERT INTO summaries VALUES ('k0', 'm', 'p', 'o', 'User: my garden is full of weeds again', 9, 9, 'stop', 'fake',"
-        " 1, 1.0, 'h');"
+        "INSERT INTO summaries VALUES ('k0', 'm', 'p', 'o', 'User: my garden is full of weeds again', 9, 9, 'stop',"
+        " 'fake', 1, 1.0, 'h');"
     )
     db.commit()
     db.close()

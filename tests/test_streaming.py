@@ -131,7 +131,7 @@ def test_a_fatal_error_stops_the_run_and_says_so_on_the_last_snapshot():
     t = streamer(provider, batch_size=2)
     done = []
     with pytest.raises(FatalProviderError):
-        for chunk, record in t.run(make_chunks(40), progress=seen.append):
+        for chunk, _ in t.run(make_chunks(40), progress=seen.append):
             done.append(chunk.id)
     assert len(done) < 40
     assert seen[-1].finished and "FatalProviderError" in seen[-1].error

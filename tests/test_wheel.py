@@ -76,7 +76,7 @@ def venv(wheel, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def env(tmp_path) -> dict:
-    """The environment of a user outside the checkout: no PYTHONPATH, no results override, a Jupyter folder of its own."""
+    """A user's environment outside the checkout: no PYTHONPATH, no results override, a Jupyter folder of its own."""
     drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "APIANA_LAB_RESULTS", "JUPYTER_PATH", "JUPYTER_RUNTIME_DIR")
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "JUPYTER_DATA_DIR": str(tmp_path / "jupyter")}
 

@@ -75,7 +75,8 @@ def ceiling(provider, transform, chunks: list, workload: str) -> dict:
 def echo(row: dict) -> dict:
     print(
         f"  [{row['workload']}] {row['config']:<34} {row['wall_s']:8.1f} s  {row['completion_tokens']:6d} new tokens  "
-        f"{row['completion_tokens_per_s']:7.1f} tok/s  first {row['first_result_s'] or 0:6.1f} s  {row['failed']} failed",
+        f"{row['completion_tokens_per_s']:7.1f} tok/s  first {row['first_result_s'] or 0:6.1f} s  "
+        f"{row['failed']} failed",
         file=sys.stderr,
         flush=True,
     )
@@ -93,7 +94,7 @@ def run_vllm(loads: dict, rows: list, facts: dict, checkpoint) -> None:
         for workload, (chunks, max_tokens) in loads.items():
             default = ParallelSummarizerTransform(provider, max_length=max_tokens)
             configs = [
-                ("ceiling", lambda: ceiling(provider, default, chunks, workload)),
+                ("ceiling", lambda d=default, c=chunks, w=workload: ceiling(provider, d, c, w)),
                 ("pipeline defaults", default),
                 (
                     "pipeline --batch-size 16",

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
             "",
             f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['when']}.",
             f"Export: {plan['export']['chunks']} chunks, {plan['export']['prompt_tokens']:,} prompt tokens. "
-            f"Run: {results['run']['summaries_computed']} summaries, {results['run']['completion_tokens']:,} new tokens.",
+            f"Run: {results['run']['summaries_computed']} summaries, "
+            f"{results['run']['completion_tokens']:,} new tokens.",
             "",
             markdown_table(rows, columns),
             "",

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         [
             "# Quality profile speed",
             "",
-            f"One core of {figures['machine']['cpu']} (load average at start {figures['machine']['loadavg_at_start']}). "
+            f"One core of {figures['machine']['cpu']} "
+            f"(load average at start {figures['machine']['loadavg_at_start']}). "
             f"{len(pairs)} distinct pairs cycled; the detector's one-off load is not in the rate.",
             "",
             markdown_table(

@@ -126,7 +126,10 @@ def scaling(
 
 
 def compare_ray_data_llm(workdir: Path, *, chunks: int = 24, max_tokens: int = 32, chunk_size: int = 512) -> dict:
-    """The same chunks through our executor and through ray.data.llm's vLLM processor, one engine each, same settings."""
+    """The same chunks through our executor and through ray.data.llm's vLLM processor.
+
+    One engine each, same settings.
+    """
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -303,16 +306,20 @@ def main(argv: list[str] | None = None) -> dict:
         ("batches", "Ray batches"),
         ("nodes_used", "nodes used"),
     ]
+    target_met = results["targets"][next(iter(results["targets"]))]
     markdown = (
         f"# Ray scaling: one worker node against two\n\n"
-        f"{results['machine']['cores']} cores ({results['machine']['cpu']}), load {results['machine']['loadavg_at_start']}; "
-        f"Ray {ray.__version__}, {len(nodes)} nodes ({results['cluster']}). Fake provider, {s['latency'] * 1000:g} ms per call, "
+        f"{results['machine']['cores']} cores ({results['machine']['cpu']}), "
+        f"load {results['machine']['loadavg_at_start']}; "
+        f"Ray {ray.__version__}, {len(nodes)} nodes ({results['cluster']}). "
+        f"Fake provider, {s['latency'] * 1000:g} ms per call, "
         f"batch {s['batch_size']}, {s['max_workers']} workers per replica, {s['replica_cpus']:g} CPUs per replica "
         f"(a whole worker node).\n\n{markdown_table(figures['rows'], columns)}\n\n"
         f"Two worker nodes / one (chunks/s after startup): **{figures['ratio_two_to_one']:.2f}×** "
-        f"(target ≥ {TARGET_RATIO}: {'met' if results['targets'][next(iter(results['targets']))] else 'NOT met'})\n\n"
+        f"(target ≥ {TARGET_RATIO}: {'met' if target_met else 'NOT met'})\n\n"
         f"Ray's overhead against the same provider locally: **{figures['overhead_ms_per_chunk']:.2f} ms per chunk** "
-        f"after startup, {figures['overhead_ms_per_chunk_with_startup']:.2f} ms per chunk counting the replicas' startup.\n"
+        f"after startup, {figures['overhead_ms_per_chunk_with_startup']:.2f} ms per chunk "
+        f"counting the replicas' startup.\n"
     )
     json_path, md_path = write_result(
         "bench-ray", "ray_scaling-quick" if args.quick else "ray_scaling", results, markdown
@@ -352,14 +359,18 @@ def ray_data_llm_markdown(results: dict) -> str:
     ]
     return (
         f"# Our Ray executor against ray.data.llm, vLLM on CPU\n\n"
-        f"{results['machine']['cores']} cores, load {results['machine']['loadavg_at_start']}; Ray {results['ray_version']}; "
-        f"{results['chunks']} chunks, {results['max_tokens']} new tokens, greedy; engine {results['engine']}; one replica "
-        f"of 1 CPU each on a local Ray instance. Engine s: ours, from the replica's first batch to the end; ray.data.llm, "
+        f"{results['machine']['cores']} cores, load {results['machine']['loadavg_at_start']}; "
+        f"Ray {results['ray_version']}; "
+        f"{results['chunks']} chunks, {results['max_tokens']} new tokens, greedy; engine {results['engine']}; "
+        f"one replica of 1 CPU each on a local Ray instance. "
+        f"Engine s: ours, from the replica's first batch to the end; ray.data.llm, "
         f"the longest request (all were submitted at once).\n\n"
         f"{markdown_table(results['rows'], columns)}\n\n"
-        f"ray.data.llm spends {results['extra_outside_engine_s']} s more outside the engine. It starts four actor pools "
-        f"(chat template, tokenize, engine, detokenize) where we start one, and they compete for the same CPUs (here the "
-        f"engine's actor waited while the detokenize pool held a CPU). One run on a shared machine: read the difference "
+        f"ray.data.llm spends {results['extra_outside_engine_s']} s more outside the engine. "
+        f"It starts four actor pools "
+        f"(chat template, tokenize, engine, detokenize) where we start one, and they compete for the same CPUs "
+        f"(here the engine's actor waited while the detokenize pool held a CPU). "
+        f"One run on a shared machine: read the difference "
         f"as mostly start-up, not as a per-row cost. With its default `log_engine_metrics=True` "
         f"the engine does not start under `ray[data]` alone (vLLM's metrics need `ray.serve`: \"RayPrometheusMetric "
         f'requires Ray to be installed"); the run above sets it to False.\n'

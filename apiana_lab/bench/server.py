@@ -98,10 +98,12 @@ def render_markdown(results: dict) -> str:
         ("load_1m", "load 1m"),
     ]
     parts = [
-        f"# Offline vLLM vs the same model behind a vLLM server, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
+        f"# Offline vLLM vs the same model behind a vLLM server, "
+        f"{results['machine']['cores']} cores ({results['machine']['cpu']})\n",
         f"Bundled SmolLM2-135M-Instruct, dtype {s.get('offline_dtype', s['dtype'])}, {s['chunks']} real-length chunks "
         f"({s['chunk_tokens'][0]}-{s['chunk_tokens'][1]} tokens), {s['max_tokens']} new tokens forced (ignore_eos), "
-        "prefix caching off on both. Offline: ParallelSummarizerTransform over VLLMProvider, every chunk in flight at once, "
+        "prefix caching off on both. "
+        "Offline: ParallelSummarizerTransform over VLLMProvider, every chunk in flight at once, "
         "measured before and after the server; × offline is against their mean. Server: the openai backend, "
         "N worker threads each with one request in flight.\n",
     ]
@@ -111,7 +113,8 @@ def render_markdown(results: dict) -> str:
     for r in results["rows"]:
         if r["failed"]:
             parts.append(
-                f"{r['config']}: {r['failed']} chunks failed, so it is left out of the ratios; first error: {r.get('first_failure', '')[:300]}\n"
+                f"{r['config']}: {r['failed']} chunks failed, so it is left out of the ratios; "
+                f"first error: {r.get('first_failure', '')[:300]}\n"
             )
     t = results.get("target")
     if t:

@@ -264,14 +264,16 @@ def render_markdown(results: dict) -> str:
             f"{p['seconds']} s = {p['prompt_tokens_per_s']:,} tokens/s, {p['gflops_2_n_params_T']} GFLOP/s by 2·N·T "
             f"({p['gflops_non_embedding_plus_attention']} GFLOP/s counting non-embedding weights plus attention).\n"
             f"Matmul rates measured in this run (GFLOP/s): {lim}.\n"
-            f"Prefill reaches {p['fraction_of_bf16_matmul_2NT']:.0%} (2·N·T) / {p['fraction_of_bf16_matmul_strict']:.0%} "
+            f"Prefill reaches {p['fraction_of_bf16_matmul_2NT']:.0%} (2·N·T) / "
+            f"{p['fraction_of_bf16_matmul_strict']:.0%} "
             f"(strict) of the best bf16 matmul rate.\n"
         )
     if results.get("orchestration"):
         parts.append(
             "## Orchestration alone (FakeProvider, latency 0)\n\n"
             + "\n".join(
-                f"- {r['chunks']:,} chunks, batch {r['batch_size']}, {r['max_workers']} workers: {r['chunks_per_s']:,} chunks/s "
+                f"- {r['chunks']:,} chunks, batch {r['batch_size']}, {r['max_workers']} workers: "
+                f"{r['chunks_per_s']:,} chunks/s "
                 f"({r['wall_s']} s; provider {r['provider_seconds']} s)"
                 for r in results["orchestration"]
             )

@@ -90,7 +90,8 @@ def sweep_budgets(provider, name: str, prompts: list, options, budgets: list[int
 def _log(row: dict) -> None:
     print(
         f"  [{row['workload']}] {str(row['budget']):>10}  {row['wall_s']:7.1f} s wall {row['cpu_s']:7.1f} s cpu  "
-        f"{row['completion_tokens']:5d} tokens  x{row['x_sequential_wall']:.2f} wall x{row['x_sequential_cpu']:.2f} cpu  "
+        f"{row['completion_tokens']:5d} tokens  "
+        f"x{row['x_sequential_wall']:.2f} wall x{row['x_sequential_cpu']:.2f} cpu  "
         f"{row['micro_batches']} batches of {row['rows']}",
         file=sys.stderr,
         flush=True,
@@ -115,7 +116,8 @@ def render_markdown(results: dict) -> str:
     ]
     parts = [
         f"# Transformers micro-batching, {results['machine']['cores']} cores ({results['machine']['cpu']})\n",
-        f"{results['model']} on {results['device']} ({results['dtype']}, {results['torch_threads']} torch threads); default budget here: "
+        f"{results['model']} on {results['device']} ({results['dtype']}, {results['torch_threads']} torch threads); "
+        f"default budget here: "
         f"{results['default_max_batch_tokens']:,} padded tokens (rows × (longest prompt + max_tokens)). "
         "Ratios are output tokens/s against one prompt at a time, measured in this one run.\n",
     ]

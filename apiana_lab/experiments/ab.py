@@ -203,7 +203,7 @@ def quality_difference(rows: list[dict]) -> dict:
         return out
     for name in ("any", *FLAGS):
 
-        def has(q: dict) -> bool:
+        def has(q: dict, name: str = name) -> bool:
             return bool(q["flags"]) if name == "any" else name in q["flags"]
 
         diffs = [has(new) - has(old) for old, new in pairs]
@@ -547,7 +547,10 @@ def run_ab_on_backend(
 
 
 def sides(result: dict) -> list[dict]:
-    """Old and new side by side: chunks, failures, seconds, output tokens/s (from a run_ab or compare_outputs result)."""
+    """Old and new side by side: chunks, failures, seconds, output tokens/s.
+
+    From a run_ab or compare_outputs result.
+    """
     out = []
     for side in ("old", "new"):
         figures = result[side]

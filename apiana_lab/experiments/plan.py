@@ -248,14 +248,16 @@ def format_plan(plan: dict) -> str:
         r = plan["rate"]
         lines += [
             f"rate:        {r['output_tokens_per_s']:,} output tok/s given, {r['summary_tokens']} tokens per summary",
-            f"projection:  {_duration(p['seconds'])}: read {p['read_and_chunk_seconds']} s + generate {p['generate_seconds']} s",
+            f"projection:  {_duration(p['seconds'])}: read {p['read_and_chunk_seconds']} s "
+            f"+ generate {p['generate_seconds']} s",
         ]
     else:
         lines += [
             f"sample:      {s['chunks']} chunks ({min(s['chunk_tokens'])}-{max(s['chunk_tokens'])} tokens) on "
             f"{plan['backend']}: {s['wall_s']} s; prefill {s['prefill_tokens_per_s']:,} tok/s, "
             f"decode {s['decode_tokens_per_s']:,} tok/s, {s['mean_completion_tokens']} tokens per summary",
-            f"projection:  {_duration(p['seconds'])} (range {_duration(p['low_seconds'])} to {_duration(p['high_seconds'])}): "
+            f"projection:  {_duration(p['seconds'])} "
+            f"(range {_duration(p['low_seconds'])} to {_duration(p['high_seconds'])}): "
             f"load {p['load_seconds']} s + read {p['read_and_chunk_seconds']} s + prefill {p['prefill_seconds']} s "
             f"+ decode {p['decode_seconds']} s",
         ]

@@ -116,7 +116,10 @@ class ResultsRun:
         return path
 
     def metrics(self, figures: dict, *, verdict: dict | None = None, key: dict | None = None) -> Path:
-        """Write metrics.json: parameters, figures, the verdict (if any), key figures for the index, versions, machine."""
+        """Write metrics.json.
+
+        It holds the parameters, figures, the verdict (if any), key figures for the index, versions and machine.
+        """
         doc = {
             "notebook": self.notebook,
             "run_id": self.run_id,
@@ -357,7 +360,8 @@ def write_index(root: str | Path | None = None) -> Path:
         if r["executed_notebook"]:
             links.insert(0, f"[notebook]({r['executed_notebook']})")
         lines.append(
-            f"| {r['notebook']} | {r['run_id']} | {(r['when'] or '')[:19]} | {key} | {r['verdict'] or ''} | {' · '.join(links)} |"
+            f"| {r['notebook']} | {r['run_id']} | {(r['when'] or '')[:19]} | {key} | "
+            f"{r['verdict'] or ''} | {' · '.join(links)} |"
         )
     other = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in NOTEBOOKS)
     if other:

@@ -23,7 +23,10 @@ COLUMNS = [
 
 
 def load_summaries(output_dir: str | Path):
-    """The run's summaries (summaries.jsonl, in export order) with each conversation's date and the chunk's place in it."""
+    """The run's summaries (summaries.jsonl, in export order).
+
+    Each row has its conversation's date and the chunk's place in that conversation.
+    """
     import pandas as pd
 
     folder = Path(output_dir)

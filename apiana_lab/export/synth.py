@@ -399,12 +399,13 @@ class _ChatGPTBuilder:
     # -- small helpers -------------------------------------------------------
 
     def _uuid(self) -> str:
-        h = "%032x" % self.rng.getrandbits(128)
+        h = f"{self.rng.getrandbits(128):032x}"
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:]}"
 
     def _request_id(self) -> str:
         r = self.rng.getrandbits(66)
-        return "%016x-%s" % (r >> 2, ("IAD", "SJC", "FRA", "AMS")[r & 3])
+        region = ("IAD", "SJC", "FRA", "AMS")[r & 3]
+        return f"{r >> 2:016x}-{region}"
 
     def _tick(self, lo: float = 2.0, hi: float = 90.0) -> float:
         self.t += self.rng.uniform(lo, hi)
@@ -517,7 +518,7 @@ class _ChatGPTBuilder:
             content = {"content_type": "text", "parts": [text]}
         mid = None
         if self.era == 1:
-            h = "%028x" % self.rng.getrandbits(112)  # client-made user ids start with aaa2 in 2023-24 exports
+            h = f"{self.rng.getrandbits(112):028x}"  # client-made user ids start with aaa2 in 2023-24 exports
             mid = f"aaa2{h[:4]}-{h[4:8]}-4{h[9:12]}-a{h[13:16]}-{h[16:]}"
         m = self._message("user", content, t=self._tick(5, 240), metadata=self._user_meta(), mid=mid)
         return self._add(parent, m, est=len(text) + (350 if image else 0))
@@ -1048,7 +1049,7 @@ class _ClaudeBuilder:
         self.rng = rng
         self.pool = pool
         self.demo = demo
-        self.account = "%032x" % rng.getrandbits(128)
+        self.account = f"{rng.getrandbits(128):032x}"
         self.ratio = 1.0
 
     def learn(self, actual: int) -> None:
@@ -1057,7 +1058,7 @@ class _ClaudeBuilder:
             self.ratio = 0.8 * self.ratio + 0.2 * min(3.0, max(0.3, actual / self.est))
 
     def _uuid(self) -> str:
-        h = "%032x" % self.rng.getrandbits(128)
+        h = f"{self.rng.getrandbits(128):032x}"
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:]}"
 
     def _block(self, kind: str, **fields) -> dict:

@@ -9,12 +9,12 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from apiana_lab.errors import ConfigError, ProviderError
 
 # A prompt is plain text (sent as one user message) or a chat: [{"role", "content"}, ...].
-Prompt = Union[str, Sequence[dict]]
+Prompt = str | Sequence[dict]
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +216,10 @@ class LLMProvider:
 
     @property
     def default_window(self) -> int:
-        """Requests in flight that keep this backend busy: the `--batch-size` default (and `--max-workers` without batching)."""
+        """Requests in flight that keep this backend busy.
+
+        The `--batch-size` default (and `--max-workers` without batching).
+        """
         return 16
 
     def reset_caches(self) -> None:

