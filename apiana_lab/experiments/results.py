@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -175,8 +176,13 @@ def kernel_manager_class():
         @default("ip")
         def _default_ip(self) -> str:
             folder = jupyter_runtime_dir()
-            os.makedirs(folder, exist_ok=True)
-            return os.path.join(folder, f"kernel-{uuid.uuid4().hex[:16]}-ipc")
+            name = f"kernel-{uuid.uuid4().hex[:16]}-ipc"
+            # A Unix socket's path holds at most 107 bytes, and zmq adds "-<channel>" to this one: a
+            # deep runtime folder (a test's tmp_path, say) moves to a short private one in /tmp.
+            if len(os.path.join(folder, name)) > 96:
+                folder = os.path.join(tempfile.gettempdir(), f"apiana-kernels-{os.getuid()}")
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            return os.path.join(folder, name)
 
     return UnixSocketKernelManager
 
