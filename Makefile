@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo lint test test-browser notebooks lab bench bench-read bench-ceiling bench-plan bench-summarize bench-memory bench-monitor bench-server bench-ray bench-window bench-batching bench-gpu clean-venv
+.PHONY: install demo lint test test-browser notebooks lab bench bench-read bench-ceiling bench-plan bench-summarize bench-memory bench-monitor bench-server bench-ray bench-window bench-batching bench-vllm-cpu bench-auto bench-gpu clean-venv
 
 install: $(STAMP)
 
@@ -72,10 +72,9 @@ bench-read: install
 bench-ceiling: install
 	$(PY) -m apiana_lab.bench.ceiling
 
-# `apiana-lab plan` against the real run, as measured for the README (transformers: on a 2-core CPU
-# it is faster than vLLM, whose model runs on one core; `--backend vllm --size-mb 2` is the script's default).
+# `apiana-lab plan` against the real run, as measured for the README: three export shapes, vLLM and transformers.
 bench-plan: install
-	$(PY) -m apiana_lab.bench.plan --backend transformers --size-mb 1 --chunk-size 1000 --sample 16 --max-length 64
+	$(PY) -m apiana_lab.bench.plan
 
 # The sweeps behind two defaults: vLLM's in-flight window, transformers' max_batch_tokens.
 bench-window: install
@@ -83,6 +82,16 @@ bench-window: install
 
 bench-batching: install
 	$(PY) -m apiana_lab.bench.transformers_batching
+
+# `--batch-size auto` against a sweep of fixed sizes on the same chunks: transformers long and short, openai on a
+# real vLLM server.
+bench-auto: install
+	$(PY) -m apiana_lab.bench.auto_batch
+
+# The measurement behind vLLM's CPU default for VLLM_CPU_NUM_OF_RESERVED_CPU (none reserved), each setting in its
+# own process.
+bench-vllm-cpu: install
+	$(PY) -m apiana_lab.bench.vllm_cpu_threads
 
 # The prepared GPU check (README, "The GPU check"). It runs on the GPU machine's own python (torch with CUDA,
 # transformers), not in the venv and with nothing installed: the tree on PYTHONPATH. `--tiny` checks it on a CPU.

@@ -365,6 +365,24 @@ def _notebook(args) -> int:
     return EXIT_FAILED_CHUNKS if failed else EXIT_OK
 
 
+def _batch_size(value: str) -> int | str:
+    """--batch-size: "auto" or a whole number (checked to be >= 1 with the other numbers)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or a whole number, not {value!r}") from None
+
+
+def _auto_note(result: dict) -> str:
+    """How auto went, for the closing line ("" for a fixed batch size)."""
+    if result.get("batch_size_mode") != "auto":
+        return ""
+    final = result.get("batch_size_final")
+    return f" (auto, ended at {final})" if final not in (None, result["batch_size"]) else " (auto)"
+
+
 def parse_engine_args(pairs: list[str]) -> dict:
     """KEY=VALUE pairs as a dict; a value that parses as JSON is taken as JSON (numbers, true, lists)."""
     options = {}
@@ -403,17 +421,18 @@ def export_v2_main(argv=None) -> int:
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
-        default=None,
-        help="vllm: requests in flight (default: the engine's own window); transformers: prompts per batch "
-        "(default 16); openai: unused",
+        type=_batch_size,
+        default="auto",
+        help="auto (default): tuned from the measured output tokens/s while the run goes (transformers: prompts "
+        "per batch; openai: requests in flight, up to --max-workers; vllm: the engine's own window); or N: "
+        "vllm: requests in flight; transformers: prompts per batch; openai: unused",
     )
     parser.add_argument(
         "--max-workers",
         type=int,
         default=None,
-        help="openai: requests in flight (default 32); transformers: threads feeding batches (default 2); "
-        "vllm: unused (one thread owns the engine)",
+        help="openai: requests in flight (default 32; with --batch-size auto, the most it may reach, default 256); "
+        "transformers: threads feeding batches (default 2); vllm: unused (one thread owns the engine)",
     )
     parser.add_argument("--chunk-size", type=int, default=3500, help="tokens per chunk")
     parser.add_argument("--chunk-method", choices=["tokens", "messages"], default="tokens")
@@ -471,7 +490,7 @@ def export_v2_main(argv=None) -> int:
     _setup_logging(args.verbose)
     for name in ("batch_size", "max_workers", "max_length"):
         value = getattr(args, name)
-        if value is not None and value < 1:
+        if isinstance(value, int) and value < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
     from .chunking import check_chunk_size
     from .errors import ConfigError
@@ -571,7 +590,9 @@ def export_v2_main(argv=None) -> int:
     elif result["mode"] == "stream":
         mode = f"streaming, {result['batch_size']} in flight"
     elif result["mode"] == "batch":
-        mode = f"parallel, batch {result['batch_size']}, {result['max_workers']} workers"
+        mode = f"parallel, batch {result['batch_size']}{_auto_note(result)}, {result['max_workers']} workers"
+    elif result["mode"] and result.get("batch_size_mode") == "auto":
+        mode = f"parallel, {result['batch_size']} requests in flight{_auto_note(result)}"
     elif result["mode"]:
         mode = f"parallel, {result['max_workers']} requests in flight"
     else:  # on Ray with nothing left to do, no replica started

@@ -156,12 +156,14 @@ class Checkpoint:
                 logger.warning("--fresh: ignoring %d earlier summaries", dropped)
         done = self.store.done_chunk_ids(self.key)
         self.ids = [r.id for r in refs]
-        kept = {
-            v["chunk_id"]: set(v["quality"]["flags"]) if v["quality"] else set()
+        # Only the flagged ones: a set per chunk of a large export would cost more than its id.
+        flagged = {
+            v["chunk_id"]: set(v["quality"]["flags"])
             for v in self.store.kept_versions(self.ids)
+            if v["quality"] and v["quality"]["flags"]
         }
         if self.redo is not None:
-            picked = {cid for cid, flags in kept.items() if flags and ("flagged" in self.redo or flags & self.redo)}
+            picked = {cid for cid, flags in flagged.items() if "flagged" in self.redo or flags & self.redo}
             self.redone = len(picked)
             todo = [r for r in refs if r.id in picked and r.id not in done]
             if picked and not todo:
@@ -174,7 +176,7 @@ class Checkpoint:
             self.other_keys = not done and self.store.has_summaries_under_other_keys(self.key)
             todo = [r for r in refs if r.id not in done]
         redoing = {r.id for r in todo}
-        self.tally.flagged = sum(bool(flags) for cid, flags in kept.items() if cid not in redoing)
+        self.tally.flagged = sum(cid not in redoing for cid in flagged)
         self.total, self.reused = len(refs), len(refs) - len(todo)
         return todo
 
@@ -252,7 +254,9 @@ class RunConfig:
     output: str
     backend: str = "vllm"
     model: str | None = None
-    batch_size: int | None = None  # None: the backend's default (vLLM: the engine's in-flight window)
+    # "auto": sized from measured throughput where the size is ours (rows per batch, or requests in flight),
+    # the engine's window on vLLM (apiana_lab.tuning); None: the backend's fixed default
+    batch_size: int | str | None = "auto"
     max_workers: int | None = None  # None: 2 for batching backends, the backend's window for the others
     chunk_size: int = 3500
     chunk_method: str = "tokens"
@@ -277,7 +281,12 @@ class RunConfig:
 
 
 def build_summarizer(
-    provider: LLMProvider, sequential: bool, max_workers: int | None, batch_size: int | None, max_length: int, **options
+    provider: LLMProvider,
+    sequential: bool,
+    max_workers: int | None,
+    batch_size: int | str | None,
+    max_length: int,
+    **options,
 ):
     """The parallel transform, or the sequential baseline for A/B comparison."""
     if sequential:
@@ -290,7 +299,7 @@ def build_summarizer(
 def chatgpt_parallel_processing_pipeline(
     backend: str = "vllm",
     max_workers: int | None = None,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     model_name: str | None = None,
     *,
     store: SQLiteStore,
@@ -444,7 +453,7 @@ def run_export(
             "inputs": config.inputs,
             "backend": provider.name,
             "model": provider.model,  # what was loaded; config's model may be None (the default)
-            "batch_size": getattr(summarizer, "batch_size", 1),  # what ran, after the backend's defaults
+            "batch_size": getattr(summarizer, "batch_size", 1),  # what ran (auto: what it started at)
             "max_workers": getattr(summarizer, "max_workers", 1),
             "format": report.format,
             "conversations_read": report.conversations,
@@ -573,11 +582,16 @@ def _write_jsonl(path: Path, store: SQLiteStore, ids: Sequence[str]) -> dict:
     saying which and why. Returns the quality figures of what was written, for run.json.
     """
     tmp = path.with_suffix(".jsonl.tmp")
-    profiles = []
-    with tmp.open("w", encoding="utf-8") as f:
+
+    def written(f) -> Iterator[dict]:
+        # The profiles stream into their figures as the rows go out: none is held.
         for row in store.kept_versions(ids):
             row.pop("created_at")
-            profiles.append(row["quality"])
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if row["quality"] is not None:
+                yield row["quality"]
+
+    with tmp.open("w", encoding="utf-8") as f:
+        figures = summarize_profiles(written(f))
     os.replace(tmp, path)
-    return summarize_profiles(p for p in profiles if p is not None)
+    return figures

@@ -306,7 +306,7 @@ class RaySummarizer(SummarizerTransform):
         model: str | None,
         engine_options: dict | None = None,
         max_workers: int | None = None,
-        batch_size: int | None = None,
+        batch_size: int | str | None = None,
         max_length: int = 300,
         system_prompt: str | None = None,
         user_template: str | None = None,
@@ -319,7 +319,8 @@ class RaySummarizer(SummarizerTransform):
         self.model = model
         self.engine_options = dict(engine_options or {})
         self.max_workers = max_workers  # what each replica's transform uses; known once the first batch is back
-        self.batch_size = batch_size
+        # Each replica's transform resolves "auto"; until one reports back, the engine's default stands in.
+        self.batch_size = batch_size if isinstance(batch_size, int) else None
         self.transform_options = dict(
             max_workers=max_workers,
             batch_size=batch_size,
@@ -439,6 +440,7 @@ class RaySummarizer(SummarizerTransform):
         self._check_key(batch)
         facts["batches"] += 1
         stats.mode = theirs.mode
+        stats.batch_size_mode, stats.batch_size_final = theirs.batch_size_mode, theirs.batch_size_final
         self.batch_size, self.max_workers = batch.batch_size, batch.max_workers
         stats.retries += theirs.retries
         stats.latencies.extend(theirs.latencies)
@@ -604,6 +606,11 @@ class ReplicaBatch:
                 **stats,
                 "provider_intervals": [tuple(i) for i in stats["provider_intervals"]],
                 "failures_by_reason": dict(stats["failures_by_reason"]),
+                # A change no measured throughput caused (out of memory) has none; Arrow's struct gave it a null.
+                "batch_size_changes": [
+                    {k: v for k, v in c.items() if not (k == "tokens_per_s" and v is None)}
+                    for c in stats["batch_size_changes"]
+                ],
             }
         )
         return cls(
@@ -622,7 +629,16 @@ def _schema():
 
     text, number, real = pa.string(), pa.int64(), pa.float64()
     key = pa.struct([("model", text), ("prompt_hash", text), ("options_hash", text)])
-    change = pa.struct([("from", number), ("to", number), ("reason", text), ("at_done", number), ("seconds", real)])
+    change = pa.struct(
+        [
+            ("from", number),
+            ("to", number),
+            ("reason", text),
+            ("at_done", number),
+            ("seconds", real),
+            ("tokens_per_s", real),
+        ]
+    )
     stats = pa.struct(
         [
             ("mode", text),
@@ -635,6 +651,8 @@ def _schema():
             ("first_result_seconds", real),
             ("preemptions", number),
             ("batch_size_changes", pa.list_(change)),
+            ("batch_size_mode", text),
+            ("batch_size_final", number),
             ("latencies", pa.list_(real)),
             ("provider_intervals", pa.list_(pa.list_(real, 2))),
             ("failures_by_reason", pa.map_(text, number)),

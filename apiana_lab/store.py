@@ -363,20 +363,31 @@ class SQLiteStore:
             )
             self.db.executemany("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", failed)
 
-    def profile_missing(self) -> int:
-        """Profile every stored summary that has no quality profile yet (a store from before them); returns how many."""
+    def profile_missing(self, window: int = 256) -> int:
+        """Profile every stored summary that has no quality profile yet (a store from before them); returns how many.
+
+        A window of summaries (with their chunks' texts) at a time, each window committed: a whole
+        store's texts never sit in memory at once.
+        """
         from .quality import profile
 
-        rows = self.db.execute(
-            "SELECT s.rowid, s.summary, k.text, s.finish_reason FROM summaries s JOIN chunks k ON k.id = s.chunk_id "
-            "WHERE s.quality IS NULL"
-        ).fetchall()
-        updates = [
-            (json.dumps(profile(summary, text, finish).to_dict()), rowid) for rowid, summary, text, finish in rows
-        ]
-        with self.db:
-            self.db.executemany("UPDATE summaries SET quality = ? WHERE rowid = ?", updates)
-        return len(updates)
+        count, last = 0, None
+        while True:
+            rows = self.db.execute(
+                "SELECT s.rowid, s.summary, k.text, s.finish_reason "
+                "FROM summaries s JOIN chunks k ON k.id = s.chunk_id "
+                "WHERE s.quality IS NULL AND (? IS NULL OR s.rowid > ?) ORDER BY s.rowid LIMIT ?",
+                (last, last, window),
+            ).fetchall()
+            if not rows:
+                return count
+            updates = [
+                (json.dumps(profile(summary, text, finish).to_dict()), rowid) for rowid, summary, text, finish in rows
+            ]
+            with self.db:
+                self.db.executemany("UPDATE summaries SET quality = ? WHERE rowid = ?", updates)
+            count += len(updates)
+            last = rows[-1][0]
 
     def kept_versions(self, chunk_ids: Sequence[str], window: int = 500) -> Iterator[dict]:
         """Per chunk, in the order given, the summary version kept: the fewest quality flags, ties to the newer.

@@ -27,6 +27,7 @@ from .progress import Progress, ProgressCallback
 from .prompts import SYSTEM_PROMPT, USER_TEMPLATE, check_template, load_prompt, prompt_hash, render_user_prompt
 from .providers.base import GenerationOptions, LLMProvider
 from .store import SummaryKey, SummaryRecord
+from .tuning import AUTO_MAX_SIZE, BatchTuner, is_auto, kv_cache_tight
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class RunStats:
     first_result_seconds: float | None = None  # from the start to the first finished summary
     preemptions: int | None = None  # engine preemptions during the run; None when the engine does not say
     batch_size_changes: list[dict] = field(default_factory=list)
+    batch_size_mode: str = "fixed"  # "auto": sized by a BatchTuner from measured throughput (apiana_lab.tuning)
+    batch_size_final: int | None = None  # under auto: the size (or requests in flight) it ended at
     latencies: list[float] = field(default_factory=list)  # per batch, or per request when streaming
     provider_intervals: list[tuple[float, float]] = field(default_factory=list)
     failures_by_reason: dict[str, int] = field(default_factory=dict)
@@ -81,6 +84,8 @@ class RunStats:
             "provider_seconds": round(busy, 4),
             "orchestration_seconds": round(max(0.0, self.seconds - busy), 4),
             "batch_size_changes": list(self.batch_size_changes),
+            "batch_size_mode": self.batch_size_mode,
+            "batch_size_final": self.batch_size_final,
             "preemptions": self.preemptions,
         }
 
@@ -239,6 +244,12 @@ class ParallelSummarizerTransform(SummarizerTransform):
       the batch and retries the same chunks, then grows back after `grow_after` successes.
     - Any other provider gets `max_workers` concurrent single calls.
 
+    `batch_size="auto"` sizes the run from its measured output tokens/s (apiana_lab.tuning.BatchTuner):
+    with native batching, the rows per batch; for single calls, the requests in flight, never above
+    `max_workers` (default AUTO_MAX_SIZE). Either starts at the backend's default window. Out of
+    memory still halves the batch, and auto never climbs back to a size that failed. A streaming
+    provider keeps its engine's window.
+
     Errors are told apart by their type alone (apiana_lab.errors): a TransientProviderError
     retries with exponential backoff and jitter (at least as long as the backend's
     Retry-After); a PermanentProviderError is isolated to the chunk that caused it; a
@@ -253,7 +264,7 @@ class ParallelSummarizerTransform(SummarizerTransform):
         self,
         provider: LLMProvider,
         max_workers: int | None = None,
-        batch_size: int | None = None,
+        batch_size: int | str | None = None,
         system_prompt: str | None = None,
         user_template: str | None = None,
         max_length: int = 300,
@@ -265,15 +276,26 @@ class ParallelSummarizerTransform(SummarizerTransform):
         grow_after: int = 4,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        tune_window: int = 2,
+        tune_tolerance: float = 0.05,
+        clock: Callable[[], float] = time.perf_counter,
         **options,
     ):
         super().__init__(provider, system_prompt, user_template, max_length, **options)
         if stream and not provider.supports_stream:
             raise ConfigError(f"The {provider.name} backend has no streaming path; leave stream unset.")
         self.streaming = provider.supports_stream if stream is None else stream
+        # Auto where the batch size is ours to choose; a stream keeps its engine's window.
+        self.auto = is_auto(batch_size) and not self.streaming
+        if is_auto(batch_size):
+            batch_size = None
+        elif isinstance(batch_size, str):
+            raise ConfigError(f"batch_size must be 'auto' or a whole number, not {batch_size!r}")
+        # Auto's ceiling: rows per batch, or for single calls the requests in flight (`max_workers`).
+        self.auto_max = AUTO_MAX_SIZE if provider.supports_batch or max_workers is None else max_workers
         if max_workers is None:
             # A batching backend is kept busy by its batches; any other one by concurrent calls.
-            max_workers = 2 if provider.supports_batch else provider.default_window
+            max_workers = 2 if provider.supports_batch else AUTO_MAX_SIZE if self.auto else provider.default_window
         if batch_size is None:
             batch_size = provider.default_window
         if max_workers < 1 or batch_size < 1:
@@ -286,6 +308,9 @@ class ParallelSummarizerTransform(SummarizerTransform):
         self.grow_after = grow_after
         self.sleep = sleep
         self.rng = rng or random.Random(0)
+        self.tune_window = tune_window
+        self.tune_tolerance = tune_tolerance
+        self.clock = clock
 
     def backoff(self, attempt: int, error: BaseException | None = None) -> float:
         """Seconds to wait before retry number `attempt` (1-based): exponential, half jittered, at least Retry-After."""
@@ -338,6 +363,8 @@ class ParallelSummarizerTransform(SummarizerTransform):
         finally:
             state.stop.set()
             self.stats.seconds = time.perf_counter() - state.start
+            if state.tuner is not None:
+                self.stats.batch_size_final = state.size
             after = self.provider.engine_metrics().get("num_preemptions")
             if preempted is not None and after is not None:
                 self.stats.preemptions = int(after - preempted)
@@ -357,6 +384,8 @@ class _State:
         self.start = time.perf_counter()
         self.batching = t.provider.supports_batch and not t.streaming
         self.batch_size = t.batch_size if (self.batching or t.streaming) else 1
+        self.limit: int | None = None  # under auto without batching: the requests allowed in flight
+        self.tuner: BatchTuner | None = None
         self.streak = 0
         self.reporter = Reporter(progress, len(items), t.stats, self.start)
         if any(not isinstance(c, Chunk) for c in items) and load is None:
@@ -378,9 +407,36 @@ class _State:
         self.isolated: deque[int] = deque()  # singled out after a permanent error in a batch
         self.in_flight = 0
         self.out: queue.Queue = queue.Queue()
+        if t.auto:
+            # Where the fixed default is: a run too short to tune runs as it would have, a long one climbs from there.
+            start = max(1, min(t.provider.default_window, t.auto_max))
+            t.batch_size = start  # what this run started at (run.json's batch_size)
+            self.tuner = BatchTuner(
+                start,
+                hi=t.auto_max,
+                window=t.tune_window,
+                tolerance=t.tune_tolerance,
+                tight=lambda: kv_cache_tight(t.provider),
+            )
+            if self.batching:
+                self.batch_size = start
+            else:
+                self.limit = start
+            t.stats.batch_size_mode = "auto"
+        # Finished results wait in `out` until the caller stores them, and profiling them can take
+        # longer than a fast backend takes to answer. Each one holds its chunk's text, so workers
+        # take no new batch while this many wait: otherwise the whole export could pile up here.
+        self.ahead = max(LOAD_WINDOW, 2 * t.max_workers * self.batch_size)
+        self.throttled = False  # a worker is waiting for the caller to take results
+
+    @property
+    def size(self) -> int:
+        """The batch size as progress shows it: rows per batch, or under auto without batching the requests
+        allowed in flight."""
+        return self.limit if self.limit is not None else self.batch_size
 
     def report(self, event: str = "", finished: bool = False, error: str = "") -> None:
-        self.reporter(self.batch_size, event, finished, error)
+        self.reporter(self.size, event, finished, error)
 
     def reject(self, i: int) -> tuple[Chunk | ChunkRef, SummaryRecord]:
         """A prompt that cannot fit the context fails at once, without being sent."""
@@ -423,9 +479,14 @@ class _State:
         logger.warning("chunk %s failed (%s): %s", self.items[i].id, reason, message)
         return record
 
-    def change(self, new: int, why: str) -> None:
-        """Record a batch-size change and put it on the timeline."""
-        old, self.batch_size = self.batch_size, new
+    def change(self, new: int, why: str, tokens_per_s: float | None = None) -> None:
+        """Record a batch-size change (under auto without batching: of the requests in flight), with the
+        throughput that caused it when one did, and put it on the timeline."""
+        what = "in flight" if self.limit is not None else "batch size"
+        if self.limit is not None:
+            old, self.limit = self.limit, new
+        else:
+            old, self.batch_size = self.batch_size, new
         self.streak = 0
         change = {
             "from": old,
@@ -434,9 +495,14 @@ class _State:
             "at_done": self.reporter.done,
             "seconds": round(time.perf_counter() - self.start, 3),
         }
+        if tokens_per_s is not None:
+            change["tokens_per_s"] = round(tokens_per_s, 2)
         self.t.stats.batch_size_changes.append(change)
-        logger.warning("batch size %d -> %d (%s)", old, new, why)
-        self.report(f"batch size {old} -> {new} ({why})")
+        if tokens_per_s is not None:
+            logger.info("%s %d -> %d (%s)", what, old, new, why)  # auto's own steps: expected, not a warning
+        else:
+            logger.warning("batch size %d -> %d (%s)", old, new, why)
+        self.report(f"{what} {old} -> {new} ({why})")
 
 
 _EMPTY = Chunk(
@@ -544,15 +610,24 @@ def _workers(state: _State) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
     workers = t.max_workers
     if state.batching and t.provider.replicas > 1:
         workers = t.provider.replicas
-    threads = [
-        threading.Thread(target=_work, args=(state, w), name=f"summarizer-{w}", daemon=True) for w in range(workers)
-    ]
-    for th in threads:
-        th.start()
+    threads: list[threading.Thread] = []
+
+    def top_up() -> None:
+        # Under auto without batching, one thread per request allowed in flight, started as the limit rises.
+        while len(threads) < (workers if state.limit is None else state.limit):
+            w = len(threads)
+            threads.append(threading.Thread(target=_work, args=(state, w), name=f"summarizer-{w}", daemon=True))
+            threads[-1].start()
+
+    top_up()
     try:
         remaining = len(state.order)
         while remaining:
             item = state.out.get()
+            if state.throttled and state.out.qsize() < state.ahead:
+                with state.cond:
+                    state.throttled = False
+                    state.cond.notify_all()
             if isinstance(item, BaseException):
                 # Stop at once, but first hand on what finished before the error, so it is stored.
                 state.stop.set()
@@ -561,6 +636,7 @@ def _workers(state: _State) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
                 yield from finished
                 raise item
             remaining -= 1
+            top_up()
             yield item
     finally:
         state.stop.set()
@@ -570,32 +646,41 @@ def _workers(state: _State) -> Iterator[tuple[int, Chunk, SummaryRecord]]:
             th.join(timeout=60)
 
 
-def _take(state: _State) -> list[int]:
-    """The next batch; waits while other batches are in flight, since an OOM may requeue them."""
+def _take(state: _State) -> tuple[list[int], int]:
+    """The next batch; waits while other batches are in flight (an OOM may requeue them) or the caller is behind."""
+    epoch = 0  # the tuner's, when the batch was taken: a batch from before auto's last change is not measured
     with state.cond:
         while not state.stop.is_set():
+            epoch = state.tuner.epoch if state.tuner is not None else 0
+            if state.limit is not None and state.in_flight >= state.limit:
+                state.cond.wait(timeout=0.5)  # under auto without batching: the requests allowed are in flight
+                continue
+            if (state.isolated or state.pending) and state.out.qsize() >= state.ahead:
+                state.throttled = True  # the caller wakes us when it has taken some
+                state.cond.wait(timeout=0.5)
+                continue
             if state.isolated:
                 batch = [state.isolated.popleft()]
             elif state.pending:
                 batch = [state.pending.popleft() for _ in range(min(state.batch_size, len(state.pending)))]
             elif state.in_flight == 0:
-                return []
+                return [], epoch
             else:
                 state.cond.wait(timeout=0.5)
                 continue
             state.in_flight += 1
-            return batch
-        return []
+            return batch, epoch
+        return [], epoch
 
 
 def _work(state: _State, worker: int) -> None:
     try:
         while not state.stop.is_set():
-            batch = _take(state)
+            batch, epoch = _take(state)
             if not batch:
                 return
             try:
-                _run_batch(state, batch, worker)
+                _run_batch(state, batch, worker, epoch)
             finally:
                 with state.cond:
                     state.in_flight -= 1
@@ -607,7 +692,7 @@ def _work(state: _State, worker: int) -> None:
             state.cond.notify_all()
 
 
-def _run_batch(state: _State, batch: list[int], worker: int) -> None:
+def _run_batch(state: _State, batch: list[int], worker: int, epoch: int = 0) -> None:
     t, stats = state.t, state.t.stats
     chunks = state.chunks(batch)
     prompts = [t.prompt(c) for c in chunks]
@@ -634,7 +719,18 @@ def _run_batch(state: _State, batch: list[int], worker: int) -> None:
                 for i, chunk, c in zip(batch, chunks, results, strict=True):  # one result per prompt, or a bug
                     state.out.put((i, chunk, state.succeed(i, chunk, c, attempt + 1)))
                 state.streak += 1
-                if state.batching and state.streak >= t.grow_after and state.batch_size < t.batch_size:
+                step = None
+                if state.tuner is not None:  # auto: its own climb replaces the grow-back
+                    tokens = sum(c.completion_tokens for c in results)
+                    step = state.tuner.observe(epoch, len(batch), tokens, t.clock())
+                if step is not None:
+                    state.change(step.size, step.reason, step.tokens_per_s)
+                elif (
+                    state.tuner is None
+                    and state.batching
+                    and state.streak >= t.grow_after
+                    and state.batch_size < t.batch_size
+                ):
                     state.change(min(t.batch_size, state.batch_size * 2), "grow back after successes")
                 else:
                     state.report()
@@ -676,7 +772,10 @@ def _shrink(state: _State, batch: list[int], chunks: list[Chunk], error: BaseExc
         if len(batch) == 1:
             _fail(state, batch, chunks, "oom", f"out of memory even at batch size 1: {error}", locked=True)
             return
-        state.change(max(1, min(state.batch_size, len(batch) // 2)), f"out of memory at batch size {len(batch)}")
+        new = max(1, min(state.batch_size, len(batch) // 2))
+        state.change(new, f"out of memory at batch size {len(batch)}")
+        if state.tuner is not None:
+            state.tuner.out_of_memory(len(batch), new)  # the floor: auto never climbs back to a size that failed
         # The same chunks go back to the front, so the next (smaller) batch retries them.
         state.pending.extendleft(reversed(batch))
 

@@ -98,6 +98,20 @@ def test_run_streams_each_batch_as_it_completes():
     assert len(first) + len(rest) == 10 and len(provider.history) == 5
 
 
+def test_workers_wait_for_a_slow_caller_instead_of_piling_results_up():
+    """Each finished result holds its chunk's text: a caller slower than the backend must not let them all gather."""
+    chunks = make_chunks(600)
+    provider = FakeProvider(batch=True)  # answers at once, far faster than the caller below
+    t = summarizer(provider, batch_size=8, max_workers=2)
+    lag = taken = 0
+    for taken, _ in enumerate(t.run(chunks), 1):
+        time.sleep(0.001)  # a caller that profiles and stores each summary
+        lag = max(lag, sum(len(h["prompts"]) for h in provider.history) - taken)
+    assert taken == 600 and sum(len(h["prompts"]) for h in provider.history) == 600
+    # A window of 64 waiting results, plus the batch each worker may have running: never the whole run.
+    assert lag <= 64 + 2 * 8, lag
+
+
 # ---- out of memory -------------------------------------------------------------------------
 
 

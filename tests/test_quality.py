@@ -337,6 +337,19 @@ def test_the_detector_loads_from_its_wheel_without_the_network(monkeypatch):
     assert set(quality._get_detector().labels) == set(quality.LANGUAGES)
 
 
+def test_the_detector_ranks_as_py3langids_own_loader_does():
+    """Our leaner load of the bundled model (no second copy of its tables) gives the very same ranks."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    reference.set_languages(quality.LANGUAGES)
+    ours = quality._get_detector()
+    texts = [t for r in load_labels(LABELS_PATH) for t in (r["chunk"][:200], r["summary"][:200])]
+    texts += [EN_CHUNK, FR_CHUNK, "", "これは何ですか？", "Привет, как дела?", "مرحبا كيف حالك"]
+    assert len({reference.rank(t)[0][0] for t in texts}) >= 5  # several languages, not one text many times
+    assert [ours.rank(t) for t in texts] == [reference.rank(t) for t in texts]
+
+
 # --- against human labels ----------------------------------------------------------------------------
 
 

@@ -108,6 +108,34 @@ def test_default_window_is_twice_the_engines_sequence_slots(provider):
     assert provider.default_window == 2 * slots
 
 
+def test_reserved_cores_are_ours_on_a_small_machine_and_the_users_when_set():
+    """VLLM_CPU_NUM_OF_RESERVED_CPU: none on up to 2 cores (measured in bench-vllm-cpu), vLLM's choice above,
+    the user's own setting always."""
+    from apiana_lab.providers.vllm_backend import CPU_RESERVED_CORES, reserved_cpus
+
+    assert reserved_cpus({}, 2) == CPU_RESERVED_CORES == "0"
+    assert reserved_cpus({}, 16) is None
+    assert reserved_cpus({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, 2) == "1"
+    assert reserved_cpus({"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OTHER": "1"}, 16) == "0"
+
+
+def test_the_engine_runs_the_model_on_the_cores_left_after_the_reserved_ones(provider):
+    """Read back from the engine's worker: the cores its threads are bound to. The variable is set for the
+    engine's start only: this process's environment stays as the user left it (else the note would go)."""
+    import os
+
+    from apiana_lab.bench.vllm_cpu_threads import model_cores
+    from apiana_lab.providers.vllm_backend import reserved_cpus
+
+    users = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU")
+    cores = len(os.sched_getaffinity(0))
+    assert provider.reserved_cpus == reserved_cpus(os.environ, cores)
+    ours = users is None and provider.reserved_cpus is not None
+    assert any("VLLM_CPU_NUM_OF_RESERVED_CPU unset" in a for a in provider.adjustments) is ours
+    reserved = int(provider.reserved_cpus or 1)  # vLLM's own: one per worker process
+    assert model_cores() == (cores - reserved if cores > reserved else cores)
+
+
 def test_stream_uses_vllms_supported_request_api_and_equals_llm_chat_under_greedy(provider):
     """The stream hands the engine what vLLM's renderer makes of our token ids, as `LLM.generate` does.
 

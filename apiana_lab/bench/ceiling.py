@@ -91,6 +91,7 @@ def run_vllm(loads: dict, rows: list, facts: dict, checkpoint) -> None:
     with loaded("vllm", facts=timing) as provider:
         facts["vllm_load_s"] = round(timing["load_s"], 1)
         facts["vllm_default_window"] = provider.default_window
+        facts["VLLM_CPU_NUM_OF_RESERVED_CPU"] = provider.reserved_cpus  # None on a GPU
         for workload, (chunks, max_tokens) in loads.items():
             default = ParallelSummarizerTransform(provider, max_length=max_tokens)
             configs = [

@@ -113,6 +113,16 @@ def check_optional_whole(value, name: str) -> int | None:
     return value
 
 
+def check_batch_size(value, name: str = "batch_size") -> int | str | None:
+    """A batch size: "auto" (sized from measured throughput), None (or 0) for the backend's fixed default, or a
+    whole number >= 1."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str):
+        raise ParameterError(name, value, "not 'auto'", "'auto', None (or 0) for the default, or a whole number >= 1")
+    return check_optional_whole(value, name)
+
+
 def check_number(value, name: str, minimum: float = 0.0, *, above: bool = False) -> float:
     """A real number >= `minimum` (> with `above`)."""
     if not _is_number(value) or value < minimum or (above and value == minimum):
@@ -327,7 +337,7 @@ def summarize_export(
         "output_dir": check_output_dir(output_dir),
         "backend": b,
         "model": check_model(model),
-        "batch_size": check_optional_whole(batch_size, "batch_size"),
+        "batch_size": check_batch_size(batch_size),
         "max_workers": check_optional_whole(max_workers, "max_workers"),
         "chunk_size": check_chunk_size(chunk_size),
         "max_length": check_whole(max_length, "max_length"),
@@ -363,7 +373,7 @@ def backend_comparison(
         "chunks": check_whole(chunks, "chunks"),
         "chunk_size": check_chunk_size(chunk_size),
         "max_length": check_whole(max_length, "max_length"),
-        "batch_size": check_optional_whole(batch_size, "batch_size"),
+        "batch_size": check_batch_size(batch_size),
         "dtype": check_dtype(dtype),
         "engine_options": check_options_per_backend(names, engine_options),
         "monitor_interval": check_number(monitor_interval, "monitor_interval", above=True),

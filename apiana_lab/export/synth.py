@@ -64,7 +64,13 @@ class SynthStats:
 
 
 def write_synthetic_export(
-    path, *, size_mb: float, format: str = "chatgpt", seed: int = 0, demo: bool = False
+    path,
+    *,
+    size_mb: float,
+    format: str = "chatgpt",
+    seed: int = 0,
+    demo: bool = False,
+    conversation_kb: tuple[float, float] | None = None,
 ) -> SynthStats:
     """Write a synthetic export of about size_mb (±5%) to path; same arguments give the same bytes.
 
@@ -72,11 +78,16 @@ def write_synthetic_export(
         path: a file for "chatgpt" and "claude"; a folder for "chatgpt-sharded".
         format: "chatgpt", "chatgpt-sharded" or "claude".
         demo: short messages and small conversations, for a tiny model summarizing on CPU.
+        conversation_kb: each conversation's size drawn evenly from this range of kilobytes
+            (e.g. (2, 4) for many short ones, (40, 60) for a few long ones) instead of the
+            realistic spread; None keeps the default output byte for byte.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if size_mb <= 0:
         raise ValueError(f"size_mb must be positive, got {size_mb}")
+    if conversation_kb is not None and not 0 < conversation_kb[0] <= conversation_kb[1]:
+        raise ValueError(f"conversation_kb must be (low, high) with 0 < low <= high, got {conversation_kb}")
     started = time.perf_counter()
     path = Path(path)
     rng = random.Random(seed)
@@ -86,7 +97,7 @@ def write_synthetic_export(
         builder = _ClaudeBuilder(rng, pool, demo=demo)
     else:
         builder = _ChatGPTBuilder(rng, pool, sharded=format == "chatgpt-sharded", demo=demo)
-    plan = _Plan(rng, target, demo=demo)
+    plan = _Plan(rng, target, demo=demo, conversation_kb=conversation_kb)
 
     if format == "chatgpt-sharded":
         path.mkdir(parents=True, exist_ok=True)
@@ -124,10 +135,11 @@ def write_sample_export(path=SAMPLE_PATH) -> SynthStats:
 class _Plan:
     """The byte budget, the clock walking back through the export, and the running counts."""
 
-    def __init__(self, rng: random.Random, target: int, *, demo: bool):
+    def __init__(self, rng: random.Random, target: int, *, demo: bool, conversation_kb=None):
         self.rng = rng
         self.target = target
         self.demo = demo
+        self.conversation_kb = conversation_kb
         self.written = 0
         self.conversations = 0
         self.messages = 0
@@ -142,7 +154,9 @@ class _Plan:
     def conversation_size(self, remaining: int) -> int:
         """A target size in bytes: mostly 6-170 KB, a few over 1 MB, the last one fills the budget."""
         rng = self.rng
-        if self.demo:
+        if self.conversation_kb is not None:
+            size = int(rng.uniform(*self.conversation_kb) * 1000)
+        elif self.demo:
             size = int(rng.uniform(6_000, 13_000))
         else:
             size = int(min(400_000, max(4_500, rng.lognormvariate(math.log(16_000), 0.95))))

@@ -98,6 +98,14 @@ def plot_monitor(monitor: MemoryMonitor, title: str = ""):
     if not rates.empty and rates["output_tokens_per_s"].notna().any():
         ax_tok.step(rates["t_s"], rates["output_tokens_per_s"], where="pre", color="tab:blue", label="output tokens/s")
         ax_tok.set_ylim(0, float(rates["output_tokens_per_s"].max()) * 1.15 or 1.0)
+        sizes = rates["batch_size"] if "batch_size" in rates else None
+        if sizes is not None and sizes[sizes > 0].nunique() > 1:
+            # The size changed during the run (auto's steps, an out-of-memory halving): beside what it did to the rate.
+            twin = ax_tok.twinx()
+            twin.step(rates["t_s"], sizes, where="post", color="tab:red", lw=0.9, label="batch size (or in flight)")
+            twin.set_ylabel("batch size")
+            twin.set_ylim(0, float(sizes.max()) * 1.15)
+            twin.legend(loc="upper right", fontsize="x-small")
     else:
         ax_tok.text(
             0.5,
