@@ -375,6 +375,18 @@ def test_bad_arguments_are_rejected(tmp_path):
         write_synthetic_export(tmp_path / "x.json", size_mb=1, format="bard")
     with pytest.raises(ValueError, match="size_mb"):
         write_synthetic_export(tmp_path / "x.json", size_mb=0)
+    with pytest.raises(ValueError, match="conversation_kb"):
+        write_synthetic_export(tmp_path / "x.json", size_mb=1, conversation_kb=(5, 2))
+
+
+def test_conversation_size_makes_many_short_or_a_few_long_conversations(tmp_path):
+    """`conversation_kb` sets each conversation's size; the last one still fills the budget."""
+    short = write_synthetic_export(tmp_path / "short.json", size_mb=0.2, demo=True, conversation_kb=(1.5, 3.5))
+    long = write_synthetic_export(tmp_path / "long.json", size_mb=0.25, demo=True, conversation_kb=(110, 130))
+    default = write_synthetic_export(tmp_path / "default.json", size_mb=0.2, demo=True)
+    assert short.conversations > 1.4 * default.conversations and long.conversations <= 3
+    sizes = [len(json.dumps(c, ensure_ascii=False).encode()) for c in json.loads((tmp_path / "long.json").read_text())]
+    assert min(sizes[:-1]) > 100_000
 
 
 @pytest.mark.parametrize("fmt", ["chatgpt", "chatgpt-sharded", "claude"])

@@ -1,14 +1,15 @@
 """`--batch-size auto` against a sweep of fixed batch sizes, on the same chunks, in one run.
 
     python -m apiana_lab.bench.auto_batch [--long-sizes 2,4,8,16] [--short-sizes 4,8,16,32]
-                                          [--in-flight 4,8,16,32] [--workloads long,short,openai] [--quick]
+                                          [--in-flight 8,16,32,64] [--workloads long,short,openai] [--quick]
 
 Three workloads, each on one loaded engine, every configuration over the same chunks with the
 same forced output length (ignore_eos), so each row does the same work:
   long:   transformers, real-length chunks (1,000-1,400 tokens), 64 new tokens: prefill-bound on a CPU;
   short:  transformers, short chunks (200-300 tokens), 128 new tokens: decode-heavy;
   openai: the openai backend against a real vLLM server (VLLMServer, as the server tests start it),
-          short chunks, 64 new tokens; its size is the requests in flight.
+          128 short chunks, 64 new tokens; its size is the requests in flight. The server is fast
+          enough here for a run long enough that auto measures and moves.
 Fixed sizes run largest first with auto in the middle of the order, which bounds how much a
 drifting machine can favour either. Nothing is swept before auto runs: it starts where the
 transform starts it and tunes itself from what it measures. Each workload reports the best fixed
@@ -100,6 +101,8 @@ def summarize(results: dict) -> None:
             "auto_path": auto.get("auto_path"),
             "auto_of_best": of_best,
             "auto_of_default": of_default,
+            # Auto that never moved ran the default's batches: its ratio to the default is the machine's drift.
+            "auto_moved": bool(auto.get("auto_changes")),
             "default_of_best": default["completion_tokens_per_s"] / best["completion_tokens_per_s"],
             "met_best": of_best >= TARGET_OF_BEST,
             # Only asked where the default is not the best.
@@ -157,9 +160,16 @@ def render_markdown(results: dict) -> str:
                 if v["beats_default"] is None
                 else f"auto {'beats' if v['beats_default'] else 'does NOT beat'} the default"
             )
+            drift = (
+                ""
+                if v["auto_moved"]
+                else " Auto never changed size (too few chunks to finish a measurement): it ran the default's "
+                "batches, so its ratio to the default is the machine's drift between the two rows."
+            )
             parts.append(
                 f"- {w}: auto at {v['auto_of_best']:.2f}× the best fixed size ({v['best_fixed']}): target ≥ "
                 f"{TARGET_OF_BEST} {'met' if v['met_best'] else 'NOT met'}; {beats} ({v['auto_of_default']:.2f}×)."
+                + drift
             )
     for r in results["rows"]:
         if r["failed"]:
@@ -180,10 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workloads", default="long,short,openai", help="which to run, comma-separated")
     parser.add_argument("--long-sizes", default="2,4,8,16", help="fixed batch sizes for the long workload")
     parser.add_argument("--short-sizes", default="4,8,16,32", help="fixed batch sizes for the short workload")
-    parser.add_argument("--in-flight", default="4,8,16,32", help="fixed requests in flight for openai")
+    parser.add_argument("--in-flight", default="8,16,32,64", help="fixed requests in flight for openai")
     parser.add_argument("--long-chunks", type=int, default=12)
     parser.add_argument("--short-chunks", type=int, default=24)
-    parser.add_argument("--openai-chunks", type=int, default=32)
+    parser.add_argument("--openai-chunks", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="a few chunks and tokens: checks the script works")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

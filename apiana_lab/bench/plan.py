@@ -46,6 +46,11 @@ def _spec(name: str, scale: float) -> dict | None:
     return {**spec, "size_mb": spec["size_mb"] * scale, "conversation_kb": kb}
 
 
+def _shown(row: dict) -> dict:
+    """A row as the table shows it: the error signed in percent, inside as yes or no."""
+    return {**row, "error": f"{row['error']:+.1%}", "inside": "yes" if row["inside"] else "**no**"}
+
+
 def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"max length {args.max_length}. Seconds leave the engine's loading out on both sides.",
             "Exports: " + "; ".join(f"{n}: {EXPORTS[n][0]}" for n in names) + ".",
             "",
-            markdown_table(rows, columns),
+            markdown_table([_shown(r) for r in rows], columns),
             "",
             f"Target: every real run inside the range and within ±{TARGET_ERROR:.0%} of the point: "
             f"{'met' if met else 'NOT met'} ({sum(r['met'] for r in rows)} of {len(rows)} rows).",
