@@ -524,7 +524,13 @@ class _TorchCudaSource(_Source):
 
     def probe(self) -> None:
         torch = sys.modules.get("torch")
-        if torch is None:
+        # A backend may be importing torch in another thread right now: a module still initializing
+        # counts as not imported yet, and the next tick looks again.
+        if (
+            torch is None
+            or getattr(getattr(torch, "__spec__", None), "_initializing", False)
+            or not hasattr(torch, "cuda")
+        ):
             self.reason = "torch not imported in this process (vLLM's memory is in its engine process: see gpu)"
             return
         self.retry = False  # once torch is in, the answer no longer changes

@@ -391,3 +391,22 @@ def test_nvml_process_memory_is_unknown_not_zero_when_it_cannot_be_attributed(mo
 
     monkeypatch.setitem(sys.modules, "pynvml", _StandInNVML({}))
     assert _NvmlSource().read({os.getpid()})["gpu_process_mb"] == 0.0  # nothing on the GPU yet: a true zero
+
+
+def test_torch_being_imported_in_another_thread_is_not_read_yet(monkeypatch):
+    """A backend importing torch while the monitor samples: the half-made module is skipped, not read."""
+    import importlib.machinery
+    import types
+
+    from apiana_lab.monitor import _TorchCudaSource
+
+    half = types.ModuleType("torch")  # what sys.modules holds mid-import: no `cuda` yet
+    half.__spec__ = importlib.machinery.ModuleSpec("torch", None)
+    half.__spec__._initializing = True
+    monkeypatch.setitem(sys.modules, "torch", half)
+    source = _TorchCudaSource()
+    assert source.retry and source.reason.startswith("torch not imported")  # looks again at the next tick
+    half.__spec__._initializing = False
+    half.cuda = types.SimpleNamespace(is_available=lambda: False)
+    source.probe()
+    assert not source.retry and source.reason == "no CUDA device visible to torch"
