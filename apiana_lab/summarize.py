@@ -298,6 +298,9 @@ class ParallelSummarizerTransform(SummarizerTransform):
             max_workers = 2 if provider.supports_batch else AUTO_MAX_SIZE if self.auto else provider.default_window
         if batch_size is None:
             batch_size = provider.default_window
+        # Where auto starts: the fixed default, so a run too short to tune runs as it would have, and a
+        # long one climbs from there.
+        self.auto_start = max(1, min(provider.default_window, self.auto_max))
         if max_workers < 1 or batch_size < 1:
             raise ConfigError("max_workers and batch_size must be at least 1")
         self.max_workers = max_workers
@@ -408,8 +411,7 @@ class _State:
         self.in_flight = 0
         self.out: queue.Queue = queue.Queue()
         if t.auto:
-            # Where the fixed default is: a run too short to tune runs as it would have, a long one climbs from there.
-            start = max(1, min(t.provider.default_window, t.auto_max))
+            start = t.auto_start
             t.batch_size = start  # what this run started at (run.json's batch_size)
             self.tuner = BatchTuner(
                 start,
@@ -425,9 +427,14 @@ class _State:
             t.stats.batch_size_mode = "auto"
         # Finished results wait in `out` until the caller stores them, and profiling them can take
         # longer than a fast backend takes to answer. Each one holds its chunk's text, so workers
-        # take no new batch while this many wait: otherwise the whole export could pile up here.
-        self.ahead = max(LOAD_WINDOW, 2 * t.max_workers * self.batch_size)
+        # take no new batch while `ahead` wait: otherwise the whole export could pile up here.
         self.throttled = False  # a worker is waiting for the caller to take results
+
+    @property
+    def ahead(self) -> int:
+        """The finished results allowed to wait: two rounds of the workers' batches at the current size
+        (under auto the size moves, and so does this)."""
+        return max(LOAD_WINDOW, 2 * self.t.max_workers * self.batch_size)
 
     @property
     def size(self) -> int:

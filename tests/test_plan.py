@@ -162,3 +162,20 @@ def test_a_run_wider_than_the_sample_is_timed_at_its_width(dialogue_export):
     ]
     assert plan["sample"]["rows_at_once"] == {"sample": 4, "run": 16}
     assert plan["projection"]["at_once"] == "16 in flight"
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_under_auto_the_plan_projects_where_the_tuner_starts_and_says_so(dialogue_export, batch):
+    """Auto's single calls may reach 256 in flight, but the run starts at the provider's window and the
+    projection must too (not at the ceiling); a batching backend starts at its default rows per batch."""
+    provider = FakeProvider(batch=batch, window=6)
+    plan = plan_export(
+        dialogue_export, "fake", sample=4, chunk_size=64, max_length=16, batch_size="auto", provider=provider
+    )
+    at_once = plan["projection"]["at_once"]
+    assert at_once == ("batches of 6, 2 at a time" if batch else "6 in flight"), at_once
+    assert "batch size auto: projected at the size it starts from (6)" in format_plan(plan)
+    fixed = plan_export(
+        dialogue_export, "fake", sample=4, chunk_size=64, max_length=16, batch_size=3, provider=provider
+    )
+    assert not any(n.startswith("batch size auto") for n in fixed["projection"]["notes"])

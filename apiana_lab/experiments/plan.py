@@ -295,7 +295,8 @@ def run_shape(t: ParallelSummarizerTransform, prompt_tokens: int) -> Shape:
             rows=lambda rows, longest, new: provider.rows_at_once(rows, 1, longest, new),
             parallel=parallel,
         )
-    return Shape(static=False, slots=t.max_workers)
+    # Under auto, single calls start at `auto_start` in flight and the tuner moves them from there.
+    return Shape(static=False, slots=t.auto_start if t.auto else t.max_workers)
 
 
 def plan_export(
@@ -399,6 +400,7 @@ def plan_export(
             "engine_options": engine_options,
             "seed": seed,
         },
+        auto_start=real.auto_start if real.auto else None,
     )
 
 
@@ -422,6 +424,7 @@ def project(
     backend: str = "",
     model: str | None = None,
     settings: dict | None = None,
+    auto_start: int | None = None,
 ) -> dict:
     """The plan: the export's counts, the sample's figures, the simulated run with its range, notes."""
     n_all, n_sample = len(profile.chunk_tokens), len(chunks)
@@ -451,6 +454,11 @@ def project(
         notes.append(
             f"busy machine: load {load_1m[0]:.1f} on {cores} cores when the plan started; the rates are a busy "
             f"machine's, and a run on a quieter one will be faster than this range"
+        )
+    if auto_start is not None:
+        notes.append(
+            f"batch size auto: projected at the size it starts from ({auto_start}); the run's tuner moves from "
+            f"there only where it measures more output tokens/s"
         )
     return {
         "backend": backend,
