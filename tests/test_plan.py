@@ -22,7 +22,7 @@ from apiana_lab.experiments.plan import (
 from apiana_lab.experiments.profile import profile_export
 from apiana_lab.providers.fake import FakeProvider
 
-THETA = (0.002, 0.03, 0.004)  # seconds per prompt token, per engine step, per row-step
+THETA = (0.002, 0.03, 0.00001)  # seconds per prompt token, per engine step, per context token per row-step
 FULL, HALF = Shape(static=False, slots=8), Shape(static=False, slots=4)
 
 
@@ -51,9 +51,13 @@ def relative_spread(result: dict) -> float:
 
 
 def test_schedules_count_steps_as_the_run_takes_them():
-    # Continuous: 10 requests of 20 steps, 4 in flight: three rounds (4, 4, 2), so 60 steps and 200 row-steps.
+    # Continuous: 10 requests of 20 steps, 4 in flight: three rounds (4, 4, 2), so 60 steps. Each row reads its
+    # context on every step after the first token: prompt + 1, ..., prompt + 19.
     prompts = list(range(100, 200, 10))
-    assert Schedule(prompts, Shape(static=False, slots=4), 20).features([20] * 10) == (sum(prompts), 60, 200)
+    context = sum(19 * p + sum(range(1, 20)) for p in prompts)
+    assert Schedule(prompts, Shape(static=False, slots=4), 20).features([20] * 10) == (sum(prompts), 60, context)
+    # A prefill pass (one new token) reads no context after its prefill.
+    assert Schedule(prompts, Shape(static=False, slots=4), 1).features([1] * 10)[2] == 0
     # Static: batches of 4, longest prompt first; a group pads to its longest prompt and steps until its
     # longest summary ends. Prompts 8..1 (x10) with these summary lengths, in input order.
     prompts = [10, 20, 30, 40, 50, 60, 70, 80]
@@ -71,7 +75,7 @@ def test_the_fit_recovers_the_costs_and_the_projection_is_the_model_run(sample):
     export = [p for p in prompts for _ in range(6)]
     run = Shape(static=False, slots=32)
     result = simulate(export, four_passes(prompts, lengths), run, 100, seed=0)
-    assert [result["fit"][k] for k in ("prefill_s_per_token", "step_s", "row_step_s")] == pytest.approx(THETA)
+    assert [result["fit"][k] for k in ("prefill_s_per_token", "step_s", "context_token_s")] == pytest.approx(THETA)
     assert result["fit"]["timing_noise"] == pytest.approx(0, abs=1e-9)
     # 48 chunks of 60 new tokens, 32 in flight: 120 steps; the run costs what the model says it does.
     expected = model_seconds(export, [60] * 48, run, 100)

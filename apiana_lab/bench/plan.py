@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
                         sample=args.sample,
                         chunk_size=args.chunk_size,
                         max_length=args.max_length,
+                        batch_size="auto",  # what `apiana-lab plan` and the run default to
                         provider=provider,
                     )
                     print(f"## {name} on {backend}\n{format_plan(plan)}", flush=True)

@@ -5,8 +5,9 @@ going at once, as the backend declares it (`Shape`): continuous (a streaming eng
 calls in parallel: a finished request's place goes to the next at once) or static (native
 batches of `batch_size`, longest prompts first, cut into the groups the backend runs at once;
 a group pads its prompts to its longest and steps until its longest summary ends). The cost of
-a run is p x prompt tokens (padded, in groups) + a x engine steps + b x row-steps: prefill, what
-the rows of a step share (reading the weights) and what each row adds.
+a run is p x prompt tokens (padded, in groups) + a x engine steps + b x row cost: prefill, what
+the rows of a step share (reading the weights) and what each row adds (static: per row-step;
+continuous: per token of context a row-step reads, see `Schedule.features`).
 
 The three are fitted to four timed passes: prefill alone (one new token) and the real
 generation over the sample at the run's settings, then a second pair at another concurrency.
@@ -127,6 +128,7 @@ class Schedule:
             self.prefill = padded / shape.parallel
         else:
             self.prefill = float(ordered.sum())
+        self.ordered = ordered
         self.n = n
 
     @property
@@ -137,7 +139,16 @@ class Schedule:
         return min(self.n, self.shape.slots)
 
     def features(self, lengths) -> tuple[float, float, float]:
-        """(prompt tokens, engine steps, row-steps) for these summary lengths, given in input order."""
+        """(prompt tokens, engine steps, row cost) for these summary lengths, given in input order.
+
+        The row cost is what each row adds to a step. Static batches: row-steps, padded rows included
+        (a row's own compute). Continuous: context tokens read per row-step after the first token,
+        each row's prompt plus what it has generated so far, summed over its steps: a paged engine's
+        decode step costs per row what its attention reads (vLLM on this CPU: 0.87 ms per row-step at
+        ~440 tokens of context and 2.12 ms at ~1,080, 2.0 µs per token both times, with nothing left
+        over for a fixed part). So a run whose rows hold longer contexts than the sample's passes
+        (a wide pass of 32 new tokens against summaries of 300) costs more per row-step, as it does.
+        """
         import numpy as np
 
         return self.features_ordered(np.asarray(lengths, dtype=float)[self.order])
@@ -152,7 +163,9 @@ class Schedule:
             longest = np.maximum.reduceat(lengths, self.starts)
             parallel = self.shape.parallel
             return self.prefill, float(longest.sum()) / parallel, float((longest * self.sizes).sum()) / parallel
-        return self.prefill, float(_makespan(lengths, self.shape.slots)), float(lengths.sum())
+        decoded = np.maximum(lengths - 1, 0)  # the first new token comes with the prefill
+        context = float((decoded * self.ordered + decoded * (decoded + 1) / 2).sum())
+        return self.prefill, float(_makespan(lengths, self.shape.slots)), context
 
 
 def _makespan(lengths, slots: int) -> float:
@@ -243,6 +256,7 @@ def simulate(
     low, high = (float(v) for v in np.percentile(totals, PERCENTILES))
     sample_full = features[anchor]
     decode_s = float(theta[1] * sample_full[1] + theta[2] * sample_full[2])
+    row_cost = "row_step_s" if run_shape.static else "context_token_s"
     return {
         "seconds": mid,
         "low_seconds": low,
@@ -253,11 +267,11 @@ def simulate(
         "fit": {
             "prefill_s_per_token": float(theta[0]),
             "step_s": float(theta[1]),
-            "row_step_s": float(theta[2]),
+            row_cost: float(theta[2]),  # per row-step (static) or per context token per row-step
             "timing_noise": noise,
         },
         "prefill_tokens_per_s": 1 / theta[0] if theta[0] > 0 else None,
-        "decode_tokens_per_s": sample_full[2] / decode_s if decode_s > 0 else None,
+        "decode_tokens_per_s": float(lengths.sum()) / decode_s if decode_s > 0 else None,
         "rows_at_once": {"sample": schedules[anchor].rows_at_once, "run": run.rows_at_once},
         "passes": [
             {
@@ -270,7 +284,7 @@ def simulate(
                 "modelled_seconds": round(float(np.dot(theta, f)), 2),
                 "prompt_tokens": round(f[0]),
                 "steps": round(f[1]),
-                "row_steps": round(f[2]),
+                ("row_steps" if p.shape.static else "context_tokens"): round(f[2]),
                 "load_1m": p.load_1m,
             }
             for p, f in zip(passes, features, strict=True)
