@@ -427,14 +427,12 @@ class _State:
             t.stats.batch_size_mode = "auto"
         # Finished results wait in `out` until the caller stores them, and profiling them can take
         # longer than a fast backend takes to answer. Each one holds its chunk's text, so workers
-        # take no new batch while `ahead` wait: otherwise the whole export could pile up here.
+        # take no new batch while this many wait: otherwise the whole export could pile up here. Set
+        # from the starting size and kept there when auto grows the batches: a larger limit would only
+        # let more texts wait (memory), and a worker held back costs nothing while the caller is the
+        # slower side.
+        self.ahead = max(LOAD_WINDOW, 2 * t.max_workers * self.batch_size)
         self.throttled = False  # a worker is waiting for the caller to take results
-
-    @property
-    def ahead(self) -> int:
-        """The finished results allowed to wait: two rounds of the workers' batches at the current size
-        (under auto the size moves, and so does this)."""
-        return max(LOAD_WINDOW, 2 * self.t.max_workers * self.batch_size)
 
     @property
     def size(self) -> int:
