@@ -29,3 +29,11 @@ def tokenizer(model_dir):
 def dialogue_export(tmp_path_factory):
     """A small ChatGPT export that cuts into one chunk per message at --chunk-size 64 (144 chunks)."""
     return write_dialogue_export(tmp_path_factory.mktemp("export") / "conversations.json")
+
+
+@pytest.fixture
+def cli_env(monkeypatch):
+    """The CLI sets a few environment defaults in its own process; put them back after a test that runs it."""
+    for name in ("VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "APIANA_PARALLEL"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch

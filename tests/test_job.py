@@ -78,9 +78,8 @@ def stored_texts(out, cid):
 
 
 @pytest.fixture(autouse=True)
-def _cli_env(monkeypatch):
-    for name in ("VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "APIANA_PARALLEL"):
-        monkeypatch.delenv(name, raising=False)
+def _cli_env(cli_env):
+    """Every test here runs the CLI."""
 
 
 def test_the_same_conversation_twice_in_one_file_is_summarized_once(tmp_path, capsys):

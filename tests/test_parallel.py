@@ -278,14 +278,6 @@ def test_run_export_writes_run_json_with_the_figures(dialogue_export, tmp_path):
         assert store.count("summaries") == 144 and store.count("failures") == 0
 
 
-@pytest.fixture
-def cli_env(monkeypatch):
-    """The CLI sets a few environment defaults; put them back afterwards."""
-    for name in ("VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "APIANA_PARALLEL"):
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
-
-
 def cli(inp, out, *extra):
     return export_v2_main(
         ["-i", str(inp), "-o", str(out), "--backend", "fake", "--chunk-size", "64", "--no-progress", *extra]

@@ -186,13 +186,6 @@ def test_run_json_for_a_backend_without_batching_tunes_requests_in_flight(dialog
     assert run["max_workers"] == AUTO_MAX_SIZE and 1 <= run["batch_size_final"] <= AUTO_MAX_SIZE
 
 
-@pytest.fixture
-def cli_env(monkeypatch):
-    for name in ("VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "APIANA_PARALLEL"):
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
-
-
 def cli(inp, out, *extra):
     return export_v2_main(["-i", str(inp), "-o", str(out), "--no-progress", *extra])
 
